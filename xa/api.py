@@ -1,0 +1,240 @@
+"""The public surface: ``xa.backward``, ``xa.Superset`` and ``xa.explain``."""
+
+from __future__ import annotations
+
+import operator
+from typing import Iterable, Optional, Union
+
+import torch
+
+from . import execute, plan as planner
+from .capture import Graph
+from .errors import SourceError, TargetError
+
+
+def _check_order(order) -> int:
+    if isinstance(order, bool) or not hasattr(type(order), "__index__"):
+        raise TypeError(f"order must be a positive int, got {type(order).__name__} {order!r}")
+    order = operator.index(order)
+    if order < 1:
+        raise ValueError(f"order must be a positive int, got {order}")
+    return order
+
+
+def _overrides(configurations) -> dict:
+    """Rules swapped in for one call: a mapping, or an iterable of mappings, node name -> rule."""
+    if configurations is None:
+        return {}
+    if isinstance(configurations, dict):
+        configurations = [configurations]
+    merged: dict = {}
+    try:
+        items = list(configurations)
+    except TypeError:
+        raise TypeError("configurations must be a dict of node name -> rule, or a list of such dicts") from None
+    for conf in items:
+        if not isinstance(conf, dict):
+            raise TypeError(f"each configuration must be a dict of node name -> rule, got {type(conf).__name__}")
+        for name, rule in conf.items():
+            if not isinstance(name, str) or not callable(rule):
+                raise TypeError(f"configuration entry {name!r}: expected a node name and a callable rule")
+            merged[name] = rule
+    return merged
+
+
+def _as_tensors(tensors) -> list:
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.grad_fn is None:
+            raise ValueError(f"tensors[{i}] has no grad_fn: partials of leaves are set as .xgrad, "
+                             "retain_partials is for intermediate tensors")
+    return out
+
+
+class Superset:
+    """The derivatives of one source tensor, up to some order.
+
+    ``xa.backward`` builds one and returns it; build one yourself to keep the
+    partials of intermediate tensors.
+
+    Example:
+        >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        >>> h = torch.tanh(x)
+        >>> s = (h * h).sum()
+        >>> sup = xa.Superset.construct(s)
+        >>> sup.retain_partials(h)
+        >>> sup.backward(order=2)
+        >>> [p.shape for p in sup.operator_partials(h)]
+        [torch.Size([1, 3]), torch.Size([1, 3, 3])]
+    """
+
+    def __init__(self, source: torch.Tensor):
+        if not isinstance(source, torch.Tensor):
+            raise SourceError(f"source must be a torch.Tensor, got {type(source).__name__}")
+        if source.grad_fn is None:
+            Graph(source)  # raises the descriptive SourceError
+        self.source = source
+        self._retain: list = []
+        self._partials: dict = {}
+        self._leaves: list = []
+        self.plan: Optional[planner.Plan] = None
+
+    @classmethod
+    def construct(cls, source: torch.Tensor) -> "Superset":
+        """A Superset for ``source`` (any tensor with a ``grad_fn``, scalar or not)."""
+        return cls(source)
+
+    def retain_partials(self, tensors: Union[torch.Tensor, Iterable[torch.Tensor]]) -> "Superset":
+        """Keep ``d^k source / dT^k`` of these intermediate tensors at the next ``backward``."""
+        for t in _as_tensors(tensors):
+            if not any(t is r for r in self._retain):
+                self._retain.append(t)
+        return self
+
+    def clear_retentions(self) -> "Superset":
+        """Forget the tensors given to :meth:`retain_partials`, and their partials."""
+        self._retain.clear()
+        self._partials.clear()
+        return self
+
+    def _request(self, graph: Graph, target) -> tuple[tuple, tuple]:
+        retained = []
+        for t in self._retain:
+            i = graph.find(t)
+            if i is None:
+                raise TargetError(f"a retained tensor of shape {list(t.shape)} is not in the graph of the source")
+            retained.append(i)
+        if target is None:
+            requested = [v.index for v in graph.leaves]
+        else:
+            if not isinstance(target, torch.Tensor):
+                raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+            i = graph.find(target)
+            if i is None:
+                raise TargetError(
+                    f"the source does not depend on target (a tensor of shape {list(target.shape)}, "
+                    f"{'a leaf' if target.grad_fn is None else target.grad_fn.name()})"
+                )
+            requested = [i]
+            if graph.values[i].leaf is None and i not in retained:
+                retained.append(i)
+        return tuple(sorted(requested)), tuple(sorted(set(retained)))
+
+    def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None) -> "Superset":
+        """Compute the derivatives of the source up to ``order`` and attach them.
+
+        Args:
+            order: the highest order, a positive int.
+            target: only this tensor (a leaf, or an intermediate tensor, whose
+                partials are then read with :meth:`operator_partials`).
+            configurations: rules swapped in for this call, ``{node name: rule}``.
+
+        Returns:
+            ``self``. Each leaf ``L`` reached gets ``L.xgrad``: a tuple whose
+            ``k-1``-th entry has shape ``(source.numel(), *(k * (L.numel(),)))``.
+        """
+        order = _check_order(order)
+        overrides = _overrides(configurations)
+        graph = Graph(self.source)
+        requested, retained = self._request(graph, target)
+        plan = planner.build(graph, order, requested, retained, overrides)
+        blocks, kept = execute.run(plan, graph, overrides)
+        self.plan = plan
+        s = graph.values[0].numel
+
+        def flat(i, tensors):
+            v = graph.values[i]
+            ref = v.leaf if v.leaf is not None else None
+            out = []
+            for k, t in enumerate(tensors, start=1):
+                shape = (s,) + (v.numel,) * k
+                if t is None:
+                    t = torch.zeros(shape, dtype=graph.dtype, device=graph.device)
+                t = t.reshape(shape)
+                if ref is not None:
+                    t = t.to(dtype=ref.dtype, device=ref.device)
+                out.append(t)
+            return tuple(out)
+
+        partials = {}
+        for i in retained:
+            tensors = kept.get(i)
+            if tensors is None:
+                tensors = [blocks.get(key) for key in plan.results.get(i, [(i,) * k for k in range(1, order + 1)])]
+            partials[i] = flat(i, tensors)
+        leaves = []
+        for i in requested:
+            v = graph.values[i]
+            if v.leaf is not None:
+                v.leaf.xgrad = flat(i, [blocks.get(key) for key in plan.results[i]])
+                leaves.append(v.leaf)
+        self._partials = {id(graph.values[i].fn): (graph.values[i].fn, p) for i, p in partials.items()}
+        self._leaves = leaves
+        return self
+
+    def operator_partials(self, tensor: torch.Tensor) -> tuple:
+        """``(d source/dT, ..., d^order source/dT^order)`` of a retained intermediate ``T``.
+
+        Each has shape ``(source.numel(), *(k * (T.numel(),)))``.
+
+        Raises:
+            KeyError: ``tensor`` was not retained, or ``backward`` has not run.
+        """
+        if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+            hit = self._partials.get(id(tensor.grad_fn))
+            if hit is not None and hit[0] is tensor.grad_fn:
+                return hit[1]
+        raise KeyError("no partials for this tensor: pass it to retain_partials() (or as target=) "
+                       "before backward()")
+
+    def remove_partials(self) -> "Superset":
+        """Take ``.xgrad`` off the leaves this Superset set it on."""
+        for leaf in self._leaves:
+            if hasattr(leaf, "xgrad"):
+                del leaf.xgrad
+        self._leaves = []
+        return self
+
+
+def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = None,
+             configurations=None) -> Superset:
+    """Exact derivatives of ``source`` of every order up to ``order``.
+
+    Every leaf with ``requires_grad=True`` that ``source`` depends on gets
+    ``.xgrad``, a tuple of ``order`` tensors; the k-th has shape
+    ``(source.numel(), *(k * (leaf.numel(),)))`` and holds
+    ``d^k source.flatten()[a] / dleaf.flatten()[i1] ... dleaf.flatten()[ik]``,
+    in the leaf's dtype and on its device. torch's graph is left as it was:
+    ``source.backward()`` still works afterwards.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        order: the highest derivative order, a positive int.
+        target: compute only for this tensor (a leaf, or an intermediate
+            tensor whose partials are then in the returned Superset).
+        configurations: rules swapped in for this call, ``{node name: rule}``.
+
+    Returns:
+        The :class:`Superset`, which holds the plan and any retained partials.
+
+    Example:
+        >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        >>> y = torch.tanh(x).sum()
+        >>> xa.backward(y, order=3)
+        >>> x.xgrad[2].shape
+        torch.Size([1, 3, 3, 3])
+    """
+    return Superset(source).backward(order, target=target, configurations=configurations)
+
+
+def plan_for(source: torch.Tensor, order: int, target=None, configurations=None) -> tuple:
+    """Capture and plan without running: ``(graph, plan)``."""
+    order = _check_order(order)
+    overrides = _overrides(configurations)
+    graph = Graph(source)
+    requested, retained = Superset(source)._request(graph, target)
+    return graph, planner.build(graph, order, requested, retained, overrides)

@@ -1,0 +1,227 @@
+"""Capture: read torch's autograd graph once, without changing it.
+
+The walk starts at ``source.grad_fn`` and records, per value (a node's
+output), the node's name, its output shape, which values feed each of its
+input slots (``None`` for inputs that do not require grad), and every
+attribute torch saved on it (``_saved_self``, ``_saved_result``, ``dim``,
+...). Leaves are ``AccumulateGrad`` nodes. Reading a saved tensor is also
+where torch tells us that the graph was freed or modified in place, so
+those errors surface here, before anything is planned or computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .errors import GraphFreedError, GraphModifiedError, SourceError, UnsupportedOperatorError
+from .factor import meta_like
+from .registry import lookup, supported
+
+LEAF = "torch::autograd::AccumulateGrad"
+
+
+@dataclass
+class Value:
+    """One tensor of the graph: the output of a node, or a leaf."""
+
+    index: int
+    fn: Any
+    name: str
+    shape: tuple
+    inputs: tuple = ()
+    saved: dict = field(default_factory=dict)
+    leaf: Optional[torch.Tensor] = None
+    parent: Optional[int] = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def where(self, graph: "Graph") -> str:
+        """The chain of nodes from the source down to this one."""
+        chain, v = [], self
+        while v is not None:
+            chain.append(f"{v.name}{list(v.shape)}")
+            v = graph.values[v.parent] if v.parent is not None else None
+        return " <- ".join(reversed(chain))
+
+
+class NodeCtx:
+    """What a rule sees of one node: shapes, saved attributes, dtype, device.
+
+    While planning, saved tensors are shape-only ``meta`` tensors; while
+    executing, they are the tensors torch saved.
+    """
+
+    def __init__(self, value: Value, graph: "Graph", meta: bool):
+        self.name = value.name
+        self.out_shape = value.shape
+        self.in_shapes = tuple(None if i is None else graph.values[i].shape for i in value.inputs)
+        self.dtype = graph.dtype
+        self.device = torch.device("meta") if meta else graph.device
+        self._saved = value.saved
+        self._meta = meta
+
+    def saved(self, name: str) -> Any:
+        """The saved attribute ``_saved_<name>`` (tensor, number, tuple or None)."""
+        value = self._saved[name]
+        return meta_like(value) if self._meta else value
+
+    def has(self, name: str) -> bool:
+        return self._saved.get(name) is not None
+
+
+def _read_saved(fn, value_path: str) -> dict:
+    saved = {}
+    for attr in dir(fn):
+        if not attr.startswith("_saved_"):
+            continue
+        try:
+            item = getattr(fn, attr)
+        except RuntimeError as err:
+            msg = str(err)
+            if "second time" in msg or "freed" in msg:
+                raise GraphFreedError(
+                    f"the saved tensors of {fn.name()} ({value_path}) were freed by an earlier "
+                    "backward(); run the forward pass again, or call .backward(retain_graph=True) "
+                    "before xa.backward"
+                ) from None
+            if "inplace" in msg:
+                raise GraphModifiedError(
+                    f"a tensor saved by {fn.name()} ({value_path}) was modified in place after the "
+                    f"forward pass: {msg.splitlines()[0]}"
+                ) from None
+            raise
+        if isinstance(item, list):
+            item = tuple(item)
+        saved[attr[len("_saved_"):]] = item
+    return saved
+
+
+class Graph:
+    """The captured graph of ``source``: values in capture order, index 0 the source."""
+
+    def __init__(self, source: torch.Tensor):
+        if not isinstance(source, torch.Tensor):
+            raise SourceError(f"source must be a torch.Tensor, got {type(source).__name__}")
+        if source.grad_fn is None:
+            why = "a leaf" if source.requires_grad else "a tensor that does not require grad"
+            raise SourceError(
+                f"source has no grad_fn: it is {why}; xa.backward needs the result of a computation "
+                "on tensors with requires_grad=True"
+            )
+        self.source_shape = tuple(source.shape)
+        self.dtype = source.dtype
+        self.device = source.device
+        self.values: list[Value] = []
+        index: dict[tuple, int] = {}
+
+        def visit(fn, output_nr: int, parent: Optional[int]) -> int:
+            key = (fn, output_nr)
+            if key in index:
+                return index[key]
+            name = fn.name()
+            if name == LEAF:
+                shape = tuple(fn.variable.shape)
+            else:
+                shape = tuple(fn._input_metadata[output_nr].shape)
+            v = Value(len(self.values), fn, name, shape, parent=parent)
+            if name == LEAF:
+                v.leaf = fn.variable
+            elif output_nr != 0:
+                raise UnsupportedOperatorError(
+                    f"{name} (output {output_nr}) at {v.where(self)}: xa does not support "
+                    "operators with several differentiable outputs yet"
+                )
+            index[key] = v.index
+            self.values.append(v)
+            return v.index
+
+        visit(source.grad_fn, source.output_nr, None)
+        # Iterative walk: each value's inputs are visited once, in slot order.
+        todo = [0]
+        while todo:
+            v = self.values[todo.pop()]
+            if v.leaf is not None:
+                continue
+            v.saved = _read_saved(v.fn, v.where(self))
+            inputs = []
+            for fn, output_nr in v.fn.next_functions:
+                if fn is None:
+                    inputs.append(None)
+                    continue
+                known = (fn, output_nr) in index
+                i = visit(fn, output_nr, v.index)
+                inputs.append(i)
+                if not known:
+                    todo.append(i)
+            v.inputs = tuple(inputs)
+        self.order = self._reverse_topological()
+
+    def _reverse_topological(self) -> list[int]:
+        """Value indices with every consumer before the values it reads."""
+        post, seen = [], set()
+        stack = [(0, False)]
+        while stack:
+            i, done = stack.pop()
+            if done:
+                post.append(i)
+                continue
+            if i in seen:
+                continue
+            seen.add(i)
+            stack.append((i, True))
+            for j in self.values[i].inputs:
+                if j is not None and j not in seen:
+                    stack.append((j, False))
+        return post[::-1]
+
+    @property
+    def leaves(self) -> list[Value]:
+        return [v for v in self.values if v.leaf is not None]
+
+    def find(self, tensor: torch.Tensor) -> Optional[int]:
+        """The index of ``tensor`` in the graph (a leaf or a node's output), if it is there."""
+        for v in self.values:
+            if v.leaf is not None:
+                if v.leaf is tensor:
+                    return v.index
+            elif tensor.grad_fn is v.fn and tensor.output_nr == 0:
+                return v.index
+        return None
+
+    def rule(self, i: int, overrides: dict):
+        v = self.values[i]
+        rule = overrides.get(v.name) or lookup(v.name)
+        if rule is None:
+            raise UnsupportedOperatorError(
+                f"no rule for torch node {v.name} (output shape {list(v.shape)}), reached as "
+                f"{v.where(self)}. Supported operators: {', '.join(supported())}"
+            )
+        return rule
+
+    def ctx(self, i: int, meta: bool) -> NodeCtx:
+        return NodeCtx(self.values[i], self, meta)
+
+    def signature(self) -> tuple:
+        """Everything a plan depends on: names, shapes, wiring, saved shapes and constants."""
+        def sig(item):
+            if isinstance(item, torch.Tensor):
+                return ("tensor", tuple(item.shape), item.dtype)
+            return item
+
+        return (
+            self.dtype,
+            str(self.device),
+            tuple(
+                (v.name, v.shape, v.inputs, v.leaf is not None,
+                 tuple(sorted((k, sig(x)) for k, x in v.saved.items())))
+                for v in self.values
+            ),
+        )

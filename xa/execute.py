@@ -1,0 +1,50 @@
+"""Execute: run a plan on the tensors torch saved.
+
+Each step asks the node's rule for its factors once (now with the real
+saved tensors), runs every term's cached contraction, adds the result into
+a strided view of its target block, and frees the blocks that died with
+the node. Nothing here looks at a tensor's values to decide what to do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .capture import Graph
+from .plan import Plan
+
+
+def run(plan: Plan, graph: Graph, overrides: dict) -> tuple[dict, dict]:
+    """Run ``plan``; returns ``(blocks, retained)`` keyed like the plan's results."""
+    dtype, device = graph.dtype, graph.device
+    blocks: dict = {}
+    retained: dict = {}
+    for step in plan.steps:
+        if step.snapshot:
+            retained[step.value] = [blocks.get((step.value,) * k) for k in range(1, plan.order + 1)]
+        if not step.terms:
+            continue
+        rule = graph.rule(step.value, overrides)
+        ctx = graph.ctx(step.value, meta=False)
+        factors: dict = {}
+        for term in step.terms:
+            operands = []
+            if term.source is not None:
+                operands.append(blocks[term.source].reshape(term.source_view))
+            for slots, k in term.operands:
+                if slots not in factors:
+                    factors[slots] = rule(ctx, slots)
+                operands.append(factors[slots].operands[k][0].to(dtype))
+            if term.expr is not None:
+                result = term.expr(*operands, backend="torch")
+            else:
+                result = torch.ones((), dtype=dtype, device=device)
+            target = blocks.get(term.target)
+            if target is None:
+                target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
+                blocks[term.target] = target
+            view = target.as_strided(term.view_sizes, term.view_strides)
+            view.add_(result.reshape(term.result_shape), alpha=term.coef)
+        for key in step.retire:
+            blocks.pop(key, None)
+    return blocks, retained

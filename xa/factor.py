@@ -1,0 +1,153 @@
+"""Factors: the local derivatives of one operator as small tensor networks.
+
+A rule describes ``y = f(x_1, ..., x_m)``. Asked for the slots
+``(i_1, ..., i_j)`` it returns ``d^j y / dx_i1 ... dx_ij`` as a
+:class:`Factor`:
+
+* ``out`` labels the ``y`` port, ``ins[t]`` the port of the t-th requested
+  slot. A port is a sequence of labels whose sizes multiply to the numel
+  of that tensor, read in row-major order: a port may split or merge the
+  tensor's dims (that is how ``view`` stays a relabelling) and may leave
+  out dims of size one.
+* ``operands`` are tensors with one label per dim.
+* The factor's value is ``coef`` times the product of the operands, with
+  every label that appears on two ports or operands tied (equal), and a
+  label that appears on a port alone ranging freely (broadcast).
+
+So an elementwise derivative is one vector whose labels are shared by the
+``y`` port and every ``x`` port, a linear map such as ``mm`` is its matrix
+operand with one label shared with the identity, and a permutation is no
+tensor at all. A rule returns ``None`` for a derivative that is zero by
+structure; the engine never builds such terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+Labels = tuple  # a tuple of label ids
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One local derivative ``d^j y / dx_i1 ... dx_ij`` as a tensor network.
+
+    Args:
+        out: labels of the ``y`` port.
+        ins: labels of each requested input slot's port, in the order the
+            slots were requested.
+        operands: ``(tensor, labels)`` pairs, one label per tensor dim.
+        sizes: ``sizes[label]`` is the extent of each label id.
+        coef: a constant scalar multiplying the whole network.
+    """
+
+    out: Labels
+    ins: tuple
+    sizes: tuple
+    operands: tuple = ()
+    coef: float = 1.0
+
+
+@dataclass
+class LabelMaker:
+    """Hands out fresh label ids and records their sizes.
+
+    Example:
+        >>> lab = LabelMaker()
+        >>> i, j = lab.dims((3, 4))
+        >>> lab.sizes
+        [3, 4]
+    """
+
+    sizes: list = field(default_factory=list)
+
+    def new(self, size: int) -> int:
+        self.sizes.append(int(size))
+        return len(self.sizes) - 1
+
+    def dims(self, shape: Sequence[int]) -> Labels:
+        return tuple(self.new(s) for s in shape)
+
+    def factor(self, out, ins, operands=(), coef=1.0) -> Factor:
+        return Factor(
+            out=tuple(out),
+            ins=tuple(tuple(p) for p in ins),
+            sizes=tuple(self.sizes),
+            operands=tuple((t, tuple(lbl)) for t, lbl in operands),
+            coef=float(coef),
+        )
+
+
+def broadcast_port(lab: LabelMaker, out_labels: Labels, out_shape, in_shape) -> Labels:
+    """Labels of an input that torch broadcast to ``out_shape``.
+
+    Dims are aligned from the right; a dim the input shares with the output
+    shares its label, a dim of size one that was stretched gets a fresh
+    label of size one.
+    """
+    out_shape = tuple(out_shape)
+    in_shape = tuple(in_shape)
+    offset = len(out_shape) - len(in_shape)
+    labels = []
+    for d, size in enumerate(in_shape):
+        if size == out_shape[offset + d]:
+            labels.append(out_labels[offset + d])
+        else:
+            labels.append(lab.new(size))
+    return tuple(labels)
+
+
+def reshape_ports(lab: LabelMaker, in_shape, out_shape) -> tuple:
+    """Port labels for ``x.view(out_shape)``: the same labels on both sides.
+
+    Dims of size one are left out; the remaining dims are cut into the
+    shortest runs whose products agree on both sides. A run that is a single
+    dim on one side is labelled by the other side's dims (a split or merge);
+    a run with several dims on both sides gets one label for the whole run.
+    """
+    a = [s for s in in_shape if s != 1]
+    b = [s for s in out_shape if s != 1]
+    xs, ys = [], []
+    i = j = 0
+    while i < len(a) or j < len(b):
+        ra, rb = [a[i]], [b[j]]
+        i, j = i + 1, j + 1
+        pa, pb = ra[0], rb[0]
+        while pa != pb:
+            if pa < pb:
+                ra.append(a[i])
+                pa *= a[i]
+                i += 1
+            else:
+                rb.append(b[j])
+                pb *= b[j]
+                j += 1
+        if len(ra) == 1 or len(rb) == 1:
+            labels = lab.dims(ra if len(ra) >= len(rb) else rb)
+        else:
+            labels = (lab.new(pa),)
+        xs.extend(labels)
+        ys.extend(labels)
+    return tuple(xs), tuple(ys)
+
+
+def port_numel(factor: Factor, port: Labels) -> int:
+    return math.prod(factor.sizes[label] for label in port)
+
+
+def meta_like(value: Any) -> Any:
+    """A shape-only stand-in for a saved tensor, used while planning."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    """Wrap ``dim`` into ``range(ndim)``; torch stores negative dims as unsigned."""
+    if dim >= 2**63:
+        dim -= 2**64
+    return dim % max(ndim, 1)

@@ -1,0 +1,44 @@
+"""Bilinear operators: products and matrix products."""
+
+from xa.factor import LabelMaker, broadcast_port
+from xa.registry import register
+
+from .families import bilinear, einsum_ports
+
+
+def _mul_ports(ctx, lab):
+    y = lab.dims(ctx.out_shape)
+    shapes = [s if s is not None else ctx.saved(n).shape for s, n in zip(ctx.in_shapes, ("self", "other"))]
+    return (y, *(broadcast_port(lab, y, ctx.out_shape, s) for s in shapes))
+
+
+def _matrix(spec, saved):
+    return bilinear(einsum_ports(spec, saved), saved)
+
+
+register("MulBackward0", bilinear(_mul_ports, ("self", "other")))
+register("MmBackward0", _matrix("ik,kj->ij", ("self", "mat2")))
+register("MvBackward0", _matrix("ik,k->i", ("self", "vec")))
+register("DotBackward0", _matrix("k,k->", ("self", "tensor")))
+register("BmmBackward0", _matrix("bik,bkj->bij", ("self", "mat2")))
+
+_addmm_product = bilinear(
+    einsum_ports("ik,kj->ij", ("mat1", "mat2"), first_slot=1),
+    ("mat1", "mat2"),
+    coef=lambda ctx: float(ctx.saved("alpha")),
+    slot_offset=1,
+)
+
+
+def _addmm(ctx, slots):
+    """``beta * M + alpha * (mat1 @ mat2)``: slot 0 is linear, slots 1 and 2 bilinear."""
+    if slots == (0,):
+        lab = LabelMaker()
+        y = lab.dims(ctx.out_shape)
+        return lab.factor(y, [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[0])], coef=float(ctx.saved("beta")))
+    if 0 in slots:
+        return None
+    return _addmm_product(ctx, slots)
+
+
+register("AddmmBackward0", _addmm)

@@ -1,0 +1,146 @@
+"""Rule families: most operators are one line built from these.
+
+* :func:`elementwise` -- ``y = f(x)`` applied entrywise; the rule gives
+  ``f^(k)`` as a tensor shaped like ``y`` and the factor ties that tensor's
+  labels to the ``y`` port and every ``x`` port (a diagonal, never built).
+* :func:`polynomial_in_result` -- ``f^(k)`` for functions whose first
+  derivative is a polynomial ``g`` in the result (tanh: ``1 - y^2``), by
+  ``P_1 = g``, ``P_(k+1) = P_k' g``.
+* :func:`linear` -- one-input linear maps given by how they relabel the
+  port (view, permute, sum, expand); every order >= 2 is zero.
+* :func:`weighted_sum` -- ``y = sum_i c_i x_i`` with broadcasting (add, sub).
+* :func:`bilinear` -- ``y = B(x0, x1)`` given by the ports of the three
+  tensors (mul, mm, bmm, dot, ...): the first derivative in one slot is
+  the other slot's saved value, the mixed second derivative is the
+  identity wiring, everything else is zero.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Optional
+
+import numpy as np
+
+from xa.factor import LabelMaker, broadcast_port
+
+# ---------------------------------------------------------------- elementwise
+
+
+def elementwise(deriv: Callable) -> Callable:
+    """Rule for a unary elementwise op; ``deriv(ctx, k)`` is ``f^(k)`` or ``None`` for zero."""
+
+    def rule(ctx, slots):
+        value = deriv(ctx, len(slots))
+        if value is None:
+            return None
+        lab = LabelMaker()
+        labels = lab.dims(ctx.out_shape)
+        return lab.factor(labels, [labels] * len(slots), [(value, labels)])
+
+    return rule
+
+
+def polynomial_in_result(g: tuple) -> Callable:
+    """``deriv(ctx, k)`` for ``f' = g(y)``, ``g`` given by its coefficients, lowest first."""
+
+    @lru_cache(maxsize=None)
+    def poly(k: int) -> tuple:
+        p = np.array(g, dtype=float)
+        for _ in range(k - 1):
+            p = np.polynomial.polynomial.polymul(np.polynomial.polynomial.polyder(p), g)
+        return tuple(float(c) for c in p)
+
+    def deriv(ctx, k):
+        y = ctx.saved("result")
+        coeffs = poly(k)
+        acc = y * 0 + coeffs[-1]
+        for c in reversed(coeffs[:-1]):
+            acc = acc * y + c
+        return acc
+
+    return deriv
+
+
+# ---------------------------------------------------------------- linear
+
+
+def linear(ports: Callable, coef: float = 1.0) -> Callable:
+    """Rule for a one-input linear map; ``ports(ctx, lab)`` returns ``(y_labels, x_labels)``."""
+
+    def rule(ctx, slots):
+        if len(slots) > 1:
+            return None
+        lab = LabelMaker()
+        out, inp = ports(ctx, lab)
+        return lab.factor(out, [inp], coef=coef)
+
+    return rule
+
+
+def weighted_sum(coefs: Callable) -> Callable:
+    """Rule for ``y = sum_i c_i x_i`` (inputs broadcast to ``y``); ``coefs(ctx)`` gives the ``c_i``."""
+
+    def rule(ctx, slots):
+        if len(slots) > 1:
+            return None
+        (slot,) = slots
+        lab = LabelMaker()
+        out = lab.dims(ctx.out_shape)
+        inp = broadcast_port(lab, out, ctx.out_shape, ctx.in_shapes[slot])
+        return lab.factor(out, [inp], coef=coefs(ctx)[slot])
+
+    return rule
+
+
+# ---------------------------------------------------------------- bilinear
+
+
+def bilinear(ports: Callable, saved: tuple, coef: Callable = lambda ctx: 1.0, slot_offset: int = 0) -> Callable:
+    """Rule for ``y = coef * B(x0, x1)``.
+
+    Args:
+        ports: ``ports(ctx, lab) -> (y, x0, x1)`` labels, one per dim of each tensor.
+        saved: the names of the saved values of ``x0`` and ``x1``.
+        coef: the scalar in front, read from the node (addmm's ``alpha``).
+        slot_offset: index of ``x0`` among the node's inputs (addmm's
+            matrices are its slots 1 and 2).
+    """
+
+    def rule(ctx, slots) -> Optional[object]:
+        rel = tuple(s - slot_offset for s in slots)
+        if rel not in ((0,), (1,), (0, 1)):
+            return None
+        lab = LabelMaker()
+        y, x0, x1 = ports(ctx, lab)
+        c = coef(ctx)
+        if rel == (0,):
+            return lab.factor(y, [x0], [(ctx.saved(saved[1]), x1)], c)
+        if rel == (1,):
+            return lab.factor(y, [x1], [(ctx.saved(saved[0]), x0)], c)
+        return lab.factor(y, [x0, x1], coef=c)
+
+    return rule
+
+
+def einsum_ports(spec: str, saved: tuple, first_slot: int = 0) -> Callable:
+    """``ports`` for a bilinear map written as an einsum, e.g. ``"ik,kj->ij"`` for ``mm``.
+
+    Sizes come from the output and from whichever input shapes are known
+    (an input that does not require grad is known by its saved value).
+    ``first_slot`` is the node input slot of the first operand.
+    """
+    lhs, out = spec.split("->")
+    ins = lhs.split(",")
+
+    def ports(ctx, lab):
+        size = dict(zip(out, ctx.out_shape))
+        for slot, letters in enumerate(ins):
+            shape = ctx.in_shapes[first_slot + slot]
+            if shape is None:
+                shape = ctx.saved(saved[slot]).shape
+            size.update(zip(letters, shape))
+        label = {ch: lab.new(n) for ch, n in size.items()}
+        return tuple(tuple(label[ch] for ch in part) for part in (out, ins[0], ins[1]))
+
+    return ports
