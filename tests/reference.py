@@ -1,0 +1,62 @@
+"""The reference every test compares against: nested torch.func Jacobians.
+
+``jacrev`` for the first order, ``jacfwd`` for each further one, per input,
+reshaped to xa's layout ``(source.numel(), *(k * (input.numel(),)))``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jacfwd, jacrev
+
+import xa
+
+
+def torch_partials(f, inputs, order):
+    """``out[i][k-1]``: the k-th pure derivative of ``f(*inputs).flatten()`` w.r.t. ``inputs[i]``."""
+    inputs = [x.detach() for x in inputs]
+    s = f(*inputs).numel()
+    out = []
+    for i, x in enumerate(inputs):
+        def fi(z, i=i):
+            args = list(inputs)
+            args[i] = z
+            return f(*args)
+
+        g = jacrev(fi)
+        per = [g(x)]
+        for _ in range(1, order):
+            g = jacfwd(g)
+            per.append(g(x))
+        out.append([d.reshape((s,) + (x.numel(),) * (k + 1)) for k, d in enumerate(per)])
+    return out
+
+
+def max_error(f, inputs, order, **backward_kwargs):
+    """Run ``xa.backward`` on ``f(*inputs)``; the largest error against torch, relative to max(1, |ref|).
+
+    Also checks every shape and dtype on the way; raises AssertionError with
+    the offending input, order and error when they differ.
+    """
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    y = f(*leaves)
+    xa.backward(y, order, **backward_kwargs)
+    ref = torch_partials(f, inputs, order)
+    worst = 0.0
+    for i, leaf in enumerate(leaves):
+        assert hasattr(leaf, "xgrad"), f"input {i} got no .xgrad"
+        assert len(leaf.xgrad) == order
+        for k in range(order):
+            got, want = leaf.xgrad[k], ref[i][k]
+            assert got.shape == want.shape, (i, k + 1, got.shape, want.shape)
+            assert got.dtype == leaf.dtype
+            if got.numel():
+                scale = max(1.0, want.abs().max().item())
+                worst = max(worst, (got - want.to(got.dtype)).abs().max().item() / scale)
+    return worst
+
+
+def assert_close_to_torch(f, inputs, order, tol=1e-9, **backward_kwargs):
+    err = max_error(f, inputs, order, **backward_kwargs)
+    assert err <= tol, f"max error {err:.3e} (relative to max(1, |ref|)) against torch.func exceeds {tol:.1e}"
+    return err
