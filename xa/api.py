@@ -9,7 +9,7 @@ import torch
 
 from . import execute, plan as planner
 from .capture import Graph
-from .errors import SourceError, TargetError
+from .errors import TargetError
 
 
 def _check_order(order) -> int:
@@ -74,7 +74,7 @@ class Superset:
 
     def __init__(self, source: torch.Tensor):
         if not isinstance(source, torch.Tensor):
-            raise SourceError(f"source must be a torch.Tensor, got {type(source).__name__}")
+            raise TypeError(f"source must be a torch.Tensor, got {type(source).__name__}")
         if source.grad_fn is None:
             Graph(source)  # raises the descriptive SourceError
         self.source = source

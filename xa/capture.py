@@ -109,7 +109,7 @@ class Graph:
 
     def __init__(self, source: torch.Tensor):
         if not isinstance(source, torch.Tensor):
-            raise SourceError(f"source must be a torch.Tensor, got {type(source).__name__}")
+            raise TypeError(f"source must be a torch.Tensor, got {type(source).__name__}")
         if source.grad_fn is None:
             why = "a leaf" if source.requires_grad else "a tensor that does not require grad"
             raise SourceError(

@@ -8,6 +8,8 @@ the node. Nothing here looks at a tensor's values to decide what to do.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .capture import Graph
@@ -21,7 +23,11 @@ def run(plan: Plan, graph: Graph, overrides: dict) -> tuple[dict, dict]:
     retained: dict = {}
     for step in plan.steps:
         if step.snapshot:
-            retained[step.value] = [blocks.get((step.value,) * k) for k in range(1, plan.order + 1)]
+            kept = [blocks.get((step.value,) * k) for k in range(1, plan.order + 1)]
+            if step.value == 0:  # the source's own first block is the identity, never stored
+                s = math.prod(graph.source_shape)
+                kept[0] = torch.eye(s, dtype=dtype, device=device)
+            retained[step.value] = kept
         if not step.terms:
             continue
         rule = graph.rule(step.value, overrides)

@@ -1,0 +1,235 @@
+"""The public surface: Superset, target, retained partials, errors, and torch's graph left intact."""
+
+import pytest
+import torch
+from reference import torch_partials
+
+import xa
+from xa import plan as planner
+
+
+def leaf(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+
+def close(a, b, tol=1e-10):
+    return a.shape == b.shape and (a - b).abs().max().item() <= tol
+
+
+def test_backward_returns_superset_and_sets_xgrad_shapes():
+    x, w = leaf(3), leaf(2, 3, seed=1)
+    y = torch.tanh(w @ x)
+    sup = xa.backward(y, order=3)
+    assert isinstance(sup, xa.Superset)
+    assert [t.shape for t in x.xgrad] == [(2, 3), (2, 3, 3), (2, 3, 3, 3)]
+    assert [t.shape for t in w.xgrad] == [(2, 6), (2, 6, 6), (2, 6, 6, 6)]
+    ref = torch_partials(lambda x, w: torch.tanh(w @ x), [x, w], 3)
+    for k in range(3):
+        assert close(x.xgrad[k], ref[0][k]) and close(w.xgrad[k], ref[1][k])
+
+
+def test_torch_backward_still_works_and_grad_untouched():
+    x = leaf(4)
+    y = (torch.tanh(x) * x).sum()
+    xa.backward(y, order=2)
+    assert x.grad is None
+    y.backward()
+    assert close(x.grad, x.xgrad[0][0])
+
+
+def test_float32_results_in_leaf_dtype():
+    x = leaf(3).detach().float().requires_grad_(True)
+    xa.backward(torch.sigmoid(x * x).sum(), order=3)
+    ref = torch_partials(lambda z: torch.sigmoid(z * z).sum(), [x.double()], 3)[0]
+    for k in range(3):
+        assert x.xgrad[k].dtype == torch.float32
+        assert (x.xgrad[k].double() - ref[k]).abs().max() < 1e-4
+
+
+def test_only_leaves_the_source_depends_on_get_xgrad():
+    x, unused = leaf(3), leaf(3, seed=1)
+    xa.backward(torch.tanh(x).sum(), order=1)
+    assert hasattr(x, "xgrad") and not hasattr(unused, "xgrad")
+
+
+def test_target_leaf_only():
+    x, w = leaf(3), leaf(3, seed=1)
+    xa.backward(torch.tanh(x * w).sum(), order=2, target=w)
+    assert hasattr(w, "xgrad") and not hasattr(x, "xgrad")
+    ref = torch_partials(lambda x, w: torch.tanh(x * w).sum(), [x, w], 2)[1]
+    assert close(w.xgrad[1], ref[1])
+
+
+def test_target_intermediate_and_retained_partials():
+    x = leaf(3)
+    h = torch.tanh(x)
+    g = h * 2.0
+    y = torch.softmax(g * g, dim=0)
+    sup = xa.Superset.construct(y)
+    sup.retain_partials([g])
+    sup.backward(order=3)
+    ref = torch_partials(lambda g: torch.softmax(g * g, dim=0), [g], 3)[0]
+    got = sup.operator_partials(g)
+    assert len(got) == 3
+    for k in range(3):
+        assert close(got[k], ref[k])
+    # the leaves got theirs in the same run
+    refx = torch_partials(lambda x: torch.softmax((torch.tanh(x) * 2.0) ** 2, dim=0), [x], 3)[0]
+    assert close(x.xgrad[2], refx[2], 1e-9)
+    # an intermediate target: only that one is computed
+    x.xgrad = None
+    sup2 = xa.backward(y, order=2, target=h)
+    refh = torch_partials(lambda h: torch.softmax((h * 2.0) * (h * 2.0), dim=0), [h], 2)[0]
+    assert close(sup2.operator_partials(h)[1], refh[1])
+    assert x.xgrad is None
+
+
+def test_clear_retentions_and_remove_partials():
+    x = leaf(3)
+    h = torch.tanh(x)
+    y = (h * h).sum()
+    sup = xa.Superset.construct(y).retain_partials(h)
+    sup.backward(order=2)
+    assert sup.operator_partials(h)[0].shape == (1, 3)
+    sup.clear_retentions()
+    with pytest.raises(KeyError):
+        sup.operator_partials(h)
+    sup.remove_partials()
+    assert not hasattr(x, "xgrad")
+
+
+def test_retained_source_itself_is_identity():
+    x = leaf(3)
+    y = torch.tanh(x)
+    sup = xa.Superset.construct(y).retain_partials(y).backward(order=2)
+    first, second = sup.operator_partials(y)
+    assert torch.equal(first, torch.eye(3, dtype=torch.float64))
+    assert torch.equal(second, torch.zeros(3, 3, 3, dtype=torch.float64))
+
+
+def test_plan_cache_skips_path_search():
+    def run():
+        x = leaf(4)
+        w = leaf(4, 4, seed=1)
+        return xa.backward(torch.softmax(torch.tanh(w @ x) * x, dim=0), order=3)
+
+    first = run()
+    before = planner.path_searches
+    second = run()
+    assert planner.path_searches == before
+    assert second.plan is first.plan and second.plan.cached
+
+
+def test_explain_prints_plan_without_running(capsys):
+    x = leaf(3)
+    y = torch.tanh(x * x).sum()
+    plan = xa.explain(y, order=3)
+    text = capsys.readouterr().out
+    assert "TanhBackward0" in text and "flops" in text and "->" in text
+    assert plan.flops > 0
+    assert not hasattr(x, "xgrad")
+
+
+def test_configurations_swap_a_rule_for_one_call():
+    from xa_ops.families import elementwise
+
+    x = leaf(3)
+    y = torch.tanh(x)
+    # a deliberately different rule (derivatives of the identity) must be used for this call only
+    fake = elementwise(lambda ctx, k: torch.ones_like(ctx.saved("result")) if k == 1 else None)
+    xa.backward(y, order=1, configurations=[{"TanhBackward0": fake}])
+    assert torch.equal(x.xgrad[0], torch.eye(3, dtype=torch.float64))
+    xa.backward(y, order=1)
+    assert close(x.xgrad[0], torch.diag(1 - torch.tanh(x.detach()) ** 2))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unsupported_operator_names_node_and_supported_list():
+    x = leaf(3)
+    y = torch.cumsum(torch.tanh(x), 0)
+    with pytest.raises(xa.UnsupportedOperatorError) as err:
+        xa.backward(y, order=2)
+    msg = str(err.value)
+    assert "CumsumBackward0" in msg and "TanhBackward0" in msg and "MmBackward0" in msg
+    assert isinstance(err.value, xa.XaError)
+    assert not hasattr(x, "xgrad")
+    y.sum().backward()  # torch's graph is intact
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("order,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
+                                       (True, TypeError), ("2", TypeError), (None, TypeError)])
+def test_bad_order(order, exc):
+    x = leaf(3)
+    y = torch.tanh(x).sum()
+    with pytest.raises(exc, match="order"):
+        xa.backward(y, order=order)
+    y.backward()
+    assert x.grad is not None
+
+
+def test_source_without_grad_fn():
+    x = leaf(3)
+    with pytest.raises(xa.SourceError, match="grad_fn"):
+        xa.backward(x, order=1)
+    with pytest.raises(xa.SourceError, match="grad_fn"):
+        xa.backward(torch.ones(3), order=1)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        xa.backward([1.0], order=1)
+
+
+def test_freed_graph():
+    x = leaf(3)
+    y = torch.tanh(x).sum()
+    y.backward()
+    with pytest.raises(xa.GraphFreedError, match="TanhBackward0"):
+        xa.backward(y, order=2)
+
+
+def test_modified_in_place():
+    x = leaf(3)
+    h = torch.tanh(x)
+    y = (h * 3.0).sum()
+    h.add_(1.0)
+    with pytest.raises(xa.GraphModifiedError, match="in place"):
+        xa.backward(y, order=2)
+
+
+def test_target_not_in_graph():
+    x, other = leaf(3), leaf(3, seed=1)
+    y = torch.tanh(x).sum()
+    with pytest.raises(xa.TargetError, match="does not depend on target"):
+        xa.backward(y, order=2, target=other)
+    with pytest.raises(TypeError, match="target"):
+        xa.backward(y, order=2, target="x")
+    assert not hasattr(x, "xgrad")
+    y.backward()
+    assert x.grad is not None
+
+
+def test_bad_configurations():
+    y = torch.tanh(leaf(3)).sum()
+    with pytest.raises(TypeError, match="configuration"):
+        xa.backward(y, order=1, configurations=[{"TanhBackward0": 3}])
+    with pytest.raises(TypeError, match="configuration"):
+        xa.backward(y, order=1, configurations=5)
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(xa.RegistryError, match="TanhBackward0"):
+        xa.register("TanhBackward0", lambda ctx, slots: None)
+
+
+def test_bad_rule_is_reported_with_its_node():
+    x = leaf(3)
+    y = torch.tanh(x)
+
+    def wrong(ctx, slots):
+        lab = xa.LabelMaker()
+        return lab.factor(lab.dims((2,)), [lab.dims((3,))])
+
+    with pytest.raises(xa.RuleError, match="TanhBackward0"):
+        xa.backward(y, order=1, configurations={"TanhBackward0": wrong})
