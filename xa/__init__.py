@@ -5,6 +5,9 @@ leaf that requires grad receives ``.xgrad``, a tuple whose k-th entry is the
 k-th derivative of ``source.flatten()`` with respect to ``leaf.flatten()``.
 """
 
+import xa_ops as _xa_ops  # noqa: E402,F401  (registers the built-in rules)
+
+from .api import Superset, backward
 from .errors import (
     GraphFreedError,
     GraphModifiedError,
@@ -15,12 +18,9 @@ from .errors import (
     UnsupportedOperatorError,
     XaError,
 )
+from .explain import explain
 from .factor import Factor, LabelMaker
 from .registry import register, supported
-from .api import Superset, backward
-from .explain import explain
-
-import xa_ops as _xa_ops  # noqa: E402,F401  (registers the built-in rules)
 
 __all__ = [
     "backward", "explain", "Superset", "Factor", "LabelMaker", "register", "supported",

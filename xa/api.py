@@ -7,7 +7,8 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from . import execute, plan as planner
+from . import execute
+from . import plan as planner
 from .capture import Graph
 from .errors import TargetError
 

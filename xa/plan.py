@@ -169,6 +169,22 @@ def _check_factor(factor: Factor, graph: Graph, y: int, slots: tuple, inputs: tu
                             f"{tuple(factor.sizes[i] for i in labels)}")
 
 
+class _Factors:
+    """A node's local derivatives, asked of its rule once per slot tuple and checked."""
+
+    def __init__(self, graph, y, rule, ctx, inputs):
+        self.graph, self.y, self.rule, self.ctx, self.inputs = graph, y, rule, ctx, inputs
+        self.cache: dict = {}
+
+    def __call__(self, slots):
+        if slots not in self.cache:
+            f = self.rule(self.ctx, slots)
+            if f is not None:
+                _check_factor(f, self.graph, self.y, slots, self.inputs)
+            self.cache[slots] = f
+        return self.cache[slots]
+
+
 def _ancestry(graph: Graph, requested: set) -> list:
     """For each value, the requested values it reaches (itself included)."""
     reach: list = [frozenset()] * len(graph.values)
@@ -229,16 +245,7 @@ def _build(graph, order, requested, results_for, retained, overrides) -> Plan:
         rule = graph.rule(y, overrides)
         ctx = graph.ctx(y, meta=True)
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
-        factors: dict = {}
-
-        def factor(slots):
-            if slots not in factors:
-                f = rule(ctx, slots)
-                if f is not None:
-                    _check_factor(f, graph, y, slots, inputs)
-                factors[slots] = f
-            return factors[slots]
-
+        factor = _Factors(graph, y, rule, ctx, inputs)
         step = Step(y, v.name, snapshot=snapshot)
         for m in holding:
             for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel):

@@ -1,0 +1,54 @@
+"""Set up and run xa from a fresh clone, with nothing but Python.
+
+    python3 dev.py demo    # create .venv, install xa with its test extras, run the demo
+    python3 dev.py test    # the same set-up, then the whole test suite
+
+The torch that pip picks by default is installed; set XA_TORCH to another
+pip requirement (for example ``XA_TORCH="torch==2.13.0"``) to choose a build.
+"""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+
+
+def python() -> Path:
+    unix = VENV / "bin" / "python"
+    return unix if unix.exists() else VENV / "Scripts" / "python.exe"
+
+
+def sh(*args) -> None:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    subprocess.run([str(a) for a in args], cwd=ROOT, check=True)
+
+
+def setup() -> None:
+    if not python().exists():
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = [python(), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    torch = os.environ.get("XA_TORCH")
+    if torch:
+        sh(*pip, torch)
+    sh(*pip, "-e", ".[test,lint]")
+
+
+def main(argv) -> int:
+    command = argv[1] if len(argv) > 1 else "demo"
+    if command not in {"demo", "test"}:
+        print(__doc__)
+        return 2
+    setup()
+    if command == "demo":
+        sh(python(), "examples/demo.py")
+        return 0
+    result = subprocess.run([str(python()), "-m", "pytest", *argv[2:]], cwd=ROOT)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
