@@ -6,7 +6,6 @@ reshaped to xa's layout ``(source.numel(), *(k * (input.numel(),)))``.
 
 from __future__ import annotations
 
-import torch
 from torch.func import jacfwd, jacrev
 
 import xa
