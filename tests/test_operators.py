@@ -83,6 +83,8 @@ CASES = [
     ("nn.Flatten", lambda x: nn.Flatten()(x).tanh(), [(2, 3, 2)], 3),
     ("unsqueeze squeeze", lambda x: x.unsqueeze(0).tanh().squeeze(0) * x, [(2, 3)], 3),
     ("expand", lambda x: x.expand(3, 4).tanh(), [(4,)], 3),
+    ("squeeze variants", lambda x: x.unsqueeze(1).squeeze((1,)).unsqueeze(0).squeeze().tanh()
+     * torch.squeeze(x.unsqueeze(-2), -2), [(2, 3)], 3),
     # -- sums
     ("+", lambda a, b: (a + b).tanh(), [(3, 4), (3, 4)], 4),
     ("+ broadcast", lambda a, b: (a + b).tanh(), [(3, 4), (4,)], 3),
@@ -129,3 +131,16 @@ def test_dropout_mask_is_a_constant(spelling):
                          [x], 3)[0]
     for k in range(3):
         assert torch.allclose(x.xgrad[k], ref[k], atol=1e-10, rtol=0)
+
+
+def test_in_place_squeeze_and_unsqueeze():
+    # torch.func cannot differentiate through in-place ops, so the reference is the out-of-place twin.
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    y = (x * 1.0).unsqueeze_(0).squeeze_(0).unsqueeze_(1).squeeze_((1,)).unsqueeze_(0).squeeze_().tanh()
+    import xa
+    from reference import torch_partials
+
+    xa.backward(y, 3)
+    ref = torch_partials(lambda z: z.tanh(), [x], 3)[0]
+    for k in range(3):
+        assert torch.allclose(x.xgrad[k], ref[k], atol=1e-12, rtol=0)

@@ -18,12 +18,13 @@ def _reshape(ctx, lab):
     return y, x
 
 
-for _name in ("CloneBackward0", "AliasBackward0"):
+for _name in ("CloneBackward0", "LazyCloneBackward0", "AliasBackward0"):
     register(_name, linear(_same))
 register("NegBackward0", linear(_same, coef=-1.0))
 for _name in (
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "UnsqueezeBackward1",
     "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
+    "SqueezeBackward5",
 ):
     register(_name, linear(_reshape))
 
