@@ -35,8 +35,8 @@ def run(plan: Plan, graph: Graph, overrides: dict) -> tuple[dict, dict]:
         factors: dict = {}
         for term in step.terms:
             operands = []
-            if term.source is not None:
-                operands.append(blocks[term.source].reshape(term.source_view))
+            for key, view in term.sources:
+                operands.append(blocks[key].reshape(view))
             for slots, k in term.operands:
                 if slots not in factors:
                     factors[slots] = rule(ctx, slots)

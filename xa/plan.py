@@ -39,7 +39,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import combinations, combinations_with_replacement, product
-from typing import Any, Optional
+from typing import Any
 
 import opt_einsum as oe
 
@@ -66,10 +66,9 @@ def set_partitions(items: tuple, k: int):
 
 @dataclass
 class Term:
-    """One contraction: ``target_view += coef * einsum(source block, factor operands)``."""
+    """One contraction: ``target_view += coef * einsum(blocks read, factor operands)``."""
 
-    source: Optional[tuple]
-    source_view: tuple
+    sources: tuple  # ((block key, shape to view it as), ...)
     operands: tuple  # ((slots, operand index), ...) into the step's factors
     target: tuple
     equation: str
@@ -141,10 +140,13 @@ class _TermLabels:
         self.sizes.append(int(size))
         return len(self.sizes) - 1
 
-    def adopt(self, factor: Factor) -> dict:
+    def adopt(self, factor: Factor, slots: tuple) -> tuple:
+        """Shift ``factor``'s labels in; returns the shift and its operands as ``((slots, k), labels)``."""
         base = len(self.sizes)
         self.sizes.extend(factor.sizes)
-        return {i: base + i for i in range(len(factor.sizes))}
+        shift = {i: base + i for i in range(len(factor.sizes))}
+        operands = [((slots, k), tuple(shift[i] for i in labels)) for k, (_, labels) in enumerate(factor.operands)]
+        return shift, operands
 
 
 def _check_factor(factor: Factor, graph: Graph, y: int, slots: tuple, inputs: tuple) -> None:
@@ -298,23 +300,19 @@ def _expand(graph, m, y, inputs, N, keep, factor, s_numel):
 
 def _term(graph, m, y, V, vpos, target, blocks, s_numel) -> Term:
     lab = _TermLabels()
-    operands, operand_labels, refs = [], [], []
     out_of_pos: dict = {}
-    y_ports = []
+    y_ports, operands = [], []
     coef = 1.0
     for f, positions, slots in blocks:
-        shift = lab.adopt(f)
+        shift, f_operands = lab.adopt(f, slots)
         y_ports.append(tuple(shift[i] for i in f.out))
         for pos, port in zip(positions, f.ins):
             out_of_pos[pos] = tuple(shift[i] for i in port)
-        for k, (_, labels) in enumerate(f.operands):
-            refs.append((slots, k))
-            operand_labels.append(tuple(shift[i] for i in labels))
+        operands.extend(f_operands)
         coef *= f.coef
-    identity = m == (0,)
-    if identity:
+    sources = []
+    if m == (0,):  # the source's own block is the identity: its labels are the y port's
         a = y_ports[0]
-        source_view = ()
     else:
         a = (lab.new(s_numel),)
         d_labels = list(a)
@@ -330,13 +328,26 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel) -> Term:
                 pos = vpos[u][vi.get(u, 0)]
                 vi[u] = vi.get(u, 0) + 1
                 out_of_pos[pos] = (label,)
-        source_view = tuple(lab.sizes[i] for i in d_labels)
-        operands.append(None)
-        operand_labels.insert(0, tuple(d_labels))
+        sources.append((m, tuple(d_labels)))
     out = list(a)
     for pos in range(len(target)):
         out.extend(out_of_pos[pos])
+    return compile_term(lab, sources, operands, out, target, coef)
+
+
+def compile_term(lab, sources, operands, out, target, coef) -> Term:
+    """The einsum and the strided view that add one term into its target block.
+
+    Args:
+        lab: the term's labels (their sizes).
+        sources: ``(block key, labels)`` of the blocks read, each reshaped so
+            that it has one dim per label.
+        operands: ``((slots, k), labels)`` of the factors' operands.
+        out: the labels of the target block, in its row-major order;
+            repeats walk a diagonal, labels no operand has are broadcast.
+    """
     sizes = lab.sizes
+    operand_labels = [labels for _, labels in sources] + [labels for _, labels in operands]
     # Row-major strides of the target block seen through the output labels;
     # a label repeated in the output walks the diagonal (strides add up).
     strides = [0] * len(out)
@@ -363,9 +374,8 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel) -> Term:
     equation += "->" + "".join(sym(i) for i in kept)
     op_shapes = tuple(tuple(sizes[i] for i in labels) for labels in operand_labels)
     term = Term(
-        source=None if identity else m,
-        source_view=source_view,
-        operands=tuple(refs),
+        sources=tuple((key, tuple(sizes[i] for i in labels)) for key, labels in sources),
+        operands=tuple(ref for ref, _ in operands),
         target=target,
         equation=equation,
         shapes=op_shapes,
