@@ -22,6 +22,12 @@ def _check_order(order) -> int:
     return order
 
 
+def _check_direction(direction) -> str:
+    if direction not in planner.DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, planner.DIRECTIONS))}, got {direction!r}")
+    return direction
+
+
 def _overrides(configurations) -> dict:
     """Rules swapped in for one call: a mapping, or an iterable of mappings, node name -> rule."""
     if configurations is None:
@@ -125,7 +131,8 @@ class Superset:
                 retained.append(i)
         return tuple(sorted(requested)), tuple(sorted(set(retained)))
 
-    def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None) -> "Superset":
+    def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None,
+                 direction: str = "auto") -> "Superset":
         """Compute the derivatives of the source up to ``order`` and attach them.
 
         Args:
@@ -133,16 +140,19 @@ class Superset:
             target: only this tensor (a leaf, or an intermediate tensor, whose
                 partials are then read with :meth:`operator_partials`).
             configurations: rules swapped in for this call, ``{node name: rule}``.
+            direction: ``"auto"`` (price both, take the cheaper), ``"backward"``
+                or ``"forward"``; see :func:`xa.backward`.
 
         Returns:
             ``self``. Each leaf ``L`` reached gets ``L.xgrad``: a tuple whose
             ``k-1``-th entry has shape ``(source.numel(), *(k * (L.numel(),)))``.
         """
         order = _check_order(order)
+        direction = _check_direction(direction)
         overrides = _overrides(configurations)
         graph = Graph(self.source)
         requested, retained = self._request(graph, target)
-        plan = planner.build(graph, order, requested, retained, overrides)
+        plan = planner.build(graph, order, requested, retained, overrides, direction)
         blocks, kept = execute.run(plan, graph, overrides)
         self.plan = plan
         s = graph.values[0].numel
@@ -202,7 +212,7 @@ class Superset:
 
 
 def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = None,
-             configurations=None) -> Superset:
+             configurations=None, direction: str = "auto") -> Superset:
     """Exact derivatives of ``source`` of every order up to ``order``.
 
     Every leaf with ``requires_grad=True`` that ``source`` depends on gets
@@ -218,6 +228,10 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
         target: compute only for this tensor (a leaf, or an intermediate
             tensor whose partials are then in the returned Superset).
         configurations: rules swapped in for this call, ``{node name: rule}``.
+        direction: ``"backward"`` contracts from the source down (blocks of
+            ``source.numel() * n_v^k``), ``"forward"`` pushes jets up from each
+            leaf (``n_v * leaf.numel()^k``); ``"auto"`` prices both with
+            opt_einsum's cost model and runs the cheaper.
 
     Returns:
         The :class:`Superset`, which holds the plan and any retained partials.
@@ -229,13 +243,14 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
         >>> x.xgrad[2].shape
         torch.Size([1, 3, 3, 3])
     """
-    return Superset(source).backward(order, target=target, configurations=configurations)
+    return Superset(source).backward(order, target=target, configurations=configurations, direction=direction)
 
 
-def plan_for(source: torch.Tensor, order: int, target=None, configurations=None) -> tuple:
+def plan_for(source: torch.Tensor, order: int, target=None, configurations=None, direction="auto") -> tuple:
     """Capture and plan without running: ``(graph, plan)``."""
     order = _check_order(order)
+    direction = _check_direction(direction)
     overrides = _overrides(configurations)
     graph = Graph(source)
     requested, retained = Superset(source)._request(graph, target)
-    return graph, planner.build(graph, order, requested, retained, overrides)
+    return graph, planner.build(graph, order, requested, retained, overrides, direction)

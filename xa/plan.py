@@ -103,6 +103,8 @@ class Plan:
     block_shapes: dict
     results: dict  # value index -> keys of its blocks for k = 1..order
     retained: tuple
+    direction: str = "backward"
+    prices: dict = field(default_factory=dict)  # direction -> total FLOPs
     cached: bool = False
 
     @property
@@ -200,16 +202,42 @@ def _ancestry(graph: Graph, requested: set) -> list:
     return reach
 
 
-def build(graph: Graph, order: int, requested: tuple, retained: tuple, overrides: dict) -> Plan:
-    """The plan for ``graph`` at ``order``, from the cache when its signature was seen before."""
-    key = (graph.signature(), order, requested, retained,
+DIRECTIONS = ("auto", "backward", "forward")
+
+
+def build(graph: Graph, order: int, requested: tuple, retained: tuple, overrides: dict,
+          direction: str = "auto") -> Plan:
+    """The plan for ``graph`` at ``order``, from the cache when its signature was seen before.
+
+    ``direction`` is ``"backward"`` (backprop of joint blocks from the source),
+    ``"forward"`` (jets from each requested leaf) or ``"auto"``: both are
+    priced with opt_einsum's FLOP counts and the cheaper is kept. Partials
+    of intermediate tensors need the backward direction.
+    """
+    key = (graph.signature(), order, requested, retained, direction,
            tuple(sorted((k, id(r)) for k, r in overrides.items())))
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         plan.cached = True
         return plan
-    plan = _build(graph, order, set(requested) | set(retained), requested, retained, overrides)
+    from .forward import build_forward, flops
+
+    forward_ok = not retained and all(graph.values[i].leaf is not None for i in requested)
+    if direction == "forward" and not forward_ok:
+        raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
+                         "tensors (target= or retain_partials) need direction='backward' or 'auto'")
+    prices = {}
+    plan = None
+    if direction in ("auto", "backward"):
+        plan = _build(graph, order, set(requested) | set(retained), requested, retained, overrides)
+        prices["backward"] = plan.flops
+    if forward_ok and direction in ("auto", "forward"):
+        steps, shapes, results = build_forward(graph, order, requested, overrides)
+        prices["forward"] = flops(steps)
+        if plan is None or prices["forward"] < prices["backward"]:
+            plan = Plan(order, steps, shapes, results, (), direction="forward")
+    plan.prices = prices
     _PLANS[key] = plan
     if len(_PLANS) > _CACHE_SIZE:
         _PLANS.popitem(last=False)
