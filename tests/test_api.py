@@ -233,3 +233,44 @@ def test_bad_rule_is_reported_with_its_node():
 
     with pytest.raises(xa.RuleError, match="TanhBackward0"):
         xa.backward(y, order=1, configurations={"TanhBackward0": wrong})
+
+
+# ---------------------------------------------------------------- direction
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_both_directions_agree_with_torch(direction):
+    from reference import assert_close_to_torch
+
+    w = torch.randn(4, 3, dtype=torch.float64)
+
+    def f(x, a):
+        h = torch.tanh(w @ x) * a
+        return torch.softmax(h + h * h, dim=0)
+
+    assert_close_to_torch(f, [torch.randn(3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)], 4,
+                          tol=1e-9, direction=direction)
+
+
+def test_auto_direction_prices_both_and_takes_the_cheaper():
+    # a small input feeding a wide network: forward jets are far cheaper than backprop blocks
+    x = leaf(3)
+    w1, w2 = torch.randn(32, 3, dtype=torch.float64), torch.randn(1, 32, dtype=torch.float64)
+    y = w2 @ torch.tanh(w1 @ x)
+    sup = xa.backward(y, order=3)
+    assert set(sup.plan.prices) == {"forward", "backward"}
+    assert sup.plan.direction == "forward" and sup.plan.prices["forward"] < sup.plan.prices["backward"]
+    # a wide input and a scalar output: backprop wins
+    big = leaf(32)
+    z = torch.tanh(big).sum()
+    sup = xa.backward(z, order=3)
+    assert sup.plan.direction == "backward" and sup.plan.prices["backward"] < sup.plan.prices["forward"]
+
+
+def test_forward_direction_refuses_intermediate_partials():
+    x = leaf(3)
+    h = torch.tanh(x)
+    with pytest.raises(ValueError, match="direction"):
+        xa.backward(h.sum(), order=2, target=h, direction="forward")
+    with pytest.raises(ValueError, match="direction"):
+        xa.backward(h.sum(), order=2, direction="sideways")

@@ -1,0 +1,357 @@
+"""xa against nested torch.func and nested torch.autograd.functional.jacobian, side by side.
+
+    python benchmarks/run.py                 # every case, writes benchmarks/results/
+    python benchmarks/run.py --cases b,d     # some of them
+
+Every method computes the same thing as ``xa.backward(y, order)``: all
+derivatives of orders 1..N of the source with respect to each listed leaf,
+in float64. For torch.func that is one nested call per leaf, ``jacrev`` then
+``jacfwd`` for each further order, the lower orders carried out as ``aux``
+(so they cost nothing extra). For ``jacobian(vectorize=True)`` each order is
+its own nested call. Times are medians; peak memory is the growth of the
+process's resident set during one call (Linux: VmHWM, reset before each);
+the error is the largest absolute difference from torch.func's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd.functional import jacobian
+from torch.func import jacfwd, jacrev
+
+import xa
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DT = torch.float64
+
+# ------------------------------------------------------------------ the cases
+
+
+def _mlp_params(gen):
+    sizes = [(32, 8), (32,), (32, 32), (32,), (4, 32), (4,)]
+    ps = []
+    for s in sizes:
+        fan_in = s[1] if len(s) == 2 else 10
+        ps.append(torch.randn(*s, generator=gen, dtype=DT) / math.sqrt(fan_in))
+    return ps
+
+
+def case_a(gen):
+    leaves = {"T0": torch.randn(2, 3, generator=gen, dtype=DT), "T1": torch.randn(2, 4, generator=gen, dtype=DT),
+              "T2": torch.randn(4, 3, generator=gen, dtype=DT)}
+
+    def f(T0, T1, T2):
+        return torch.softmax(torch.relu(torch.addmm(T0, T1, T2)) + T0, dim=1)
+
+    return "(a) prototype README graph, order 3, all leaves", f, leaves, list(leaves), 3
+
+
+def pinn(gen):
+    widths = [3, 64, 64, 64, 64, 1]
+    Ws = [torch.randn(o, i, generator=gen, dtype=DT) / math.sqrt(i) for i, o in zip(widths, widths[1:])]
+    bs = [0.1 * torch.randn(o, generator=gen, dtype=DT) for o in widths[1:]]
+
+    def u(x):
+        h = x
+        for W, b in zip(Ws[:-1], bs[:-1]):
+            h = torch.tanh(W @ h + b)
+        return Ws[-1] @ h + bs[-1]
+
+    return u
+
+
+def case_b(gen, order=4):
+    u = pinn(gen)
+    leaves = {"x": torch.randn(3, generator=gen, dtype=DT)}
+    return f"(b) PINN u: R^3 -> R, tanh 3-64-64-64-64-1, order {order}, w.r.t. x", u, leaves, ["x"], order
+
+
+def _mlp(W1, b1, W2, b2, W3, b3, x):
+    return torch.softmax(W3 @ torch.tanh(W2 @ torch.tanh(W1 @ x + b1) + b2) + b3, dim=0)
+
+
+def case_c(gen):
+    ps = _mlp_params(gen)
+    x = torch.randn(8, generator=gen, dtype=DT)
+    names = ["W1", "b1", "W2", "b2", "W3", "b3"]
+    leaves = dict(zip(names, ps))
+    return ("(c) MLP 8-32-32-4 + softmax, order 2, all six parameters",
+            lambda *p: _mlp(*p, x), leaves, names, 2)
+
+
+def case_d(gen):
+    ps = _mlp_params(gen)
+    x = torch.randn(8, generator=gen, dtype=DT)
+    names = ["W1", "b1", "W2", "b2", "W3", "b3"]
+    leaves = dict(zip(names, ps))
+    return "(d) MLP 8-32-32-4 + softmax, order 3, w.r.t. W1 only", lambda *p: _mlp(*p, x), leaves, ["W1"], 3
+
+
+def case_e(gen):
+    B = torch.randn(16, 16, generator=gen, dtype=DT) / 4
+    leaves = {"x": torch.randn(16, generator=gen, dtype=DT), "A": torch.randn(16, 16, generator=gen, dtype=DT) / 4}
+
+    def f(x, A):
+        return x + torch.tanh(B @ torch.tanh(A @ x))
+
+    return "(e) residual x + tanh(B tanh(A x)), x in R^16, order 3, w.r.t. x and A", f, leaves, ["x", "A"], 3
+
+
+CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e}
+
+# ------------------------------------------------------------------ the methods
+
+
+def _partial(f, leaves, name):
+    names = list(leaves)
+    i = names.index(name)
+
+    def fi(z):
+        args = list(leaves.values())
+        args[i] = z
+        return f(*args)
+
+    return fi
+
+
+def run_xa(f, leaves, wrt, order):
+    args = [t.clone().requires_grad_(n in wrt) for n, t in leaves.items()]
+    xa.backward(f(*args), order)
+    return {n: a.xgrad for n, a in zip(leaves, args) if n in wrt}
+
+
+def run_func(f, leaves, wrt, order):
+    out = {}
+    for name in wrt:
+        fi = _partial(f, leaves, name)
+
+        def g(z, fi=fi):
+            v = fi(z)
+            return v, (v,)
+
+        for k in range(order):
+            transform = jacrev if k == 0 else jacfwd
+
+            def g(z, inner=g, transform=transform):
+                jac, aux = transform(inner, has_aux=True)(z)
+                return jac, aux + (jac,)
+
+        _, aux = g(leaves[name])
+        s, n = aux[0].numel(), leaves[name].numel()
+        out[name] = tuple(d.reshape((s,) + (n,) * k) for k, d in enumerate(aux[1:], start=1))
+    return out
+
+
+def run_jacobian(f, leaves, wrt, order):
+    out = {}
+    for name in wrt:
+        fi = _partial(f, leaves, name)
+        x = leaves[name]
+        s, n = fi(x).numel(), x.numel()
+        per = []
+        for k in range(1, order + 1):
+            g = fi
+            for level in range(1, k + 1):
+                # only the inner levels are differentiated again
+                g = (lambda inner, cg: lambda z: jacobian(inner, z, create_graph=cg, vectorize=True))(g, level < k)
+            per.append(g(x).detach().reshape((s,) + (n,) * k))
+        out[name] = tuple(per)
+    return out
+
+
+METHODS = {"xa": run_xa, "torch.func": run_func, "jacobian(vectorize)": run_jacobian}
+
+# ------------------------------------------------------------------ measuring
+
+
+def _rss_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn, reps: int, budget_s: float):
+    """``(median seconds, peak MB or None, result)``.
+
+    A first call warms up (xa plans, torch.func traces); if it alone took
+    more than half the budget it is the only sample. Otherwise one call is
+    measured for memory and the rest for time.
+    """
+    start = time.perf_counter()
+    result = fn()
+    warm = time.perf_counter() - start
+    if warm > budget_s / 2:
+        return warm, None, result
+    del result
+    base = _rss_kb("VmRSS")
+    resettable = _reset_peak()
+    start = time.perf_counter()
+    result = fn()
+    first = time.perf_counter() - start
+    peak = _rss_kb("VmHWM")
+    peak_mb = (peak - base) / 1024 if resettable and peak is not None and base is not None else None
+    times = [first]
+    while len(times) < reps and sum(times) + first < budget_s:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak_mb, result
+
+
+def measure_isolated(key: str, method: str, reps: int, budget_s: float, timeout_s: float):
+    """``measure`` in a child process that is killed after ``timeout_s``: ``(seconds or None, MB, result)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.pt"
+        cmd = [sys.executable, __file__, "--child", key, method, str(out), "--reps", str(reps),
+               "--budget", str(budget_s)]
+        try:
+            subprocess.run(cmd, check=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None, None, None
+        saved = torch.load(out)
+        return saved["time"], saved["peak"], saved["result"]
+
+
+def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
+    _, f, leaves, wrt, order = CASES[key](torch.Generator().manual_seed(0))
+    t, mb, res = measure(lambda: METHODS[method](f, leaves, wrt, order), reps, budget_s)
+    torch.save({"time": t, "peak": mb, "result": res}, path)
+    return 0
+
+
+def max_error(got: dict, ref: dict) -> float:
+    return max((g - r).abs().max().item() for n in ref for g, r in zip(got[n], ref[n]))
+
+
+def fmt_mb(mb):
+    return "n/a" if mb is None else f"{max(mb, 0.0):.0f} MB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="a,b,c,d,e")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds of repeats per method and case")
+    ap.add_argument("--skip-jacobian", action="store_true")
+    ap.add_argument("--jacobian-timeout", type=float, default=300.0,
+                    help="seconds before the jacobian(vectorize) baseline of one case is given up")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(*args.child, args.reps, args.budget)
+    rows = []
+    header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+              f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, float64")
+    print(header, flush=True)
+    for key in args.cases.split(","):
+        title, f, leaves, wrt, order = CASES[key](torch.Generator().manual_seed(0))
+        results = {}
+        for method, run in METHODS.items():
+            if method.startswith("jacobian") and args.skip_jacobian:
+                continue
+            if method.startswith("jacobian"):
+                t, mb, res = measure_isolated(key, method, args.reps, args.budget, args.jacobian_timeout)
+            else:
+                t, mb, res = measure(lambda run=run: run(f, leaves, wrt, order), args.reps, args.budget)
+            results[method] = (t, mb, res)
+        ref_t = results["torch.func"][0]
+        print(f"\n{title}", flush=True)
+        for method, (t, mb, res) in results.items():
+            if t is None:
+                rows.append((key, title, method, None, None, None, None))
+                print(f"  {method:<20} gave up after {args.jacobian_timeout:.0f} s", flush=True)
+                continue
+            err = max_error(res, results["torch.func"][2])
+            row = (key, title, method, t, t / ref_t, mb, err)
+            rows.append(row)
+            print(f"  {method:<20} {t:9.4f} s  {t / ref_t:6.2f}x torch.func  peak {fmt_mb(mb):>8}  "
+                  f"max err {err:.1e}", flush=True)
+        if key == "d":
+            shape = (4,) + (256,) * 3
+            t_write, _, _ = measure(lambda: torch.ones(shape, dtype=DT), args.reps, args.budget)
+            xa_t = results["xa"][0]
+            print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
+            rows.append(("d", title, "write result once", t_write, t_write / ref_t, None, 0.0))
+        del results
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = [f"<!-- {header} -->", "", "| case | method | median time | ratio to torch.func | peak memory | "
+             "max abs error vs torch.func |", "|---|---|---|---|---|---|"]
+    for key, title, method, t, ratio, mb, err in rows:
+        if t is None:
+            lines.append(f"| {title} | {method} | > {args.jacobian_timeout:.0f} s (gave up) | | | |")
+        else:
+            lines.append(f"| {title} | {method} | {t:.4f} s | {ratio:.2f} | {fmt_mb(mb)} | {err:.1e} |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "results.md").write_text(f"# Benchmarks\n\n{header}\n\n" + table)
+    print(f"\nwrote {args.out / 'results.md'}")
+    if args.plot_orders and "b" in args.cases.split(","):
+        plot_pinn(args.plot_orders, args)
+    return 0
+
+
+def plot_pinn(max_order: int, args) -> None:
+    orders, series = list(range(1, max_order + 1)), {"xa": [], "torch.func": []}
+    for order in orders:
+        _, f, leaves, wrt, _ = case_b(torch.Generator().manual_seed(0), order)
+        for method in series:
+            t, _, _ = measure(lambda m=method: METHODS[m](f, leaves, wrt, order), 3, args.budget / 4)
+            series[method].append(t)
+    csv = "order," + ",".join(series) + "\n" + "".join(
+        f"{o}," + ",".join(f"{series[m][i]:.5f}" for m in series) + "\n" for i, o in enumerate(orders))
+    (args.out / "pinn_time_vs_order.csv").write_text(csv)
+    print(csv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): wrote the CSV only")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method, ts in series.items():
+        ax.semilogy(orders, ts, marker="o", label=method)
+    ax.set_xlabel("order")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("(b) PINN 3-64-64-64-64-1, derivatives w.r.t. x")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "pinn_time_vs_order.png", dpi=120)
+    print(f"wrote {args.out / 'pinn_time_vs_order.png'}")
+
+
+if __name__ == "__main__":
+    # Large blocks go straight to mmap, so freed memory leaves the process and
+    # each call's peak is measured from a clean resident set.
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    sys.exit(main())
