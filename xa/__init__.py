@@ -11,6 +11,7 @@ from .api import Superset, backward
 from .errors import (
     GraphFreedError,
     GraphModifiedError,
+    MemoryBudgetError,
     RegistryError,
     RuleError,
     SourceError,
@@ -25,6 +26,6 @@ from .registry import register, supported
 __all__ = [
     "backward", "explain", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
-    "GraphModifiedError", "RuleError", "RegistryError",
+    "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",
 ]
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ import torch
 from . import execute
 from . import plan as planner
 from .capture import Graph
-from .errors import TargetError
+from .errors import MemoryBudgetError, TargetError
 
 
 def _check_order(order) -> int:
@@ -20,6 +20,68 @@ def _check_order(order) -> int:
     if order < 1:
         raise ValueError(f"order must be a positive int, got {order}")
     return order
+
+
+def _budget(max_memory, device: torch.device) -> Optional[float]:
+    """The byte budget: the user's, or a safe share of what the device has free."""
+    if max_memory is not None:
+        if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)):
+            raise TypeError(f"max_memory must be a number of bytes or None, got {type(max_memory).__name__}")
+        if not max_memory > 0:
+            raise ValueError(f"max_memory must be positive, got {max_memory}")
+        return float(max_memory)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return 0.5 * int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _run_in_chunks(graph, order, requested, retained, overrides, budget, itemsize):
+    """Backprop over chunks of source rows sized to the budget: ``(plan, results, retained partials)``."""
+    s = graph.values[0].numel
+    wanted = list(requested) + [i for i in retained if i not in requested]
+    result_bytes = sum(s * graph.values[i].numel ** k for i in wanted for k in range(1, order + 1)) * itemsize
+
+    def need(rows):
+        plan = planner.build(graph, order, requested, retained, overrides, "backward", rows=rows)
+        return plan, result_bytes + plan.peak_elements * itemsize
+
+    plan, one_row = need(1)
+    if one_row > budget:
+        raise MemoryBudgetError(
+            f"xa.backward at order {order} needs about {one_row / 2**20:.1f} MiB even one source row at a "
+            f"time ({result_bytes / 2**20:.1f} MiB of results, {(one_row - result_bytes) / 2**20:.1f} MiB "
+            f"of blocks per row), over max_memory={budget / 2**20:.1f} MiB. Ways out: a larger max_memory, "
+            "target= one leaf, a lower order, or fewer source entries"
+        )
+    rows = max(1, min(s, int((budget - result_bytes) // max(one_row - result_bytes, 1))))
+    plan, total = need(rows)
+    while total > budget and rows > 1:
+        rows = max(1, rows // 2)
+        plan, total = need(rows)
+    dtype, device = graph.dtype, graph.device
+    results = {i: [torch.zeros((s,) + (graph.values[i].numel,) * k, dtype=dtype, device=device)
+                   for k in range(1, order + 1)] for i in wanted}
+    eye = torch.eye(s, dtype=dtype, device=device)
+    for r0 in range(0, s, rows):
+        r1 = min(s, r0 + rows)
+        init = torch.zeros((rows, s), dtype=dtype, device=device)
+        init[: r1 - r0] = eye[r0:r1]
+        blocks, kept = execute.run(plan, graph, overrides, {(0,): init.reshape((rows,) + graph.source_shape)})
+        for i in wanted:
+            got = kept.get(i) or [blocks.get(key) for key in plan.results[i]]
+            for k, t in enumerate(got):
+                if t is not None:
+                    results[i][k][r0:r1] = t.reshape((rows,) + results[i][k].shape[1:])[: r1 - r0]
+        del blocks, kept
+    return plan, results, {i: results[i] for i in retained}
 
 
 def _check_direction(direction) -> str:
@@ -132,7 +194,7 @@ class Superset:
         return tuple(sorted(requested)), tuple(sorted(set(retained)))
 
     def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None,
-                 direction: str = "auto") -> "Superset":
+                 direction: str = "auto", max_memory: Optional[int] = None) -> "Superset":
         """Compute the derivatives of the source up to ``order`` and attach them.
 
         Args:
@@ -142,6 +204,7 @@ class Superset:
             configurations: rules swapped in for this call, ``{node name: rule}``.
             direction: ``"auto"`` (price both, take the cheaper), ``"backward"``
                 or ``"forward"``; see :func:`xa.backward`.
+            max_memory: the budget in bytes; see :func:`xa.backward`.
 
         Returns:
             ``self``. Each leaf ``L`` reached gets ``L.xgrad``: a tuple whose
@@ -152,36 +215,41 @@ class Superset:
         overrides = _overrides(configurations)
         graph = Graph(self.source)
         requested, retained = self._request(graph, target)
+        budget = _budget(max_memory, graph.device)
         plan = planner.build(graph, order, requested, retained, overrides, direction)
-        blocks, kept = execute.run(plan, graph, overrides)
         self.plan = plan
+        itemsize = torch.empty((), dtype=graph.dtype).element_size()
+        if budget is None or plan.peak_elements * itemsize <= budget:
+            blocks, kept = execute.run(plan, graph, overrides)
+            results = {i: [blocks.get(key) for key in plan.results[i]] for i in plan.results}
+            kept = {i: kept.get(i) or results.get(i) for i in retained}
+        else:
+            if direction == "forward":
+                raise MemoryBudgetError(
+                    f"the forward plan needs about {plan.peak_elements * itemsize / 2**20:.1f} MiB, over "
+                    f"max_memory={budget / 2**20:.1f} MiB; only direction='backward' (or 'auto') can split "
+                    "the work into chunks of source rows"
+                )
+            self.plan, results, kept = _run_in_chunks(graph, order, requested, retained, overrides, budget, itemsize)
         s = graph.values[0].numel
 
         def flat(i, tensors):
             v = graph.values[i]
-            ref = v.leaf if v.leaf is not None else None
             out = []
             for k, t in enumerate(tensors, start=1):
                 shape = (s,) + (v.numel,) * k
-                if t is None:
-                    t = torch.zeros(shape, dtype=graph.dtype, device=graph.device)
-                t = t.reshape(shape)
-                if ref is not None:
-                    t = t.to(dtype=ref.dtype, device=ref.device)
+                t = torch.zeros(shape, dtype=graph.dtype, device=graph.device) if t is None else t.reshape(shape)
+                if v.leaf is not None:
+                    t = t.to(dtype=v.leaf.dtype, device=v.leaf.device)
                 out.append(t)
             return tuple(out)
 
-        partials = {}
-        for i in retained:
-            tensors = kept.get(i)
-            if tensors is None:
-                tensors = [blocks.get(key) for key in plan.results.get(i, [(i,) * k for k in range(1, order + 1)])]
-            partials[i] = flat(i, tensors)
+        partials = {i: flat(i, kept[i] or [None] * order) for i in retained}
         leaves = []
         for i in requested:
             v = graph.values[i]
             if v.leaf is not None:
-                v.leaf.xgrad = flat(i, [blocks.get(key) for key in plan.results[i]])
+                v.leaf.xgrad = flat(i, results[i])
                 leaves.append(v.leaf)
         self._partials = {id(graph.values[i].fn): (graph.values[i].fn, p) for i, p in partials.items()}
         self._leaves = leaves
@@ -212,7 +280,7 @@ class Superset:
 
 
 def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = None,
-             configurations=None, direction: str = "auto") -> Superset:
+             configurations=None, direction: str = "auto", max_memory: Optional[int] = None) -> Superset:
     """Exact derivatives of ``source`` of every order up to ``order``.
 
     Every leaf with ``requires_grad=True`` that ``source`` depends on gets
@@ -232,6 +300,12 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
             ``source.numel() * n_v^k``), ``"forward"`` pushes jets up from each
             leaf (``n_v * leaf.numel()^k``); ``"auto"`` prices both with
             opt_einsum's cost model and runs the cheaper.
+        max_memory: bytes the computation may use, results included. By
+            default half of the memory the system has available (on a GPU,
+            80% of its free memory). A plan whose estimated peak is over
+            budget runs backward over chunks of source rows; if even one row
+            does not fit, :class:`xa.MemoryBudgetError` is raised before
+            anything is allocated.
 
     Returns:
         The :class:`Superset`, which holds the plan and any retained partials.
@@ -243,7 +317,8 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
         >>> x.xgrad[2].shape
         torch.Size([1, 3, 3, 3])
     """
-    return Superset(source).backward(order, target=target, configurations=configurations, direction=direction)
+    return Superset(source).backward(order, target=target, configurations=configurations, direction=direction,
+                                     max_memory=max_memory)
 
 
 def plan_for(source: torch.Tensor, order: int, target=None, configurations=None, direction="auto") -> tuple:

@@ -31,6 +31,10 @@ class GraphModifiedError(XaError, RuntimeError):
     """A tensor saved by the graph was modified in place after the forward pass."""
 
 
+class MemoryBudgetError(XaError, MemoryError):
+    """The plan needs more memory than the budget, even one source row at a time."""
+
+
 class RuleError(XaError, RuntimeError):
     """An operator rule returned something inconsistent with its node."""
 

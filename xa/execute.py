@@ -16,17 +16,17 @@ from .capture import Graph
 from .plan import Plan
 
 
-def run(plan: Plan, graph: Graph, overrides: dict) -> tuple[dict, dict]:
-    """Run ``plan``; returns ``(blocks, retained)`` keyed like the plan's results."""
+def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -> tuple[dict, dict]:
+    """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results."""
     dtype, device = graph.dtype, graph.device
-    blocks: dict = {}
+    blocks = {} if blocks is None else blocks
     retained: dict = {}
     for step in plan.steps:
         if step.snapshot:
             kept = [blocks.get((step.value,) * k) for k in range(1, plan.order + 1)]
-            if step.value == 0:  # the source's own first block is the identity, never stored
+            if step.value == 0:  # the source's own first block: the identity, or this chunk's rows of it
                 s = math.prod(graph.source_shape)
-                kept[0] = torch.eye(s, dtype=dtype, device=device)
+                kept[0] = blocks[(0,)] if (0,) in blocks else torch.eye(s, dtype=dtype, device=device)
             retained[step.value] = kept
         if not step.terms:
             continue

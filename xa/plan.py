@@ -105,6 +105,7 @@ class Plan:
     retained: tuple
     direction: str = "backward"
     prices: dict = field(default_factory=dict)  # direction -> total FLOPs
+    peak_elements: int = 0  # the most block and scratch entries alive at once
     cached: bool = False
 
     @property
@@ -130,6 +131,35 @@ def _contraction(equation: str, shapes: tuple) -> tuple:
         if len(_PATHS) > 4 * _CACHE_SIZE:
             _PATHS.popitem(last=False)
     return hit
+
+
+def _peak(plan: Plan) -> int:
+    """Entries alive at the worst moment of execution: blocks, the step's factors, one term's scratch.
+
+    Follows the executor: a target block is allocated at its first term and
+    lives until its step retires it (results until the end); a term holds its
+    einsum result and opt_einsum's largest intermediate while it runs.
+    """
+    live = {key: math.prod(shape) for key, shape in plan.block_shapes.items() if key == (0,)}
+    current = sum(live.values())
+    peak = current
+    for step in plan.steps:
+        factor_sizes: dict = {}
+        for term in step.terms:
+            for ref, shape in zip(term.operands, term.shapes[len(term.sources):]):
+                factor_sizes[ref] = math.prod(shape)
+        factors = sum(factor_sizes.values())
+        for term in step.terms:
+            if term.target not in live:
+                live[term.target] = math.prod(plan.block_shapes[term.target])
+                current += live[term.target]
+            scratch = math.prod(term.result_shape)
+            if term.info is not None:
+                scratch += int(term.info.largest_intermediate)
+            peak = max(peak, current + factors + scratch)
+        for key in step.retire:
+            current -= live.pop(key, 0)
+    return peak
 
 
 class _TermLabels:
@@ -206,15 +236,17 @@ DIRECTIONS = ("auto", "backward", "forward")
 
 
 def build(graph: Graph, order: int, requested: tuple, retained: tuple, overrides: dict,
-          direction: str = "auto") -> Plan:
+          direction: str = "auto", rows: int | None = None) -> Plan:
     """The plan for ``graph`` at ``order``, from the cache when its signature was seen before.
 
     ``direction`` is ``"backward"`` (backprop of joint blocks from the source),
     ``"forward"`` (jets from each requested leaf) or ``"auto"``: both are
     priced with opt_einsum's FLOP counts and the cheaper is kept. Partials
-    of intermediate tensors need the backward direction.
+    of intermediate tensors need the backward direction. ``rows`` plans a
+    backward pass over a chunk of that many source rows, whose one-hot
+    block ``(rows, *source.shape)`` is given at execution.
     """
-    key = (graph.signature(), order, requested, retained, direction,
+    key = (graph.signature(), order, requested, retained, direction, rows,
            tuple(sorted((k, id(r)) for k, r in overrides.items())))
     plan = _PLANS.get(key)
     if plan is not None:
@@ -223,14 +255,14 @@ def build(graph: Graph, order: int, requested: tuple, retained: tuple, overrides
         return plan
     from .forward import build_forward, flops
 
-    forward_ok = not retained and all(graph.values[i].leaf is not None for i in requested)
+    forward_ok = rows is None and not retained and all(graph.values[i].leaf is not None for i in requested)
     if direction == "forward" and not forward_ok:
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
     prices = {}
     plan = None
     if direction in ("auto", "backward"):
-        plan = _build(graph, order, set(requested) | set(retained), requested, retained, overrides)
+        plan = _build(graph, order, set(requested) | set(retained), requested, retained, overrides, rows)
         prices["backward"] = plan.flops
     if forward_ok and direction in ("auto", "forward"):
         steps, shapes, results = build_forward(graph, order, requested, overrides)
@@ -238,16 +270,17 @@ def build(graph: Graph, order: int, requested: tuple, retained: tuple, overrides
         if plan is None or prices["forward"] < prices["backward"]:
             plan = Plan(order, steps, shapes, results, (), direction="forward")
     plan.prices = prices
+    plan.peak_elements = _peak(plan)
     _PLANS[key] = plan
     if len(_PLANS) > _CACHE_SIZE:
         _PLANS.popitem(last=False)
     return plan
 
 
-def _build(graph, order, requested, results_for, retained, overrides) -> Plan:
+def _build(graph, order, requested, results_for, retained, overrides, rows) -> Plan:
     N = order
     reach = _ancestry(graph, requested)
-    s_shape = graph.source_shape
+    s_shape = graph.source_shape if rows is None else (rows,)
     s_numel = math.prod(s_shape)
 
     def keep(m):
@@ -259,8 +292,8 @@ def _build(graph, order, requested, results_for, retained, overrides) -> Plan:
     def block_shape(m):
         return s_shape + tuple(d for u in m for d in graph.values[u].shape)
 
-    live = {(0,): None}  # block key -> shape; the source's own block is the identity
-    shapes = {}
+    live = {(0,): None}  # block keys; without rows, the source's own block is the identity
+    shapes = {} if rows is None else {(0,): (rows,) + graph.source_shape}
     steps = []
     for y in graph.order:
         v = graph.values[y]
@@ -278,14 +311,14 @@ def _build(graph, order, requested, results_for, retained, overrides) -> Plan:
         factor = _Factors(graph, y, rule, ctx, inputs)
         step = Step(y, v.name, snapshot=snapshot)
         for m in holding:
-            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel):
+            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None):
                 if term.target not in live:
                     live[term.target] = True
                     shapes[term.target] = block_shape(term.target)
                 step.terms.append(term)
         for m in holding:
             del live[m]
-        step.retire = [m for m in holding if m != (0,)]
+        step.retire = [m for m in holding if m != (0,) or rows is not None]
         steps.append(step)
 
     results = {i: [(i,) * k for k in range(1, N + 1)] for i in results_for}
@@ -295,7 +328,7 @@ def _build(graph, order, requested, results_for, retained, overrides) -> Plan:
     return Plan(order, steps, shapes, results, tuple(retained))
 
 
-def _expand(graph, m, y, inputs, N, keep, factor, s_numel):
+def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity):
     p = m.count(y)
     V = tuple(u for u in m if u != y)
     nodes = sorted({i for i in inputs if i is not None})
@@ -323,10 +356,10 @@ def _expand(graph, m, y, inputs, N, keep, factor, s_numel):
                                 break
                             blocks.append((f, [rest[t] for t in members], tuple(slots[t] for t in members)))
                         else:
-                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel)
+                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel, identity)
 
 
-def _term(graph, m, y, V, vpos, target, blocks, s_numel) -> Term:
+def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity) -> Term:
     lab = _TermLabels()
     out_of_pos: dict = {}
     y_ports, operands = [], []
@@ -339,7 +372,7 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel) -> Term:
         operands.extend(f_operands)
         coef *= f.coef
     sources = []
-    if m == (0,):  # the source's own block is the identity: its labels are the y port's
+    if identity and m == (0,):  # the source's own block is the identity: its labels are the y port's
         a = y_ports[0]
     else:
         a = (lab.new(s_numel),)
