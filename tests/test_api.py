@@ -324,3 +324,22 @@ def test_memory_budget_error_before_allocating():
         xa.backward(y, order=1, max_memory=0)
     y.sum().backward()
     assert x.grad is not None
+
+
+def test_explain_reports_opt_einsums_own_flops_and_both_prices(capsys):
+    import opt_einsum as oe
+
+    x, w = leaf(4), leaf(3, 4, seed=1)
+    y = torch.softmax(torch.tanh(w @ x) * (w @ x), dim=0)
+    plan = xa.explain(y, order=3)
+    text = capsys.readouterr().out
+    assert "forward" in text and "backward" in text and "estimated peak" in text
+    terms = [t for step in plan.steps for t in step.terms if t.info is not None]
+    assert terms
+    for t in terms:
+        _, info = oe.contract_path(t.equation, *t.shapes, shapes=True)
+        assert t.flops == int(info.opt_cost)
+    assert plan.flops == sum(t.flops for t in terms)
+    assert plan.peak_elements > 0
+    again = xa.explain(y, order=3)
+    assert again.cached and "from the cache" in capsys.readouterr().out
