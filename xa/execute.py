@@ -16,8 +16,12 @@ from .capture import Graph
 from .plan import Plan
 
 
+@torch.no_grad()
 def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -> tuple[dict, dict]:
-    """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results."""
+    """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
+
+    Runs without autograd: saved tensors may require grad, the derivatives are plain data.
+    """
     dtype, device = graph.dtype, graph.device
     blocks = {} if blocks is None else blocks
     retained: dict = {}
@@ -41,11 +45,26 @@ def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -
                 if slots not in factors:
                     factors[slots] = rule(ctx, slots)
                 operands.append(factors[slots].operands[k][0].to(dtype))
+            target = blocks.get(term.target)
+            if term.broadcast is not None:
+                _broadcast_product(term, operands, target, blocks, plan, dtype, device)
+                continue
             if term.expr is not None:
                 result = term.expr(*operands, backend="torch")
             else:
                 result = torch.ones((), dtype=dtype, device=device)
-            target = blocks.get(term.target)
+            if target is None and term.full and term.expr is not None:
+                # The first contribution covers the whole block in its order: it becomes the
+                # block, unless it shares memory with an operand (a block read, a saved tensor).
+                if _shares_memory(result, operands):
+                    result = result.clone()
+                block = result.reshape(plan.block_shapes[term.target])
+                if block.data_ptr() != result.data_ptr() or not block.is_contiguous():
+                    block = block.contiguous()
+                if term.coef != 1.0:
+                    block.mul_(term.coef)
+                blocks[term.target] = block
+                continue
             if target is None:
                 target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
                 blocks[term.target] = target
@@ -54,3 +73,40 @@ def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -
         for key in step.retire:
             blocks.pop(key, None)
     return blocks, retained
+
+
+def _broadcast_product(term, operands, target, blocks, plan, dtype, device) -> None:
+    """A term that sums no label: multiply the small operands, then one pass over the block.
+
+    ``view += coef * big * small`` (``addcmul_``), or, for the first term of
+    a block that it covers whole, ``block = big * (coef * small)`` written
+    straight into fresh memory: the block is never zeroed nor copied.
+    """
+    parts = sorted((op.permute(perm).reshape(shape) for op, (perm, shape) in zip(operands, term.broadcast)),
+                   key=lambda t: t.numel())
+    big = parts.pop()
+    small = None
+    for p in parts:
+        small = p if small is None else small * p
+    if target is None and term.full:
+        block = torch.empty(plan.block_shapes[term.target], dtype=dtype, device=device)
+        view = block.view(term.view_sizes)
+        if small is None:
+            torch.mul(big, term.coef, out=view)
+        else:
+            torch.mul(big, small * term.coef if term.coef != 1.0 else small, out=view)
+        blocks[term.target] = block
+        return
+    if target is None:
+        target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
+        blocks[term.target] = target
+    view = target.as_strided(term.view_sizes, term.view_strides)
+    if small is None:
+        view.add_(big, alpha=term.coef)
+    else:
+        view.addcmul_(big, small, value=term.coef)
+
+
+def _shares_memory(result: torch.Tensor, operands: list) -> bool:
+    ptr = result.untyped_storage().data_ptr()
+    return any(op.untyped_storage().data_ptr() == ptr for op in operands)

@@ -77,6 +77,10 @@ class Term:
     view_strides: tuple
     result_shape: tuple
     coef: float
+    full: bool = False  # the result covers the whole target, in its order: it can become the block
+    # When no label is summed the term is a broadcast product: each operand's
+    # (permutation, view shape) lining it up with the target view's labels.
+    broadcast: Any = None
     info: Any = None
     expr: Any = None
 
@@ -150,10 +154,12 @@ def _peak(plan: Plan) -> int:
                 factor_sizes[ref] = math.prod(shape)
         factors = sum(factor_sizes.values())
         for term in step.terms:
+            scratch = math.prod(term.result_shape)
             if term.target not in live:
                 live[term.target] = math.prod(plan.block_shapes[term.target])
                 current += live[term.target]
-            scratch = math.prod(term.result_shape)
+                if term.full:  # the executor keeps the einsum's result as the block
+                    scratch = 0
             if term.info is not None:
                 scratch += int(term.info.largest_intermediate)
             peak = max(peak, current + factors + scratch)
@@ -444,7 +450,15 @@ def compile_term(lab, sources, operands, out, target, coef) -> Term:
         view_strides=tuple(stride_of[i] for i in unique),
         result_shape=tuple(sizes[i] if i in present else 1 for i in unique),
         coef=coef,
+        full=len(unique) == len(out) and len(kept) == len(unique),
     )
+    if operand_labels and all(len(set(ls)) == len(ls) and set(ls) <= set(unique) for ls in operand_labels):
+        where = {label: n for n, label in enumerate(unique)}
+        term.broadcast = tuple(
+            (tuple(sorted(range(len(ls)), key=lambda d, ls=ls: where[ls[d]])),
+             tuple(sizes[u] if u in ls else 1 for u in unique))
+            for ls in operand_labels
+        )
     if operand_labels:
         term.info, term.expr = _contraction(equation, op_shapes)
     return term
