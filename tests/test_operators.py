@@ -137,8 +137,9 @@ def test_in_place_squeeze_and_unsqueeze():
     # torch.func cannot differentiate through in-place ops, so the reference is the out-of-place twin.
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     y = (x * 1.0).unsqueeze_(0).squeeze_(0).unsqueeze_(1).squeeze_((1,)).unsqueeze_(0).squeeze_().tanh()
-    import xa
     from reference import torch_partials
+
+    import xa
 
     xa.backward(y, 3)
     ref = torch_partials(lambda z: z.tanh(), [x], 3)[0]
