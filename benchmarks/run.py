@@ -16,7 +16,6 @@ the error is the largest absolute difference from torch.func's result.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -225,15 +224,21 @@ def measure(fn, reps: int, budget_s: float):
 
 
 def measure_isolated(key: str, method: str, reps: int, budget_s: float, timeout_s: float):
-    """``measure`` in a child process that is killed after ``timeout_s``: ``(seconds or None, MB, result)``."""
+    """``measure`` in a child process that is killed after ``timeout_s``.
+
+    Returns ``(seconds, MB, result)``, or ``(why it failed, None, None)``.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.pt"
         cmd = [sys.executable, __file__, "--child", key, method, str(out), "--reps", str(reps),
                "--budget", str(budget_s)]
         try:
-            subprocess.run(cmd, check=True, timeout=timeout_s)
+            subprocess.run(cmd, check=True, timeout=timeout_s, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
-            return None, None, None
+            return f"gave up after {timeout_s:.0f} s", None, None
+        except subprocess.CalledProcessError as err:
+            oom = "can't allocate memory" in err.stderr or "out of memory" in err.stderr.lower()
+            return ("out of memory" if oom else "failed: " + err.stderr.strip().splitlines()[-1]), None, None
         saved = torch.load(out)
         return saved["time"], saved["peak"], saved["result"]
 
@@ -280,14 +285,15 @@ def main(argv=None) -> int:
             if method.startswith("jacobian"):
                 t, mb, res = measure_isolated(key, method, args.reps, args.budget, args.jacobian_timeout)
             else:
-                t, mb, res = measure(lambda run=run: run(f, leaves, wrt, order), args.reps, args.budget)
+                t, mb, res = measure(lambda run=run, f=f, leaves=leaves, wrt=wrt, order=order:
+                                     run(f, leaves, wrt, order), args.reps, args.budget)
             results[method] = (t, mb, res)
         ref_t = results["torch.func"][0]
         print(f"\n{title}", flush=True)
         for method, (t, mb, res) in results.items():
-            if t is None:
-                rows.append((key, title, method, None, None, None, None))
-                print(f"  {method:<20} gave up after {args.jacobian_timeout:.0f} s", flush=True)
+            if isinstance(t, str):
+                rows.append((key, title, method, t, None, None, None))
+                print(f"  {method:<20} {t}", flush=True)
                 continue
             err = max_error(res, results["torch.func"][2])
             row = (key, title, method, t, t / ref_t, mb, err)
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
                   f"max err {err:.1e}", flush=True)
         if key == "d":
             shape = (4,) + (256,) * 3
-            t_write, _, _ = measure(lambda: torch.ones(shape, dtype=DT), args.reps, args.budget)
+            t_write, _, _ = measure(lambda shape=shape: torch.ones(shape, dtype=DT), args.reps, args.budget)
             xa_t = results["xa"][0]
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append(("d", title, "write result once", t_write, t_write / ref_t, None, 0.0))
@@ -304,9 +310,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"<!-- {header} -->", "", "| case | method | median time | ratio to torch.func | peak memory | "
              "max abs error vs torch.func |", "|---|---|---|---|---|---|"]
-    for key, title, method, t, ratio, mb, err in rows:
-        if t is None:
-            lines.append(f"| {title} | {method} | > {args.jacobian_timeout:.0f} s (gave up) | | | |")
+    for _key, title, method, t, ratio, mb, err in rows:
+        if isinstance(t, str):
+            lines.append(f"| {title} | {method} | {t} | | | |")
         else:
             lines.append(f"| {title} | {method} | {t:.4f} s | {ratio:.2f} | {fmt_mb(mb)} | {err:.1e} |")
     table = "\n".join(lines) + "\n"
@@ -322,7 +328,8 @@ def plot_pinn(max_order: int, args) -> None:
     for order in orders:
         _, f, leaves, wrt, _ = case_b(torch.Generator().manual_seed(0), order)
         for method in series:
-            t, _, _ = measure(lambda m=method: METHODS[m](f, leaves, wrt, order), 3, args.budget / 4)
+            t, _, _ = measure(lambda m=method, f=f, leaves=leaves, wrt=wrt, order=order:
+                              METHODS[m](f, leaves, wrt, order), 3, args.budget / 4)
             series[method].append(t)
     csv = "order," + ",".join(series) + "\n" + "".join(
         f"{o}," + ",".join(f"{series[m][i]:.5f}" for m in series) + "\n" for i, o in enumerate(orders))
