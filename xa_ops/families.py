@@ -6,6 +6,10 @@
 * :func:`polynomial_in_result` -- ``f^(k)`` for functions whose first
   derivative is a polynomial ``g`` in the result (tanh: ``1 - y^2``), by
   ``P_1 = g``, ``P_(k+1) = P_k' g``.
+* :func:`taylor` -- ``f^(k)`` of any elementwise function written with
+  torch ops, by nesting forward-mode ``jvp`` k times (gelu, softplus, ...).
+* :func:`elementwise2` -- ``y = f(x0, x1)`` entrywise with broadcasting
+  (div, pow): the rule gives the mixed partial ``d^(i+j) f / dx0^i dx1^j``.
 * :func:`linear` -- one-input linear maps given by how they relabel the
   port (view, permute, sum, expand); every order >= 2 is zero.
 * :func:`weighted_sum` -- ``y = sum_i c_i x_i`` with broadcasting (add, sub).
@@ -21,6 +25,8 @@ from functools import lru_cache
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+from torch.func import jvp
 
 from xa.factor import LabelMaker, broadcast_port
 
@@ -60,6 +66,40 @@ def polynomial_in_result(g: tuple) -> Callable:
         return acc
 
     return deriv
+
+
+def taylor(fn: Callable, saved: str = "self") -> Callable:
+    """``deriv(ctx, k)`` for ``y = fn(ctx, x)``, ``x`` the saved input, by nested forward-mode AD.
+
+    Exact to rounding, like any closed form; costs ``2^k`` evaluations of
+    ``fn`` on the input, small next to the contractions that use the result.
+    """
+
+    def deriv(ctx, k):
+        x = ctx.saved(saved)
+        if x.device.type == "meta":
+            return torch.empty(ctx.out_shape, dtype=ctx.dtype, device="meta")
+        g = lambda z: fn(ctx, z)
+        for _ in range(k):
+            g = (lambda h: lambda z: jvp(h, (z,), (torch.ones_like(z),))[1])(g)
+        return g(x.detach().to(ctx.dtype))
+
+    return deriv
+
+
+def elementwise2(deriv: Callable) -> Callable:
+    """Rule for ``y = f(x0, x1)`` entrywise; ``deriv(ctx, i, j)`` is ``d^(i+j) f / dx0^i dx1^j`` or ``None``."""
+
+    def rule(ctx, slots):
+        value = deriv(ctx, slots.count(0), slots.count(1))
+        if value is None:
+            return None
+        lab = LabelMaker()
+        y = lab.dims(ctx.out_shape)
+        ports = [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[s]) for s in slots]
+        return lab.factor(y, ports, [(value.expand(ctx.out_shape), y)])
+
+    return rule
 
 
 # ---------------------------------------------------------------- linear
