@@ -2,6 +2,7 @@
 
     python3 dev.py demo    # create .venv, install xa with its test extras, run the demo
     python3 dev.py test    # the same set-up, then the whole test suite
+    python3 dev.py readme  # rewrite the README's list of supported torch nodes from the registry
 
 The torch that pip picks by default is installed; set XA_TORCH to another
 pip requirement (for example ``XA_TORCH="torch==2.13.0"``) to choose a build.
@@ -15,6 +16,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
+
+
+READMEGEN = """
+import re, pathlib, xa.registry as r
+p = pathlib.Path("README.md")
+text = p.read_text()
+pattern = re.escape(r.README_START) + ".*?" + re.escape(r.README_END)
+p.write_text(re.sub(pattern, lambda m: r.supported_markdown(), text, flags=re.S))
+"""
 
 
 def python() -> Path:
@@ -39,12 +49,15 @@ def setup() -> None:
 
 def main(argv) -> int:
     command = argv[1] if len(argv) > 1 else "demo"
-    if command not in {"demo", "test"}:
+    if command not in {"demo", "test", "readme"}:
         print(__doc__)
         return 2
     setup()
     if command == "demo":
         sh(python(), "examples/demo.py")
+        return 0
+    if command == "readme":
+        sh(python(), "-c", READMEGEN)
         return 0
     result = subprocess.run([str(python()), "-m", "pytest", *argv[2:]], cwd=ROOT)
     return result.returncode

@@ -343,3 +343,13 @@ def test_explain_reports_opt_einsums_own_flops_and_both_prices(capsys):
     assert plan.peak_elements > 0
     again = xa.explain(y, order=3)
     assert again.cached and "from the cache" in capsys.readouterr().out
+
+
+def test_readme_lists_exactly_the_registry():
+    from pathlib import Path
+
+    from xa.registry import README_END, README_START, supported_markdown
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index(README_START):text.index(README_END) + len(README_END)]
+    assert block == supported_markdown(), "README drifted from the registry: run `python3 dev.py readme`"

@@ -67,10 +67,17 @@ class NodeCtx:
         self.device = torch.device("meta") if meta else graph.device
         self._saved = value.saved
         self._meta = meta
+        self.node = value.fn  # torch's node itself: a custom Function's ctx attributes live here
 
     def saved(self, name: str) -> Any:
-        """The saved attribute ``_saved_<name>`` (tensor, number, tuple or None)."""
+        """The saved attribute ``_saved_<name>`` (tensor, number, tuple or None).
+
+        For a ``torch.autograd.Function``, ``saved("tensors")`` is what its
+        forward passed to ``ctx.save_for_backward``.
+        """
         value = self._saved[name]
+        if isinstance(value, tuple):
+            return tuple(meta_like(v) for v in value) if self._meta else value
         return meta_like(value) if self._meta else value
 
     def has(self, name: str) -> bool:
@@ -101,6 +108,12 @@ def _read_saved(fn, value_path: str) -> dict:
         if isinstance(item, list):
             item = tuple(item)
         saved[attr[len("_saved_"):]] = item
+    if hasattr(fn, "saved_tensors") and hasattr(fn, "_raw_saved_tensors"):
+        # a torch.autograd.Function: what its forward passed to ctx.save_for_backward
+        try:
+            saved["tensors"] = tuple(fn.saved_tensors)
+        except RuntimeError as err:
+            raise GraphFreedError(f"the saved tensors of {fn.name()} ({value_path}) are gone: {err}") from None
     return saved
 
 

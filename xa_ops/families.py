@@ -141,7 +141,8 @@ def bilinear(ports: Callable, saved: tuple, coef: Callable = lambda ctx: 1.0, sl
 
     Args:
         ports: ``ports(ctx, lab) -> (y, x0, x1)`` labels, one per dim of each tensor.
-        saved: the names of the saved values of ``x0`` and ``x1``.
+        saved: how to read the saved values of ``x0`` and ``x1``: a name for
+            ``ctx.saved``, or a function of ``ctx``.
         coef: the scalar in front, read from the node (addmm's ``alpha``).
         slot_offset: index of ``x0`` among the node's inputs (addmm's
             matrices are its slots 1 and 2).
@@ -155,12 +156,16 @@ def bilinear(ports: Callable, saved: tuple, coef: Callable = lambda ctx: 1.0, sl
         y, x0, x1 = ports(ctx, lab)
         c = coef(ctx)
         if rel == (0,):
-            return lab.factor(y, [x0], [(ctx.saved(saved[1]), x1)], c)
+            return lab.factor(y, [x0], [(_read(ctx, saved[1]), x1)], c)
         if rel == (1,):
-            return lab.factor(y, [x1], [(ctx.saved(saved[0]), x0)], c)
+            return lab.factor(y, [x1], [(_read(ctx, saved[0]), x0)], c)
         return lab.factor(y, [x0, x1], coef=c)
 
     return rule
+
+
+def _read(ctx, how):
+    return how(ctx) if callable(how) else ctx.saved(how)
 
 
 def einsum_ports(spec: str, saved: tuple, first_slot: int = 0) -> Callable:
