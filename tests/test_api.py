@@ -353,3 +353,13 @@ def test_readme_lists_exactly_the_registry():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = text[text.index(README_START):text.index(README_END) + len(README_END)]
     assert block == supported_markdown(), "README drifted from the registry: run `python3 dev.py readme`"
+
+
+def test_rule_without_multi_output_is_refused_for_other_outputs():
+    from xa_ops.families import linear
+
+    x = leaf(4)
+    y = torch.tanh(x.split(2)[1])
+    plain = linear(lambda ctx, lab: (lab.dims(ctx.out_shape),) * 2)
+    with pytest.raises(xa.UnsupportedOperatorError, match="output 1"):
+        xa.backward(y, order=1, configurations={"SplitBackward0": plain})

@@ -35,6 +35,9 @@ class Value:
     saved: dict = field(default_factory=dict)
     leaf: Optional[torch.Tensor] = None
     parent: Optional[int] = None
+    # Which output of a node with several (split, unbind): each used output is
+    # a value of its own, a function of the node's inputs processed like any other.
+    output: int = 0
 
     @property
     def numel(self) -> int:
@@ -68,6 +71,7 @@ class NodeCtx:
         self._saved = value.saved
         self._meta = meta
         self.node = value.fn  # torch's node itself: a custom Function's ctx attributes live here
+        self.output = value.output  # which of the node's outputs this value is
 
     def saved(self, name: str) -> Any:
         """The saved attribute ``_saved_<name>`` (tensor, number, tuple or None).
@@ -144,14 +148,9 @@ class Graph:
                 shape = tuple(fn.variable.shape)
             else:
                 shape = tuple(fn._input_metadata[output_nr].shape)
-            v = Value(len(self.values), fn, name, shape, parent=parent)
+            v = Value(len(self.values), fn, name, shape, parent=parent, output=output_nr)
             if name == LEAF:
                 v.leaf = fn.variable
-            elif output_nr != 0:
-                raise UnsupportedOperatorError(
-                    f"{name} (output {output_nr}) at {v.where(self)}: xa does not support "
-                    "operators with several differentiable outputs yet"
-                )
             index[key] = v.index
             self.values.append(v)
             return v.index
@@ -205,7 +204,7 @@ class Graph:
             if v.leaf is not None:
                 if v.leaf is tensor:
                     return v.index
-            elif tensor.grad_fn is v.fn and tensor.output_nr == 0:
+            elif tensor.grad_fn is v.fn and tensor.output_nr == v.output:
                 return v.index
         return None
 
@@ -216,6 +215,11 @@ class Graph:
             raise UnsupportedOperatorError(
                 f"no rule for torch node {v.name} (output shape {list(v.shape)}), reached as "
                 f"{v.where(self)}. Supported operators: {', '.join(supported())}"
+            )
+        if v.output != 0 and not getattr(rule, "multi_output", False):
+            raise UnsupportedOperatorError(
+                f"{v.name} at {v.where(self)} is read through its output {v.output}, and its rule only "
+                "describes output 0 (a rule for several outputs sets rule.multi_output = True and reads ctx.output)"
             )
         return rule
 
@@ -233,7 +237,7 @@ class Graph:
             self.dtype,
             str(self.device),
             tuple(
-                (v.name, v.shape, v.inputs, v.leaf is not None,
+                (v.name, v.output, v.shape, v.inputs, v.leaf is not None,
                  tuple(sorted((k, sig(x)) for k, x in v.saved.items())))
                 for v in self.values
             ),
