@@ -231,6 +231,8 @@ class Graph:
         def sig(item):
             if isinstance(item, torch.Tensor):
                 return ("tensor", tuple(item.shape), item.dtype)
+            if isinstance(item, tuple):
+                return tuple(sig(x) for x in item)
             return item
 
         return (

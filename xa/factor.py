@@ -146,8 +146,11 @@ def meta_like(value: Any) -> Any:
     return value
 
 
+def signed(value: int) -> int:
+    """A saved int64 that torch hands back as unsigned (``-1`` as ``2**64 - 1``)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
 def normalize_dim(dim: int, ndim: int) -> int:
     """Wrap ``dim`` into ``range(ndim)``; torch stores negative dims as unsigned."""
-    if dim >= 2**63:
-        dim -= 2**64
-    return dim % max(ndim, 1)
+    return signed(dim) % max(ndim, 1)

@@ -51,6 +51,21 @@ def _equal_positions(n: int, positions: tuple, total: int, device) -> torch.Tens
     return mask
 
 
+def softmax_derivative(s: torch.Tensor, k: int) -> torch.Tensor:
+    """``d^k s_i0 / dx_i1 .. dx_ik`` for ``s = softmax(x)`` over the last dim, shaped ``(*batch, n, .., n)``."""
+    n, batch, total = s.shape[-1], s.shape[:-1], k + 1
+    derivative = None
+    for coef, partition in _softmax_terms(k):
+        term = None
+        for block in partition:
+            expand = [n if p == block[0] else 1 for p in range(total)]
+            piece = s.reshape(*batch, *expand) * _equal_positions(n, block, total, s.device)
+            term = piece if term is None else term * piece
+        term = coef * term
+        derivative = term if derivative is None else derivative + term
+    return derivative
+
+
 def _softmax(ctx, slots):
     k = len(slots)
     y = ctx.saved("result")
@@ -59,15 +74,7 @@ def _softmax(ctx, slots):
     n = yb.shape[-1]
     batch = yb.shape[:-1]
     total = k + 1
-    derivative = None
-    for coef, partition in _softmax_terms(k):
-        term = None
-        for block in partition:
-            expand = [n if p == block[0] else 1 for p in range(total)]
-            piece = yb.reshape(*batch, *expand) * _equal_positions(n, block, total, yb.device)
-            term = piece if term is None else term * piece
-        term = coef * term
-        derivative = term if derivative is None else derivative + term
+    derivative = softmax_derivative(yb, k)
     lab = LabelMaker()
     bl = lab.dims(batch)
     pos = lab.dims([n] * total)

@@ -1,0 +1,208 @@
+"""Indexing and joining: select, slice, index_select, gather, advanced indexing, cat, stack, repeat.
+
+Each of these is linear in each input, ``y = A_t x_t``: the first derivative
+in slot ``t`` is ``A_t`` and every order >= 2 (mixed ones included) is zero.
+``A_t`` is a relabelling where it can be -- ``repeat`` reads
+``y[.., a n + b, ..] = x[.., b, ..]``, so the ``y`` port splits that dim
+into ``(a, b)`` and ``a`` broadcasts -- and otherwise a 0/1 selection
+tensor along the one dim the operator touches, every other dim's label
+shared by the ``y`` and ``x`` ports (``l`` labels the ``x`` dim):
+
+* ``select(dim, i)``:          ``e[l] = [l == i]``, ``y`` has no dim there;
+* ``slice(dim, s, _, k)``:     ``S[i, l] = [l == s + i k]`` (``narrow``: ``k = 1``);
+* ``index_select(dim, j)``:    ``S[i, l] = [l == j_i]``;
+* ``gather(dim, j)``:          ``G[y.., l] = [l == j[y..]]``, and ``S[i, l] = [i == l]``
+  on a dim where ``j`` is shorter than ``x``;
+* ``x[j_1, .., j_m]``:         ``O_r[b.., l_r] = [l_r == j_r[b..] mod n_r]`` for each
+  indexed dim ``r``, ``b`` the broadcast index dims of ``y``, tied across the ``O_r``;
+* ``cat(dim)``, slot ``t``:     ``E[i, l] = [i == o_t + l]``, ``o_t`` the sizes before ``x_t``;
+* ``stack(dim)``, slot ``t``:   ``e[s] = [s == t]`` on the new dim.
+
+The selection tensors are built with ``torch.arange`` on ``ctx.device``
+from saved ints and index tensors, so the same code runs on meta tensors
+while planning; nothing branches on an index's values.
+"""
+
+import torch
+
+from xa.errors import UnsupportedOperatorError
+from xa.factor import LabelMaker, normalize_dim
+from xa.registry import register
+
+from .families import linear
+
+
+def _signed(value):
+    """A saved int64 as Python sees it: torch stores negative ints as unsigned 64-bit."""
+    return value - 2**64 if value is not None and value >= 2**63 else value
+
+
+def _one_hot(index, size: int, ctx):
+    """``[index[..] == l]`` as ``ctx.dtype``, shaped ``(*index.shape, size)``; ``index`` a tensor or an int."""
+    index = torch.as_tensor(index).to(ctx.device)
+    return (index.unsqueeze(-1) == torch.arange(size, device=ctx.device)).to(ctx.dtype)
+
+
+def _linear_map(build):
+    """Rule for ``y = A_t x_t``; ``build(ctx, lab, t)`` returns ``(y labels, x_t labels, operands)``."""
+
+    def rule(ctx, slots):
+        if len(slots) > 1:
+            return None
+        lab = LabelMaker()
+        y, x, operands = build(ctx, lab, slots[0])
+        return lab.factor(y, [x], operands)
+
+    return rule
+
+
+# ---------------------------------------------------------------- one entry or a strided range along a dim
+
+
+def _select(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    x = lab.dims(shape)
+    e = _one_hot(_signed(ctx.saved("index")) % shape[d], shape[d], ctx)
+    return x[:d] + x[d + 1:], x, [(e, (x[d],))]
+
+
+def _strided(ctx, lab, d, start, step):
+    """``y = x[.., start::step, ..]`` along ``d``, as long as ``y`` is."""
+    shape = ctx.in_shapes[0]
+    x = lab.dims(shape)
+    y = x[:d] + (lab.new(ctx.out_shape[d]),) + x[d + 1:]
+    picked = start + step * torch.arange(ctx.out_shape[d], device=ctx.device)
+    return y, x, [(_one_hot(picked, shape[d], ctx), (y[d], x[d]))]
+
+
+def _slice(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    step = ctx.saved("step")
+    # start is saved as written (negative, past the end): wrap and clamp it like Python's slice.
+    start = slice(_signed(ctx.saved("start")), None, step).indices(shape[d])[0]
+    return _strided(ctx, lab, d, start, step)
+
+
+def _narrow_copy(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    return _strided(ctx, lab, d, _signed(ctx.saved("start")) % max(shape[d], 1), 1)
+
+
+register("SelectBackward0", _linear_map(_select))
+register("SliceBackward0", _linear_map(_slice))
+register("NarrowCopyBackward0", _linear_map(_narrow_copy))
+
+# ---------------------------------------------------------------- entries picked by an index tensor
+
+
+def _index_select(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    x = lab.dims(shape)
+    y = x[:d] + (lab.new(ctx.out_shape[d]),) + x[d + 1:]
+    s = _one_hot(ctx.saved("index").reshape(-1), shape[d], ctx)  # a 0-d index keeps a dim of size one
+    return y, x, [(s, (y[d], x[d]))]
+
+
+def _gather(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    y = lab.dims(ctx.out_shape)
+    x, operands = [], []
+    for k, (n, m) in enumerate(zip(shape, ctx.out_shape)):
+        if k == d:
+            x.append(lab.new(n))
+        elif n == m:
+            x.append(y[k])
+        else:  # the index is shorter than x here: y reads x's first m entries
+            x.append(lab.new(n))
+            operands.append((_one_hot(torch.arange(m, device=ctx.device), n, ctx), (y[k], x[k])))
+    operands.append((_one_hot(ctx.saved("index"), shape[d], ctx), y + (x[d],)))
+    return y, tuple(x), operands
+
+
+def _index(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    meta = ctx.device.type == "meta"
+    # One index (or None, a full slice) per dim of x; a boolean mask stands for the k dims it covers.
+    per_dim = []
+    for entry in ctx.saved("indices"):
+        if entry is None or entry.dtype not in (torch.bool, torch.uint8):
+            per_dim.append(entry)
+        elif meta:  # its nonzero count is in y's shape, which is all planning needs
+            per_dim.extend([torch.empty((), dtype=torch.long, device="meta")] * entry.dim())
+        else:
+            per_dim.extend(entry.nonzero().unbind(1))
+    per_dim += [None] * (len(shape) - len(per_dim))
+    indexed = [k for k, j in enumerate(per_dim) if j is not None]
+    # torch puts the broadcast index dims where the indexed dims were if those are adjacent, else first.
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1))
+    at = indexed[0] if adjacent else 0
+    nb = len(ctx.out_shape) - (len(shape) - len(indexed))
+    y = lab.dims(ctx.out_shape)
+    b, rest = y[at:at + nb], iter(y[:at] + y[at + nb:])
+    x, operands = [], []
+    for k, j in enumerate(per_dim):
+        if j is None:
+            x.append(next(rest))
+            continue
+        x.append(lab.new(shape[k]))
+        j = (j.to(ctx.device) % shape[k]).expand(ctx.out_shape[at:at + nb])  # negative indices wrap
+        operands.append((_one_hot(j, shape[k], ctx), b + (x[k],)))
+    return y, tuple(x), operands
+
+
+register("IndexSelectBackward0", _linear_map(_index_select))
+register("GatherBackward0", _linear_map(_gather))
+register("IndexBackward0", _linear_map(_index))
+
+# ---------------------------------------------------------------- joining and repeating
+
+
+def _cat(ctx, lab, slot):
+    d = normalize_dim(ctx.saved("dim"), len(ctx.out_shape))
+    total = ctx.out_shape[d]
+    sizes = [None if s is None else s[d] for s in ctx.in_shapes]
+    # torch saves no sizes: an input that does not require grad is known only through the total.
+    before, after = sizes[:slot], sizes[slot + 1:]
+    if None not in before:
+        offset = sum(before)
+    elif None not in after:
+        offset = total - sizes[slot] - sum(after)
+    else:
+        raise UnsupportedOperatorError(
+            f"CatBackward0: input {slot} sits between inputs that do not require grad, and torch does not save "
+            "their sizes, so its offset in the output is unknown; nest the cat so that constants are on one side "
+            "only, e.g. cat([c0, cat([x, c1])])"
+        )
+    y = lab.dims(ctx.out_shape)
+    x = y[:d] + (lab.new(sizes[slot]),) + y[d + 1:]
+    embed = _one_hot(offset + torch.arange(sizes[slot], device=ctx.device), total, ctx)
+    return y, x, [(embed, (x[d], y[d]))]
+
+
+def _stack(ctx, lab, slot):
+    d = normalize_dim(ctx.saved("dim"), len(ctx.out_shape))
+    y = lab.dims(ctx.out_shape)
+    e = _one_hot(slot, ctx.out_shape[d], ctx)
+    return y, y[:d] + y[d + 1:], [(e, (y[d],))]
+
+
+def _repeat(ctx, lab):
+    repeats = ctx.saved("repeats")
+    shape = ctx.in_shapes[0]
+    shape = (1,) * (len(repeats) - len(shape)) + tuple(shape)  # repeat may add leading dims
+    y, x = [], []
+    for r, n in zip(repeats, shape):
+        copy, entry = lab.new(r), lab.new(n)
+        y += [copy, entry]  # row-major: y's index along this dim is copy * n + entry
+        x.append(entry)
+    return tuple(y), tuple(x)
+
+
+register("CatBackward0", _linear_map(_cat))
+register("StackBackward0", _linear_map(_stack))
+register("RepeatBackward0", linear(_repeat))
