@@ -1,0 +1,75 @@
+"""Real networks end to end, against torch.func at the orders users ask for (float64)."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from reference import assert_close_to_torch
+
+torch.manual_seed(0)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, kernel_size=3, padding=1)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = F.avg_pool2d(torch.relu(self.conv(x)), 2)
+        return F.log_softmax(self.fc(torch.flatten(h, 1)), dim=1)
+
+
+CNN = SmallCNN().double()
+LABELS = torch.tensor([2, 0])
+
+
+def test_cnn_order_2_wrt_input():
+    def loss(x):
+        return F.nll_loss(CNN(x), LABELS)
+
+    assert_close_to_torch(loss, [torch.randn(2, 1, 4, 4, dtype=torch.float64)], 2, tol=1e-9)
+
+
+def test_cnn_order_2_wrt_conv_weight():
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+
+    def loss(w):
+        h = F.avg_pool2d(torch.relu(F.conv2d(x, w, CNN.conv.bias, padding=1)), 2)
+        return F.nll_loss(F.log_softmax(CNN.fc(torch.flatten(h, 1)), dim=1), LABELS)
+
+    assert_close_to_torch(loss, [CNN.conv.weight.detach().clone()], 2, tol=1e-9)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d=4, heads=2, hidden=8):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+BLOCK = EncoderBlock().double().train()
+
+
+def test_transformer_block_order_2_wrt_input():
+    assert_close_to_torch(lambda x: BLOCK(x).sum(-1), [torch.randn(1, 3, 4, dtype=torch.float64)], 2, tol=1e-9)
+
+
+PINN_W = [torch.randn(16, 6, dtype=torch.float64) / 2, torch.randn(16, 16, dtype=torch.float64) / 4,
+          torch.randn(1, 16, dtype=torch.float64) / 4]
+
+
+def test_pinn_with_sin_features_order_4_wrt_input():
+    def u(x):
+        features = torch.cat([x, torch.sin(3.0 * x)])  # Fourier-style input features
+        h = torch.tanh(PINN_W[0] @ features)
+        h = torch.tanh(PINN_W[1] @ h)
+        return PINN_W[2] @ h
+
+    assert_close_to_torch(u, [torch.randn(3, dtype=torch.float64)], 4, tol=1e-9)
