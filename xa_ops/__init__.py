@@ -1,3 +1,16 @@
 """xa's operator rules, one module per family; importing this registers them all."""
 
-from . import activations, bilinear, elementary, elementwise, indexing, linalg, linear, reductions, special, split  # noqa: F401
+from . import (  # noqa: F401
+    activations,
+    bilinear,
+    convolution,
+    elementary,
+    elementwise,
+    indexing,
+    linalg,
+    linear,
+    losses,
+    reductions,
+    special,
+    split,
+)

@@ -84,7 +84,7 @@ def _div(ctx, i, j):
     """``y = a / b``: linear in ``a``; ``d^j/db^j b^-1 = (-1)^j j! b^-(j+1)``."""
     if i >= 2:
         return None
-    b = ctx.saved("other")
+    b = ctx.saved("other").to(ctx.dtype)  # a count saved as an integer tensor (cross_entropy smoothing)
     inv = (-1) ** j * math.factorial(j) * b ** -(j + 1)
     return inv if i == 1 else ctx.saved("self") * inv
 
