@@ -65,11 +65,7 @@ def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -
                     block.mul_(term.coef)
                 blocks[term.target] = block
                 continue
-            if target is None:
-                target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
-                blocks[term.target] = target
-            view = target.as_strided(term.view_sizes, term.view_strides)
-            view.add_(result.reshape(term.result_shape), alpha=term.coef)
+            _view(term, blocks, plan, dtype, device).add_(result.reshape(term.result_shape), alpha=term.coef)
         for key in step.retire:
             blocks.pop(key, None)
     return blocks, retained
@@ -97,14 +93,20 @@ def _broadcast_product(term, operands, target, blocks, plan, dtype, device) -> N
             torch.mul(big, small * term.coef if term.coef != 1.0 else small, out=view)
         blocks[term.target] = block
         return
-    if target is None:
-        target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
-        blocks[term.target] = target
-    view = target.as_strided(term.view_sizes, term.view_strides)
+    view = _view(term, blocks, plan, dtype, device)
     if small is None:
         view.add_(big, alpha=term.coef)
     else:
         view.addcmul_(big, small, value=term.coef)
+
+
+def _view(term, blocks, plan, dtype, device) -> torch.Tensor:
+    """The target block (zeros if this is its first term) seen through the term's output labels."""
+    target = blocks.get(term.target)
+    if target is None:
+        target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
+        blocks[term.target] = target
+    return target.as_strided(term.view_sizes, term.view_strides)
 
 
 def _shares_memory(result: torch.Tensor, operands: list) -> bool:
