@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401
     activations,
+    attention,
     bilinear,
     convolution,
     elementary,
@@ -10,6 +11,7 @@ from . import (  # noqa: F401
     linalg,
     linear,
     losses,
+    normalization,
     reductions,
     special,
     split,

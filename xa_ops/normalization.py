@@ -1,0 +1,174 @@
+"""Normalization layers: layer_norm, group_norm and batch_norm (training and eval).
+
+Each is ``y = xhat(x) * w + b`` with per-channel ``w`` and ``b`` (both
+optional), where ``xhat`` normalizes independent groups of ``m`` entries,
+``xhat(g) = (g - mean(g)) / sqrt(var(g) + eps)`` with the biased variance:
+
+* layer_norm: each row of the trailing ``normalized_shape`` dims (one label
+  of size ``m`` on the ports); the weight is shaped like the row.
+* group_norm: each ``(n, group)`` slab of ``C / G`` channels times the
+  spatial dims, contiguous; ``C`` is split into ``(G, C / G)`` labels so the
+  per-channel weight ties to both.
+* batch_norm in training: each channel across ``(N, spatial)``.
+
+Within a group ``xhat`` is dense: ``T_k = d^k xhat / dg^k`` is computed per
+group with nested ``jacfwd``, vmapped over the groups, shaped
+``(*groups, m, m^k)`` (``T_0 = xhat``). The affine part on top gives
+
+* ``d^k y / dx^k = w * T_k``,
+* ``d^k y / dx^(k-1) dw = T_(k-1)`` (the weight port tied to the output's channel),
+* ``dy / db`` = the wiring of ``b``'s channel to the output's,
+
+and zero for two weight slots or for the bias with anything else.
+
+batch_norm in eval mode normalizes with the saved running statistics, so
+it is affine in ``x``: ``y = (x - rm) * s * w + b`` with ``s = (rv + eps)^-1/2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import jacfwd, vmap
+
+from xa.factor import LabelMaker
+from xa.registry import register
+
+
+def _normalize(g: torch.Tensor, eps) -> torch.Tensor:
+    mean = g.mean()
+    return (g - mean) * torch.rsqrt(((g - mean) ** 2).mean() + eps)
+
+
+def _dense(ctx, groups: torch.Tensor, eps, k: int) -> torch.Tensor:
+    """``d^k xhat / dg^k`` for each row of ``groups`` (``(G, m)``), shaped ``(G, m, m^k)`` as ``(G, m, .., m)``."""
+    count, m = groups.shape
+    if groups.device.type == "meta":
+        return torch.empty((count, *([m] * (k + 1))), dtype=ctx.dtype, device="meta")
+    f = lambda g: _normalize(g, eps)
+    for _ in range(k):
+        f = jacfwd(f)
+    return vmap(f)(groups)
+
+
+class _Layout:
+    """How a normalization's input splits into groups, and the labels of its ports.
+
+    ``group`` are the sizes of the dims that pick a group, ``within`` those of
+    one group's entries; ``rows(x)`` lays a tensor shaped like the input out as
+    ``(*group, *within)``. ``port(g, w)`` orders group labels ``g`` and within
+    labels ``w`` as the input's dims (row-major), and ``channel(g, w)`` gives
+    the labels of the weight, reshaped to ``channel_shape``.
+    """
+
+    def __init__(self, group, within, rows, port, channel, channel_shape):
+        self.group, self.within = tuple(group), tuple(within)
+        self.rows, self.port, self.channel, self.channel_shape = rows, port, channel, tuple(channel_shape)
+
+
+def _affine_rule(layout_of, eps_of):
+    """The rule for ``y = xhat(x) * w + b``; slots 0, 1, 2 are input, weight, bias."""
+
+    def rule(ctx, slots):
+        nx, nw, nb = slots.count(0), slots.count(1), slots.count(2)
+        if (nb and slots != (2,)) or nw > 1:
+            return None
+        layout = layout_of(ctx)
+        lab = LabelMaker()
+        g = lab.dims(layout.group)
+        y = lab.dims(layout.within)
+        if nb:
+            # y = ... + b: the bias port is the output's channel labels, every other label broadcasts.
+            return lab.factor(layout.port(g, y), [layout.channel(g, y)])
+        xs = [lab.dims(layout.within) for _ in range(nx)]
+        x = ctx.saved("input").detach().to(ctx.dtype)
+        groups = layout.rows(x).reshape(math.prod(layout.group), math.prod(layout.within))
+        dense = _dense(ctx, groups, eps_of(ctx, groups), nx)
+        dense = dense.reshape(*layout.group, *(layout.within * (nx + 1)))
+        operands = [(dense, g + y + sum(xs, ()))]
+        ins = [layout.port(g, xi) for xi in xs]
+        if nw:
+            ins.append(layout.channel(g, y))
+        elif ctx.has("weight"):
+            w = ctx.saved("weight").detach().to(ctx.dtype).reshape(layout.channel_shape)
+            operands.append((w, layout.channel(g, y)))
+        return lab.factor(layout.port(g, y), ins, operands)
+
+    return rule
+
+
+# ---------------------------------------------------------------- layer_norm
+
+
+def _layer_layout(ctx):
+    n = math.prod(ctx.saved("normalized_shape"))
+    rows = math.prod(ctx.out_shape) // max(n, 1)
+    return _Layout((rows,), (n,), lambda t: t.reshape(rows, n),
+                   lambda g, w: g + w, lambda g, w: w, (n,))
+
+
+def _layer_eps(ctx, groups):
+    # torch does not save eps for layer_norm; with rstd = (var + eps)^-1/2 per row, eps is
+    # rstd^-2 - var (biased) of any row; the mean over rows averages out the rounding.
+    rstd = ctx.saved("result2").detach().to(ctx.dtype).reshape(-1)
+    return (rstd ** -2 - groups.var(-1, unbiased=False)).mean()
+
+
+register("NativeLayerNormBackward0", _affine_rule(_layer_layout, _layer_eps))
+
+# ---------------------------------------------------------------- group_norm
+
+
+def _group_layout(ctx):
+    n, c, hw, groups = (int(ctx.saved(a)) for a in ("N", "C", "HxW", "group"))
+    within = (c // groups, hw)
+    return _Layout((n, groups), within, lambda t: t.reshape(n, groups, *within),
+                   lambda g, w: g + w, lambda g, w: (g[1], w[0]), (groups, c // groups))
+
+
+register("NativeGroupNormBackward0", _affine_rule(_group_layout, lambda ctx, groups: float(ctx.saved("eps"))))
+
+# ---------------------------------------------------------------- batch_norm
+
+
+def _batch_layout(ctx):
+    shape = ctx.out_shape
+    n, c, hw = shape[0], shape[1], math.prod(shape[2:])
+    # A channel's entries run over (N, spatial): the group dim sits between them in the input.
+    return _Layout((c,), (n, hw), lambda t: t.reshape(n, c, hw).transpose(0, 1),
+                   lambda g, w: (w[0], g[0], w[1]), lambda g, w: g, (c,))
+
+
+_batch_train = _affine_rule(_batch_layout, lambda ctx, groups: float(ctx.saved("eps")))
+
+
+def _batch_norm(ctx, slots):
+    if ctx.saved("training"):
+        return _batch_train(ctx, slots)
+    # Eval: y = (x - rm) * s * w + b, affine in x; every term is per channel c.
+    nx, nw, nb = slots.count(0), slots.count(1), slots.count(2)
+    if nx > 1 or nw > 1 or (nb and slots != (2,)):
+        return None
+    layout = _batch_layout(ctx)
+    lab = LabelMaker()
+    (c,) = g = lab.dims(layout.group)
+    y = lab.dims(layout.within)
+    port = layout.port(g, y)
+    if nb:
+        return lab.factor(port, [(c,)])
+    x = ctx.saved("input").detach().to(ctx.dtype).reshape(layout.within[0], layout.group[0], layout.within[1])
+    rm, rv = (ctx.saved(a).detach().to(ctx.dtype) for a in ("running_mean", "running_var"))
+    s = torch.rsqrt(rv + float(ctx.saved("eps")))
+    operands = [(s, (c,))]
+    if nw:
+        if not nx:
+            # dy/dw = xhat itself, an operand shaped like the input.
+            operands = [((x - rm.reshape(1, -1, 1)) * s.reshape(1, -1, 1), port)]
+        return lab.factor(port, [port] * nx + [(c,)], operands)
+    if ctx.has("weight"):
+        operands.append((ctx.saved("weight").detach().to(ctx.dtype), (c,)))
+    return lab.factor(port, [port], operands)
+
+
+register("NativeBatchNormBackward0", _batch_norm)
