@@ -62,12 +62,14 @@ def test_transformer_block_order_2_wrt_input():
     # (run under torch.func) takes sdpa's math backend, the graph xa reads the fused node.
     from samples_attention import fused
 
-    assert_close_to_torch(fused(lambda x: BLOCK(x).sum(-1)), [torch.randn(1, 3, 4, dtype=torch.float64)], 2,
-                          tol=1e-9)
+    assert_close_to_torch(fused(lambda x: BLOCK(x).sum(-1)), [torch.randn(1, 3, 4, dtype=torch.float64)], 2, tol=1e-9)
 
 
-PINN_W = [torch.randn(16, 6, dtype=torch.float64) / 2, torch.randn(16, 16, dtype=torch.float64) / 4,
-          torch.randn(1, 16, dtype=torch.float64) / 4]
+PINN_W = [
+    torch.randn(16, 6, dtype=torch.float64) / 2,
+    torch.randn(16, 16, dtype=torch.float64) / 4,
+    torch.randn(1, 16, dtype=torch.float64) / 4,
+]
 
 
 def test_pinn_with_sin_features_order_4_wrt_input():
@@ -78,3 +80,59 @@ def test_pinn_with_sin_features_order_4_wrt_input():
         return PINN_W[2] @ h
 
     assert_close_to_torch(u, [torch.randn(3, dtype=torch.float64)], 4, tol=1e-9)
+
+
+# torch's own layer_norm and training batch_norm derivatives are wrong from the
+# third order on in nonlinear contexts (pytorch/pytorch#175754, #186256) and under
+# nested forward mode (#196700): here the reference is torch.func of the formula.
+def _layer_norm_formula(x, w, b, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w + b
+
+
+def _batch_norm_formula(x, w, b, eps=1e-5):
+    mean = x.mean((0, 2), keepdim=True)
+    var = ((x - mean) ** 2).mean((0, 2), keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * w[:, None] + b[:, None]
+
+
+def _against_formula(fused, formula, inputs, order):
+    from reference import torch_partials
+
+    import xa
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    xa.backward(fused(*leaves), order)
+    ref = torch_partials(formula, inputs, order)
+    for i, leaf in enumerate(leaves):
+        for k in range(order):
+            assert torch.allclose(leaf.xgrad[k], ref[i][k], atol=1e-9, rtol=1e-9), (i, k + 1)
+
+
+def test_layer_norm_order_4_in_a_nonlinear_context_against_the_formula():
+    x, w, b = (
+        torch.randn(2, 4, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64),
+        torch.randn(4, dtype=torch.float64),
+    )
+    _against_formula(
+        lambda x, w, b: torch.tanh(F.layer_norm(x, (4,), w, b)) * x,
+        lambda x, w, b: torch.tanh(_layer_norm_formula(x, w, b)) * x,
+        [x, w, b],
+        4,
+    )
+
+
+def test_batch_norm_training_order_4_in_a_nonlinear_context_against_the_formula():
+    x, w, b = (
+        torch.randn(3, 2, 2, dtype=torch.float64),
+        torch.randn(2, dtype=torch.float64),
+        torch.randn(2, dtype=torch.float64),
+    )
+    _against_formula(
+        lambda x, w, b: torch.sin(F.batch_norm(x, None, None, w, b, training=True)),
+        lambda x, w, b: torch.sin(_batch_norm_formula(x, w, b)),
+        [x, w, b],
+        4,
+    )
