@@ -31,10 +31,10 @@ import torch
 from torch.func import jacfwd, vmap
 
 from xa.errors import UnsupportedOperatorError
-from xa.factor import LabelMaker, broadcast_port
+from xa.factor import LabelMaker
 from xa.registry import register
 
-from .families import bilinear, einsum_ports
+from .bilinear import beta_plus_alpha_product
 from .special import _softmax
 
 # ---------------------------------------------------------------- scaled_dot_product_attention
@@ -110,26 +110,7 @@ register("ScaledDotProductCudnnAttentionBackward0", _sdpa)
 
 # ---------------------------------------------------------------- baddbmm
 
-_baddbmm_product = bilinear(
-    einsum_ports("bik,bkj->bij", ("batch1", "batch2"), first_slot=1),
-    ("batch1", "batch2"),
-    coef=lambda ctx: float(ctx.saved("alpha")),
-    slot_offset=1,
-)
-
-
-def _baddbmm(ctx, slots):
-    """``beta * input + alpha * (batch1 @ batch2)``: slot 0 is linear, slots 1 and 2 bilinear."""
-    if slots == (0,):
-        lab = LabelMaker()
-        y = lab.dims(ctx.out_shape)
-        return lab.factor(y, [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[0])], coef=float(ctx.saved("beta")))
-    if 0 in slots:
-        return None
-    return _baddbmm_product(ctx, slots)
-
-
-register("BaddbmmBackward0", _baddbmm)
+register("BaddbmmBackward0", beta_plus_alpha_product("bik,bkj->bij", ("batch1", "batch2")))
 
 # ---------------------------------------------------------------- the unfused form's own node
 

@@ -22,23 +22,22 @@ register("MvBackward0", _matrix("ik,k->i", ("self", "vec")))
 register("DotBackward0", _matrix("k,k->", ("self", "tensor")))
 register("BmmBackward0", _matrix("bik,bkj->bij", ("self", "mat2")))
 
-_addmm_product = bilinear(
-    einsum_ports("ik,kj->ij", ("mat1", "mat2"), first_slot=1),
-    ("mat1", "mat2"),
-    coef=lambda ctx: float(ctx.saved("alpha")),
-    slot_offset=1,
-)
+def beta_plus_alpha_product(spec: str, saved: tuple):
+    """Rule for ``beta * input + alpha * B(x1, x2)`` (addmm, baddbmm): slot 0 linear, slots 1 and 2 bilinear."""
+    product = bilinear(einsum_ports(spec, saved, first_slot=1), saved,
+                       coef=lambda ctx: float(ctx.saved("alpha")), slot_offset=1)
+
+    def rule(ctx, slots):
+        if slots == (0,):
+            lab = LabelMaker()
+            y = lab.dims(ctx.out_shape)
+            port = broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[0])
+            return lab.factor(y, [port], coef=float(ctx.saved("beta")))
+        if 0 in slots:
+            return None
+        return product(ctx, slots)
+
+    return rule
 
 
-def _addmm(ctx, slots):
-    """``beta * M + alpha * (mat1 @ mat2)``: slot 0 is linear, slots 1 and 2 bilinear."""
-    if slots == (0,):
-        lab = LabelMaker()
-        y = lab.dims(ctx.out_shape)
-        return lab.factor(y, [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[0])], coef=float(ctx.saved("beta")))
-    if 0 in slots:
-        return None
-    return _addmm_product(ctx, slots)
-
-
-register("AddmmBackward0", _addmm)
+register("AddmmBackward0", beta_plus_alpha_product("ik,kj->ij", ("mat1", "mat2")))
