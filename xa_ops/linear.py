@@ -3,7 +3,7 @@
 from xa.factor import LabelMaker, broadcast_port, normalize_dim, reshape_ports
 from xa.registry import register
 
-from .families import linear, weighted_sum
+from .families import elementwise, linear, weighted_sum
 
 # ---------------------------------------------------------------- identity and views
 
@@ -90,6 +90,13 @@ register("AddBackward0", weighted_sum(lambda ctx: (1.0, _alpha(ctx))))
 register("SubBackward0", weighted_sum(lambda ctx: (1.0, -_alpha(ctx))))
 register("RsubBackward0", weighted_sum(lambda ctx: (-_alpha(ctx), 1.0)))  # other - alpha * self
 register("RsubBackward1", weighted_sum(lambda ctx: (-_alpha(ctx),)))  # number - alpha * self
+# x * c, x / c, x + c with a Python number c (aten's Scalar overloads, recorded by cross_entropy)
+register("MulBackward1", weighted_sum(lambda ctx: (float(ctx.saved("other")),)))
+register("DivBackward1", weighted_sum(lambda ctx: (1.0 / float(ctx.saved("other")),)))
+register("AddBackward1", weighted_sum(lambda ctx: (1.0,)))
+# x.masked_fill(mask, c): x where the mask is off
+register("MaskedFillBackward0", elementwise(
+    lambda ctx, k: (~ctx.saved("mask")).to(ctx.dtype).expand(ctx.out_shape) if k == 1 else None))
 
 # ---------------------------------------------------------------- dropout (the mask is a constant)
 

@@ -42,8 +42,6 @@ import torch.nn.functional as F
 from xa.factor import LabelMaker, broadcast_port
 from xa.registry import register
 
-from .families import elementwise, weighted_sum
-
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction enum, as saved on the node
 
 
@@ -196,11 +194,3 @@ def _nll(ctx, slots):
 register("NllLossBackward0", _nll)
 register("NllLoss2DBackward0", _nll)  # inputs with spatial dims: torch views them as (N, C, H, W)
 
-# ---------------------------------------------------------------- scalar operators cross_entropy records
-
-# x * c, x / c, x + c with a Python number c (aten's Scalar overloads), and x.masked_fill(mask, c).
-register("MulBackward1", weighted_sum(lambda ctx: (float(ctx.saved("other")),)))
-register("DivBackward1", weighted_sum(lambda ctx: (1.0 / float(ctx.saved("other")),)))
-register("AddBackward1", weighted_sum(lambda ctx: (1.0,)))
-register("MaskedFillBackward0", elementwise(
-    lambda ctx, k: (~ctx.saved("mask")).to(ctx.dtype).expand(ctx.out_shape) if k == 1 else None))
