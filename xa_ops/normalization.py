@@ -108,14 +108,17 @@ def _layer_layout(ctx):
                    lambda g, w: g + w, lambda g, w: w, (n,))
 
 
-def _layer_eps(ctx, groups):
-    # torch does not save eps for layer_norm; with rstd = (var + eps)^-1/2 per row, eps is
-    # rstd^-2 - var (biased) of any row; the mean over rows averages out the rounding.
+def _recovered_eps(ctx, groups):
+    # torch does not save eps for layer_norm (nor, from torch 2.14 on, for group_norm); with
+    # rstd = (var + eps)^-1/2 per group, eps is rstd^-2 - var (biased) of any group; the mean
+    # over groups averages out the rounding.
+    if ctx.has("eps"):
+        return float(ctx.saved("eps"))
     rstd = ctx.saved("result2").detach().to(ctx.dtype).reshape(-1)
-    return (rstd ** -2 - groups.var(-1, unbiased=False)).mean()
+    return (rstd ** -2 - groups.reshape(rstd.shape[0], -1).var(-1, unbiased=False)).mean()
 
 
-register("NativeLayerNormBackward0", _affine_rule(_layer_layout, _layer_eps))
+register("NativeLayerNormBackward0", _affine_rule(_layer_layout, _recovered_eps))
 
 # ---------------------------------------------------------------- group_norm
 
@@ -127,7 +130,7 @@ def _group_layout(ctx):
                    lambda g, w: g + w, lambda g, w: (g[1], w[0]), (groups, c // groups))
 
 
-register("NativeGroupNormBackward0", _affine_rule(_group_layout, lambda ctx, groups: float(ctx.saved("eps"))))
+register("NativeGroupNormBackward0", _affine_rule(_group_layout, _recovered_eps))
 
 # ---------------------------------------------------------------- batch_norm
 
