@@ -88,7 +88,8 @@ class NodeCtx:
         return self._saved.get(name) is not None
 
 
-def _read_saved(fn, value_path: str) -> dict:
+def _read_saved(fn, where) -> dict:
+    """Every ``_saved_*`` attribute of ``fn``; ``where()`` names its place for error messages."""
     saved = {}
     for attr in dir(fn):
         if not attr.startswith("_saved_"):
@@ -99,13 +100,13 @@ def _read_saved(fn, value_path: str) -> dict:
             msg = str(err)
             if "second time" in msg or "freed" in msg:
                 raise GraphFreedError(
-                    f"the saved tensors of {fn.name()} ({value_path}) were freed by an earlier "
+                    f"the saved tensors of {fn.name()} ({where()}) were freed by an earlier "
                     "backward(); run the forward pass again, or call .backward(retain_graph=True) "
                     "before xa.backward"
                 ) from None
             if "inplace" in msg:
                 raise GraphModifiedError(
-                    f"a tensor saved by {fn.name()} ({value_path}) was modified in place after the "
+                    f"a tensor saved by {fn.name()} ({where()}) was modified in place after the "
                     f"forward pass: {msg.splitlines()[0]}"
                 ) from None
             raise
@@ -117,7 +118,7 @@ def _read_saved(fn, value_path: str) -> dict:
         try:
             saved["tensors"] = tuple(fn.saved_tensors)
         except RuntimeError as err:
-            raise GraphFreedError(f"the saved tensors of {fn.name()} ({value_path}) are gone: {err}") from None
+            raise GraphFreedError(f"the saved tensors of {fn.name()} ({where()}) are gone: {err}") from None
     return saved
 
 
@@ -162,7 +163,7 @@ class Graph:
             v = self.values[todo.pop()]
             if v.leaf is not None:
                 continue
-            v.saved = _read_saved(v.fn, v.where(self))
+            v.saved = _read_saved(v.fn, lambda v=v: v.where(self))
             inputs = []
             for fn, output_nr in v.fn.next_functions:
                 if fn is None:
