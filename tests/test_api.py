@@ -340,7 +340,7 @@ def test_explain_reports_opt_einsums_own_flops_and_both_prices(capsys):
         _, info = oe.contract_path(t.equation, *t.shapes, shapes=True)
         assert t.flops == int(info.opt_cost)
     assert plan.flops == sum(t.flops for t in terms)
-    assert plan.peak_elements > 0
+    assert plan.peak_elements > 0 and plan.peak_bytes == plan.peak_elements * 8
     again = xa.explain(y, order=3)
     assert again.cached and "from the cache" in capsys.readouterr().out
 

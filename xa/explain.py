@@ -31,7 +31,7 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
 
     Returns:
         The :class:`~xa.plan.Plan`, for programs: ``plan.flops``,
-        ``plan.peak_elements``, ``plan.prices``, ``plan.direction``,
+        ``plan.peak_bytes``, ``plan.prices``, ``plan.direction``,
         ``plan.steps`` (each with its ``terms``: equation, shapes, opt_einsum
         ``info``), ``plan.cached``.
 
@@ -65,6 +65,6 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
               f"      path {t.info.path}  flops {int(t.info.naive_cost):.3g} naive / {t.flops:.3g} optimised, "
               f"largest intermediate {int(t.info.largest_intermediate)}\n")
     result = sum(math.prod(plan.block_shapes[k]) for keys in plan.results.values() for k in keys)
-    w(f"total: {plan.flops:.4g} flops, estimated peak {plan.peak_elements * itemsize / 2**20:.3g} MiB, "
+    w(f"total: {plan.flops:.4g} flops, estimated peak {plan.peak_bytes / 2**20:.3g} MiB, "
       f"result {result * itemsize / 2**20:.3g} MiB, plan {'from the cache' if plan.cached else 'new'}\n")
     return plan

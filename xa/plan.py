@@ -42,6 +42,7 @@ from itertools import combinations, combinations_with_replacement, product
 from typing import Any
 
 import opt_einsum as oe
+import torch
 
 from .capture import Graph
 from .errors import RuleError
@@ -110,11 +111,18 @@ class Plan:
     direction: str = "backward"
     prices: dict = field(default_factory=dict)  # direction -> total FLOPs
     peak_elements: int = 0  # the most block and scratch entries alive at once
+    itemsize: int = 8  # bytes per entry, from the graph's dtype
     cached: bool = False
 
     @property
     def flops(self) -> int:
+        """Total optimised FLOPs of every term, as opt_einsum counts them."""
         return sum(t.flops for s in self.steps for t in s.terms)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The estimated peak memory of executing the plan."""
+        return self.peak_elements * self.itemsize
 
 
 _PATHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -277,6 +285,7 @@ def build(graph: Graph, order: int, requested: tuple, retained: tuple, overrides
             plan = Plan(order, steps, shapes, results, (), direction="forward")
     plan.prices = prices
     plan.peak_elements = _peak(plan)
+    plan.itemsize = torch.empty((), dtype=graph.dtype).element_size()
     _PLANS[key] = plan
     if len(_PLANS) > _CACHE_SIZE:
         _PLANS.popitem(last=False)
