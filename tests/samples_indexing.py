@@ -6,6 +6,9 @@ sigmoid, a product) to make the higher orders non-trivial. Entries are
 """
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
 
 import xa_ops.indexing  # noqa: F401  (registers the rules until xa_ops imports the module itself)
 
@@ -20,6 +23,11 @@ GATHER_SHORT = torch.tensor([[2, 0, 1], [1, 1, 0]])  # for x of shape (3, 4), di
 FLAT = torch.tensor([5, 0, 11, 5])
 MASK = torch.tensor([[True, False, True, True], [False, False, True, False], [True, True, False, True]])
 MASK4 = torch.tensor([True, False, True, True])
+TOKENS = torch.tensor([[1, 4, 1], [0, 3, 4]])  # rows of a (5, 3) weight, row 1 and 4 twice
+EMBED = nn.Embedding(5, 3)
+EMBED_PAD = nn.Embedding(5, 3, padding_idx=-1)  # stored as row 4: gets no gradient
+TAKE = torch.tensor([[5, -1], [0, 5]])
+MASK_ROW = torch.tensor([[True], [False], [True]])  # broadcasts against x of shape (3, 4)
 
 CASES = [
     # -- cat: CatBackward0
@@ -94,4 +102,43 @@ CASES = [
     ("x[mask]", lambda x: x[MASK].tanh(), [(3, 4)], 4),
     ("x[:, mask]", lambda x: x[:, MASK4].sigmoid() * x[:, :3], [(2, 4, 2)], 3),
     ("x[mask, idx]", lambda x: x[MASK4, IDX].tanh(), [(4, 3)], 3),
+    # -- constant padding: ConstantPadNdBackward0
+    ("F.pad", lambda x: F.pad(x, (1, 2)).tanh(), [(2, 3)], 4),
+    ("F.pad two dims value", lambda x: F.pad(x, (0, 1, 2, 1), value=0.5).sigmoid() * 2, [(2, 3)], 3),
+    ("F.pad negative crops", lambda x: F.pad(x, (-1, 1, 1, -1)).tanh() * x, [(3, 3)], 3),
+    ("F.pad mode=constant 3d", lambda x: F.pad(x, (1, 0, 0, 0, 0, 1), mode="constant").tanh(), [(1, 2, 2)], 3),
+    ("nn.ConstantPad1d", lambda x: nn.ConstantPad1d((2, 0), 1.5)(x).tanh(), [(2, 3)], 3),
+    ("nn.ZeroPad2d", lambda x: (nn.ZeroPad2d(1)(x) ** 2).sum().tanh(), [(2, 2)], 4),
+    ("torch.constant_pad_nd", lambda x: torch.constant_pad_nd(x, [0, 0, 1, 1]).tanh(), [(2, 2)], 3),
+    # -- embedding: EmbeddingBackward0 (the weight is the input)
+    ("F.embedding", lambda w: F.embedding(TOKENS, w).tanh(), [(5, 3)], 4),
+    # torch.func's forward mode ignores padding_idx, so its higher orders lose symmetry once the padding row
+    # also reaches y another way (or through a non-elementwise op after the lookup): keep those samples clear of it
+    ("F.embedding padding_idx", lambda w: F.embedding(TOKENS, w.tanh(), padding_idx=1).sigmoid(), [(5, 3)], 4),
+    ("nn.Embedding", lambda w: functional_call(EMBED, {"weight": w}, (TOKENS[0],)).tanh(), [(5, 3)], 3),
+    ("nn.Embedding padding_idx=-1", lambda w: functional_call(EMBED_PAD, {"weight": w}, (TOKENS,)).tanh(), [(5, 3)], 3),
+    ("torch.embedding 0-d", lambda w: (torch.embedding(w * w, torch.tensor(2)) * w).tanh(), [(5, 3)], 3),
+    # -- flip: FlipBackward0
+    ("torch.flip", lambda x: torch.flip(x, [0, -1]).tanh() * x, [(2, 3)], 4),
+    ("Tensor.flip", lambda x: x.flip(1).sigmoid(), [(2, 3, 2)], 3),
+    ("torch.fliplr", lambda x: torch.fliplr(x).tanh() * x, [(2, 3)], 3),
+    ("torch.flipud", lambda x: torch.flipud(x * x).tanh(), [(3, 2)], 3),
+    # -- roll: RollBackward0
+    ("torch.roll", lambda x: torch.roll(x, (1, -2), (0, 1)).tanh() * x, [(3, 4)], 4),
+    ("Tensor.roll", lambda x: x.roll(5, -1).sigmoid(), [(2, 3)], 3),
+    ("torch.roll flattened", lambda x: torch.roll(x, 4).tanh() * x, [(2, 3)], 3),
+    ("torch.roll same dim twice", lambda x: torch.roll(x, (1, 1), (0, 0)).tanh(), [(3, 2)], 3),
+    # -- take and masked_select: TakeBackward0, MaskedSelectBackward0
+    ("torch.take", lambda x: torch.take(x, TAKE).tanh(), [(3, 4)], 4),
+    ("Tensor.take", lambda x: x.take(FLAT).sigmoid() * x[0], [(3, 4)], 3),
+    ("torch.masked_select", lambda x: torch.masked_select(x, MASK).tanh(), [(3, 4)], 4),
+    ("Tensor.masked_select broadcast mask", lambda x: x.masked_select(MASK_ROW).sigmoid(), [(3, 4)], 3),
+    # -- fan-out among them
+    ("pad flip roll fan-out",
+     lambda x: (F.pad(x, (1, 1)).flip(-1) * torch.roll(F.pad(x, (2, 0)), 1)).tanh() + torch.take(x, FLAT[:2]).sum(),
+     [(2, 3)], 4),
+    ("embedding masked_select fan-out",
+     lambda w: (F.embedding(TOKENS, w.flip(0)).masked_select(TOKENS.unsqueeze(-1) > 1)
+                * w.roll(1).take(FLAT)[0]).tanh(),
+     [(5, 3)], 3),
 ]

@@ -1,4 +1,4 @@
-"""Convolution and average pooling, as tensor networks over 0/1 window tensors.
+"""Convolution, average and max pooling, as tensor networks over 0/1 window tensors.
 
 Along one spatial dim, with stride ``s``, dilation ``d`` and zero padding ``p``,
 output position ``i`` reads input position ``j`` through kernel tap ``k`` when
@@ -14,6 +14,17 @@ port may split a dim), a convolution in any number of spatial dims is
 linear in ``b`` and bilinear in ``(x, w)``: d/dx has the operands ``(w, P..)``,
 d/dw has ``(x, P..)``, d^2/dx dw only the ``P``'s, d/db none (``b``'s labels
 broadcast over ``n`` and ``i..``); every other derivative is zero.
+
+A transposed convolution (``conv_transpose*``, the same node with ``transposed``
+set) is the adjoint: the same window tensors with the roles of input and output
+swapped, ``P[j, k, i]`` with ``j`` the input and ``i`` the output position, and
+the weight laid out ``(C_in, C_out/groups, K..)``, that is ``w[(g,c), o, k..]``.
+``output_padding`` only lengthens the output, which the window reads from the
+output shape.
+
+Max pooling is piecewise linear: the first derivative is a one-hot selection of
+the flattened input position torch saved per output (``indices``), every higher
+derivative is zero.
 
 Average pooling is linear, one matrix per pooled dim (dilation 1):
 
@@ -31,7 +42,6 @@ saved ints, so the same code runs on meta tensors while planning.
 
 import torch
 
-from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker
 from xa.registry import register
 
@@ -60,34 +70,39 @@ def _shape(ctx, slot: int, name: str) -> tuple:
 
 
 def _convolution(ctx, slots):
-    if ctx.saved("transposed"):
-        raise UnsupportedOperatorError(
-            f"{ctx.name} (output shape {list(ctx.out_shape)}) is a transposed convolution "
-            "(conv_transpose1d/2d/3d), which has no rule in xa; "
-            "only ordinary convolutions (conv1d/2d/3d, nn.Conv*) are supported"
-        )
     if slots not in ((0,), (1,), (2,), (0, 1)):
         return None  # linear in b, bilinear in (x, w)
+    transposed = ctx.saved("transposed")
     groups = ctx.saved("groups")
     n, _, *in_len = _shape(ctx, 0, "input")
-    go, c, *kernel = _shape(ctx, 1, "weight")
+    wa, wb, *kernel = _shape(ctx, 1, "weight")
     out_len = ctx.out_shape[2:]
     ndim = len(kernel)
     stride, padding, dilation = (_per_dim(ctx.saved(a), ndim) for a in ("stride", "padding", "dilation"))
+    # ordinary: weight (C_out, C_in/groups, K..); transposed: weight (C_in, C_out/groups, K..)
+    go, c = (wb * groups, wa // groups) if transposed else (wa, wb)
 
     lab = LabelMaker()
     nl, g, o, cl = lab.new(n), lab.new(groups), lab.new(go // groups), lab.new(c)
     i, k, j = lab.dims(out_len), lab.dims(kernel), lab.dims(in_len)
-    y, x, w = (nl, g, o, *i), (nl, g, cl, *j), (g, o, cl, *k)
+    y, x = (nl, g, o, *i), (nl, g, cl, *j)
+    w = (g, cl, o, *k) if transposed else (g, o, cl, *k)
     if slots == (2,):
         return lab.factor(y, [(g, o)])
 
-    windows = [
-        (_window(ctx, *sizes).to(ctx.dtype), labels)
-        for sizes, labels in zip(zip(out_len, kernel, in_len, stride, dilation, padding), zip(i, k, j))
-    ]
+    # the window of the adjoint: input position j feeds output position i when i == j s + k d - p
+    if transposed:
+        windows = [
+            (_window(ctx, *sizes).to(ctx.dtype), labels)
+            for sizes, labels in zip(zip(in_len, kernel, out_len, stride, dilation, padding), zip(j, k, i))
+        ]
+    else:
+        windows = [
+            (_window(ctx, *sizes).to(ctx.dtype), labels)
+            for sizes, labels in zip(zip(out_len, kernel, in_len, stride, dilation, padding), zip(i, k, j))
+        ]
     if slots == (0,):
-        weight = ctx.saved("weight").reshape(groups, go // groups, c, *kernel)
+        weight = ctx.saved("weight").reshape(tuple(lab.sizes[a] for a in w))
         return lab.factor(y, [x], [(weight, w), *windows])
     if slots == (1,):
         inp = ctx.saved("input").reshape(n, groups, c, *in_len)
@@ -142,3 +157,37 @@ def _avg_pool(ndim: int):
 
 register("AvgPool2DBackward0", _avg_pool(2))  # avg_pool1d too: torch records it as unsqueeze, 2d pool, squeeze
 register("AvgPool3DBackward0", _avg_pool(3))
+
+# ---------------------------------------------------------------- max pooling
+
+
+def _max_pool(ndim: int):
+    """Rule for ``max_pool{ndim}d`` with indices, on the last ``ndim`` dims (batched or not).
+
+    Piecewise linear: ``y[.., i..] = x[.., indices[.., i..]]`` with ``indices`` the flattened
+    spatial position torch saved per output, so the first derivative is the one-hot
+    ``S[.., i.., q] = [indices[.., i..] == q]`` over the flattened input positions ``q``,
+    and every higher derivative is zero.
+    """
+
+    def rule(ctx, slots):
+        if len(slots) > 1:
+            return None  # piecewise linear
+        shape = tuple(ctx.in_shapes[0])
+        lead, out_len = shape[:-ndim], ctx.out_shape[-ndim:]
+        in_numel = 1
+        for size in shape[-ndim:]:
+            in_numel *= size
+        indices = ctx.saved("result1")
+        positions = torch.arange(in_numel, device=ctx.device)
+        select = (indices.unsqueeze(-1) == positions).to(ctx.dtype)
+
+        lab = LabelMaker()
+        b, i, q = lab.dims(lead), lab.dims(out_len), lab.new(in_numel)
+        return lab.factor((*b, *i), [(*b, q)], [(select, (*b, *i, q))])
+
+    return rule
+
+
+register("MaxPool2DWithIndicesBackward0", _max_pool(2))  # max_pool1d too: unsqueeze, 2d pool, squeeze
+register("MaxPool3DWithIndicesBackward0", _max_pool(3))

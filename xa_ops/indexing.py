@@ -16,17 +16,27 @@ shared by the ``y`` and ``x`` ports (``l`` labels the ``x`` dim):
 * ``x[j_1, .., j_m]``:         ``O_r[b.., l_r] = [l_r == j_r[b..] mod n_r]`` for each
   indexed dim ``r``, ``b`` the broadcast index dims of ``y``, tied across the ``O_r``;
 * ``cat(dim)``, slot ``t``:     ``E[i, l] = [i == o_t + l]``, ``o_t`` the sizes before ``x_t``;
-* ``stack(dim)``, slot ``t``:   ``e[s] = [s == t]`` on the new dim.
+* ``stack(dim)``, slot ``t``:   ``e[s] = [s == t]`` on the new dim;
+* ``pad`` (constant):          ``P[i, l] = [i == l + p]`` per padded dim, ``p`` its left pad
+  (a negative pad crops);
+* ``embedding(j)``:            ``O[b.., v] = [v == j[b..]] [v != padding_idx]`` on the weight's rows;
+* ``flip(dims)``:              ``R[i, l] = [l == n - 1 - i]`` per flipped dim;
+* ``roll(shifts, dims)``:      ``R[i, l] = [l == (i - s) mod n]`` per rolled dim (the flattened tensor
+  when no dims are given);
+* ``take(j)``:                 ``O[b.., l] = [l == j[b..] mod N]`` on the flattened ``x``;
+* ``masked_select(m)``:        ``O[k, l..] = [l.. is the k-th true entry of m]``, ``x`` broadcast to ``m``.
 
 The selection tensors are built with ``torch.arange`` on ``ctx.device``
 from saved ints and index tensors, so the same code runs on meta tensors
 while planning; nothing branches on an index's values.
 """
 
+import math
+
 import torch
 
 from xa.errors import UnsupportedOperatorError
-from xa.factor import LabelMaker, normalize_dim
+from xa.factor import LabelMaker, broadcast_port, normalize_dim, signed
 from xa.registry import register
 
 from .families import linear
@@ -206,3 +216,106 @@ def _repeat(ctx, lab):
 register("CatBackward0", _linear_map(_cat))
 register("StackBackward0", _linear_map(_stack))
 register("RepeatBackward0", linear(_repeat))
+
+# ---------------------------------------------------------------- padding, flipping, rolling
+
+
+def _constant_pad(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    pad = [signed(p) for p in ctx.saved("pad")]
+    x = list(lab.dims(shape))
+    y, operands = list(x), []
+    for k in range(len(pad) // 2):  # pad[2k], pad[2k + 1]: the left and right pads of dim -1 - k
+        d = len(shape) - 1 - k
+        if pad[2 * k] == 0 and pad[2 * k + 1] == 0:
+            continue
+        y[d] = lab.new(ctx.out_shape[d])
+        source = torch.arange(ctx.out_shape[d], device=ctx.device) - pad[2 * k]  # out of range: a padded entry
+        operands.append((_one_hot(source, shape[d], ctx), (y[d], x[d])))
+    return tuple(y), tuple(x), operands
+
+
+def _flip(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    x = list(lab.dims(shape))
+    y, operands = list(x), []
+    for d in sorted({normalize_dim(d, len(shape)) for d in ctx.saved("dims")}):
+        y[d] = lab.new(shape[d])
+        source = shape[d] - 1 - torch.arange(shape[d], device=ctx.device)
+        operands.append((_one_hot(source, shape[d], ctx), (y[d], x[d])))
+    return tuple(y), tuple(x), operands
+
+
+def _roll(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    shifts = [signed(s) for s in ctx.saved("shifts")]
+    dims = ctx.saved("dims")
+    if not dims:  # roll the flattened tensor: one label on each port
+        sizes = [math.prod(shape)]
+        x = [lab.new(sizes[0])]
+        total = {0: sum(shifts)}
+    else:
+        sizes = list(shape)
+        x = list(lab.dims(shape))
+        total = {}
+        for s, d in zip(shifts, dims):  # a dim named twice is rolled twice
+            d = normalize_dim(d, len(shape))
+            total[d] = total.get(d, 0) + s
+    y, operands = list(x), []
+    for d, s in sorted(total.items()):
+        n = sizes[d]
+        y[d] = lab.new(n)
+        source = (torch.arange(n, device=ctx.device) - s) % max(n, 1)
+        operands.append((_one_hot(source, n, ctx), (y[d], x[d])))
+    return tuple(y), tuple(x), operands
+
+
+register("ConstantPadNdBackward0", _linear_map(_constant_pad))
+register("FlipBackward0", _linear_map(_flip))
+register("RollBackward0", _linear_map(_roll))
+
+# ---------------------------------------------------------------- lookups: embedding, take, masked_select
+
+
+def _embedding(ctx, lab, slot):
+    if ctx.saved("scale_grad_by_freq"):
+        raise UnsupportedOperatorError(
+            "EmbeddingBackward0 with scale_grad_by_freq=True: torch scales the gradient by each index's count "
+            "in the batch, which is not a derivative of the forward pass; use scale_grad_by_freq=False"
+        )
+    rows, width = ctx.in_shapes[0]
+    y = lab.dims(ctx.out_shape)
+    v = lab.new(rows)
+    lookup = _one_hot(ctx.saved("indices"), rows, ctx)
+    padding_idx = signed(ctx.saved("padding_idx"))
+    if padding_idx >= 0:  # torch gives the padding row no gradient
+        lookup = lookup * (torch.arange(rows, device=ctx.device) != padding_idx).to(ctx.dtype)
+    return y, (v, y[-1]), [(lookup, y[:-1] + (v,))]
+
+
+def _take(ctx, lab, slot):
+    n = math.prod(ctx.in_shapes[0])
+    y = lab.dims(ctx.out_shape)
+    flat = lab.new(n)
+    index = ctx.saved("index").to(ctx.device) % max(n, 1)  # negative indices wrap
+    return y, (flat,), [(_one_hot(index, n, ctx), y + (flat,))]
+
+
+def _masked_select(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    mask = ctx.saved("mask")
+    joint = torch.broadcast_shapes(tuple(shape), tuple(mask.shape))
+    (k,) = lab.dims(ctx.out_shape)
+    m = lab.dims(joint)
+    x = broadcast_port(lab, m, joint, shape)  # a dim x was broadcast along is summed over in the operand
+    if ctx.device.type == "meta":  # the number of true entries is in y's shape, which is all planning needs
+        picked = torch.empty((ctx.out_shape[0], *joint), dtype=ctx.dtype, device="meta")
+    else:
+        where = mask.expand(joint).reshape(-1).nonzero().squeeze(1).to(ctx.device)
+        picked = _one_hot(where, math.prod(joint), ctx).reshape(ctx.out_shape[0], *joint)
+    return (k,), x, [(picked, (k, *m))]
+
+
+register("EmbeddingBackward0", _linear_map(_embedding))
+register("TakeBackward0", _linear_map(_take))
+register("MaskedSelectBackward0", _linear_map(_masked_select))
