@@ -80,8 +80,10 @@ class Term:
     coef: float
     full: bool = False  # the result covers the whole target, in its order: it can become the block
     # When no label is summed the term is a broadcast product: each operand's
-    # (permutation, view shape) lining it up with the target view's labels.
+    # (permutation, view shape) lining it up with the target view's labels,
+    # and the size of the product of all but its largest operand.
     broadcast: Any = None
+    broadcast_scratch: int = 0
     info: Any = None
     expr: Any = None
 
@@ -149,8 +151,11 @@ def _peak(plan: Plan) -> int:
     """Entries alive at the worst moment of execution: blocks, the step's factors, one term's scratch.
 
     Follows the executor: a target block is allocated at its first term and
-    lives until its step retires it (results until the end); a term holds its
-    einsum result and opt_einsum's largest intermediate while it runs.
+    lives until its step retires it (results until the end). An einsum term
+    holds its result or opt_einsum's largest intermediate, whichever is
+    larger (the last intermediate is the result); a first term that covers
+    its block whole becomes the block. A broadcast product holds only the
+    product of its smaller operands.
     """
     live = {key: math.prod(shape) for key, shape in plan.block_shapes.items() if key == (0,)}
     current = sum(live.values())
@@ -162,14 +167,18 @@ def _peak(plan: Plan) -> int:
                 factor_sizes[ref] = math.prod(shape)
         factors = sum(factor_sizes.values())
         for term in step.terms:
-            scratch = math.prod(term.result_shape)
-            if term.target not in live:
+            result = math.prod(term.result_shape)
+            inter = int(term.info.largest_intermediate) if term.info is not None else 0
+            first = term.target not in live
+            if first:
                 live[term.target] = math.prod(plan.block_shapes[term.target])
                 current += live[term.target]
-                if term.full:  # the executor keeps the einsum's result as the block
-                    scratch = 0
-            if term.info is not None:
-                scratch += int(term.info.largest_intermediate)
+            if term.broadcast is not None:
+                scratch = term.broadcast_scratch
+            elif first and term.full:
+                scratch = inter if inter > result else 0
+            else:
+                scratch = max(result, inter)
             peak = max(peak, current + factors + scratch)
         for key in step.retire:
             current -= live.pop(key, 0)
@@ -468,6 +477,9 @@ def compile_term(lab, sources, operands, out, target, coef) -> Term:
              tuple(sizes[u] if u in ls else 1 for u in unique))
             for ls in operand_labels
         )
+        by_size = sorted(operand_labels, key=lambda ls: math.prod(sizes[u] for u in ls))[:-1]
+        small = {u for ls in by_size for u in ls}
+        term.broadcast_scratch = math.prod(sizes[u] for u in small) if by_size else 0
     if operand_labels:
         term.info, term.expr = _contraction(equation, op_shapes)
     return term
