@@ -146,9 +146,9 @@ def meta_like(value: Any) -> Any:
     return value
 
 
-def signed(value: int) -> int:
-    """A saved int64 that torch hands back as unsigned (``-1`` as ``2**64 - 1``)."""
-    return value - 2**64 if value >= 2**63 else value
+def signed(value):
+    """A saved int64 that torch hands back as unsigned (``-1`` as ``2**64 - 1``); ``None`` stays ``None``."""
+    return value - 2**64 if value is not None and value >= 2**63 else value
 
 
 def normalize_dim(dim: int, ndim: int) -> int:

@@ -42,11 +42,6 @@ from xa.registry import register
 from .families import linear
 
 
-def _signed(value):
-    """A saved int64 as Python sees it: torch stores negative ints as unsigned 64-bit."""
-    return value - 2**64 if value is not None and value >= 2**63 else value
-
-
 def _one_hot(index, size: int, ctx):
     """``[index[..] == l]`` as ``ctx.dtype``, shaped ``(*index.shape, size)``; ``index`` a tensor or an int."""
     index = torch.as_tensor(index).to(ctx.device)
@@ -73,7 +68,7 @@ def _select(ctx, lab, slot):
     shape = ctx.in_shapes[0]
     d = normalize_dim(ctx.saved("dim"), len(shape))
     x = lab.dims(shape)
-    e = _one_hot(_signed(ctx.saved("index")) % shape[d], shape[d], ctx)
+    e = _one_hot(signed(ctx.saved("index")) % shape[d], shape[d], ctx)
     return x[:d] + x[d + 1:], x, [(e, (x[d],))]
 
 
@@ -91,14 +86,14 @@ def _slice(ctx, lab, slot):
     d = normalize_dim(ctx.saved("dim"), len(shape))
     step = ctx.saved("step")
     # start is saved as written (negative, past the end): wrap and clamp it like Python's slice.
-    start = slice(_signed(ctx.saved("start")), None, step).indices(shape[d])[0]
+    start = slice(signed(ctx.saved("start")), None, step).indices(shape[d])[0]
     return _strided(ctx, lab, d, start, step)
 
 
 def _narrow_copy(ctx, lab, slot):
     shape = ctx.in_shapes[0]
     d = normalize_dim(ctx.saved("dim"), len(shape))
-    return _strided(ctx, lab, d, _signed(ctx.saved("start")) % max(shape[d], 1), 1)
+    return _strided(ctx, lab, d, signed(ctx.saved("start")) % max(shape[d], 1), 1)
 
 
 register("SelectBackward0", _linear_map(_select))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xa.factor import LabelMaker, broadcast_port
+from xa.factor import LabelMaker, broadcast_port, signed
 from xa.registry import register
 
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction enum, as saved on the node
@@ -166,11 +166,6 @@ register("BinaryCrossEntropyWithLogitsBackward0", _pointwise(_bce_with_logits))
 # ---------------------------------------------------------------- nll_loss
 
 
-def _signed(value: int) -> int:
-    """A saved int64 as Python sees it: torch stores negative ints (ignore_index = -100) as unsigned."""
-    return value - 2**64 if value >= 2**63 else value
-
-
 def _nll(ctx, slots):
     if len(slots) > 1:
         return None
@@ -179,7 +174,7 @@ def _nll(ctx, slots):
     along = [shape[cd]] + [1] * (len(shape) - cd - 1)  # a vector over classes, broadcast against x
     target = ctx.saved("target").unsqueeze(cd)
     classes = torch.arange(shape[cd], device=ctx.device).view(along)
-    picked = ((target == classes) & (target != _signed(ctx.saved("ignore_index")))).to(ctx.dtype)
+    picked = ((target == classes) & (target != signed(ctx.saved("ignore_index")))).to(ctx.dtype)
     if ctx.has("weight"):
         picked = picked * ctx.saved("weight").view(along)
     reduction = ctx.saved("reduction")
