@@ -1,4 +1,4 @@
-"""The public surface: ``xa.backward``, ``xa.Superset`` and ``xa.explain``."""
+"""The public surface: ``xa.backward`` and ``xa.Superset``; argument checks, then capture, plan, run, attach."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from . import execute
+from . import attach
 from . import plan as planner
 from .capture import Graph
-from .errors import MemoryBudgetError, TargetError
+from .errors import TargetError
 
 
 def _check_order(order) -> int:
@@ -24,64 +24,13 @@ def _check_order(order) -> int:
 
 def _budget(max_memory, device: torch.device) -> Optional[float]:
     """The byte budget: the user's, or a safe share of what the device has free."""
-    if max_memory is not None:
-        if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)):
-            raise TypeError(f"max_memory must be a number of bytes or None, got {type(max_memory).__name__}")
-        if not max_memory > 0:
-            raise ValueError(f"max_memory must be positive, got {max_memory}")
-        return float(max_memory)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 0.8 * free
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return 0.5 * int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _run_in_chunks(graph, order, requested, retained, overrides, budget, itemsize):
-    """Backprop over chunks of source rows sized to the budget: ``(plan, results, retained partials)``."""
-    s = graph.values[0].numel
-    wanted = list(requested) + [i for i in retained if i not in requested]
-    result_bytes = sum(s * graph.values[i].numel ** k for i in wanted for k in range(1, order + 1)) * itemsize
-
-    def need(rows):
-        plan = planner.build(graph, order, requested, retained, overrides, "backward", rows=rows)
-        return plan, result_bytes + plan.peak_elements * itemsize
-
-    plan, one_row = need(1)
-    if one_row > budget:
-        raise MemoryBudgetError(
-            f"xa.backward at order {order} needs about {one_row / 2**20:.1f} MiB even one source row at a "
-            f"time ({result_bytes / 2**20:.1f} MiB of results, {(one_row - result_bytes) / 2**20:.1f} MiB "
-            f"of blocks per row), over max_memory={budget / 2**20:.1f} MiB. Ways out: a larger max_memory, "
-            "target= one leaf, a lower order, or fewer source entries"
-        )
-    rows = max(1, min(s, int((budget - result_bytes) // max(one_row - result_bytes, 1))))
-    plan, total = need(rows)
-    while total > budget and rows > 1:
-        rows = max(1, rows // 2)
-        plan, total = need(rows)
-    dtype, device = graph.dtype, graph.device
-    results = {i: [torch.zeros((s,) + (graph.values[i].numel,) * k, dtype=dtype, device=device)
-                   for k in range(1, order + 1)] for i in wanted}
-    eye = torch.eye(s, dtype=dtype, device=device)
-    for r0 in range(0, s, rows):
-        r1 = min(s, r0 + rows)
-        init = torch.zeros((rows, s), dtype=dtype, device=device)
-        init[: r1 - r0] = eye[r0:r1]
-        blocks, kept = execute.run(plan, graph, overrides, {(0,): init.reshape((rows,) + graph.source_shape)})
-        for i in wanted:
-            got = kept.get(i) or [blocks.get(key) for key in plan.results[i]]
-            for k, t in enumerate(got):
-                if t is not None:
-                    results[i][k][r0:r1] = t.reshape((rows,) + results[i][k].shape[1:])[: r1 - r0]
-        del blocks, kept
-    return plan, results, {i: results[i] for i in retained}
+    if max_memory is None:
+        return attach.available_memory(device)
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)):
+        raise TypeError(f"max_memory must be a number of bytes or None, got {type(max_memory).__name__}")
+    if not max_memory > 0:
+        raise ValueError(f"max_memory must be positive, got {max_memory}")
+    return float(max_memory)
 
 
 def _check_direction(direction) -> str:
@@ -216,43 +165,10 @@ class Superset:
         graph = Graph(self.source)
         requested, retained = self._request(graph, target)
         budget = _budget(max_memory, graph.device)
-        plan = planner.build(graph, order, requested, retained, overrides, direction)
+        rules = graph.rules(overrides)
+        plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget)
         self.plan = plan
-        itemsize = torch.empty((), dtype=graph.dtype).element_size()
-        if budget is None or plan.peak_elements * itemsize <= budget:
-            blocks, kept = execute.run(plan, graph, overrides)
-            results = {i: [blocks.get(key) for key in plan.results[i]] for i in plan.results}
-            kept = {i: kept.get(i) or results.get(i) for i in retained}
-        else:
-            if direction == "forward":
-                raise MemoryBudgetError(
-                    f"the forward plan needs about {plan.peak_elements * itemsize / 2**20:.1f} MiB, over "
-                    f"max_memory={budget / 2**20:.1f} MiB; only direction='backward' (or 'auto') can split "
-                    "the work into chunks of source rows"
-                )
-            self.plan, results, kept = _run_in_chunks(graph, order, requested, retained, overrides, budget, itemsize)
-        s = graph.values[0].numel
-
-        def flat(i, tensors):
-            v = graph.values[i]
-            out = []
-            for k, t in enumerate(tensors, start=1):
-                shape = (s,) + (v.numel,) * k
-                t = torch.zeros(shape, dtype=graph.dtype, device=graph.device) if t is None else t.reshape(shape)
-                if v.leaf is not None:
-                    t = t.to(dtype=v.leaf.dtype, device=v.leaf.device)
-                out.append(t)
-            return tuple(out)
-
-        partials = {i: flat(i, kept[i] or [None] * order) for i in retained}
-        leaves = []
-        for i in requested:
-            v = graph.values[i]
-            if v.leaf is not None:
-                v.leaf.xgrad = flat(i, results[i])
-                leaves.append(v.leaf)
-        self._partials = {id(graph.values[i].fn): (graph.values[i].fn, p) for i, p in partials.items()}
-        self._leaves = leaves
+        self._leaves, self._partials = attach.attach(graph, order, requested, retained, results, kept)
         return self
 
     def operator_partials(self, tensor: torch.Tensor) -> tuple:
@@ -264,9 +180,9 @@ class Superset:
             KeyError: ``tensor`` was not retained, or ``backward`` has not run.
         """
         if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
-            hit = self._partials.get(id(tensor.grad_fn))
-            if hit is not None and hit[0] is tensor.grad_fn:
-                return hit[1]
+            hit = self._partials.get((tensor.grad_fn, tensor.output_nr))
+            if hit is not None:
+                return hit
         raise KeyError("no partials for this tensor: pass it to retain_partials() (or as target=) "
                        "before backward()")
 
@@ -328,4 +244,4 @@ def plan_for(source: torch.Tensor, order: int, target=None, configurations=None,
     overrides = _overrides(configurations)
     graph = Graph(source)
     requested, retained = Superset(source)._request(graph, target)
-    return graph, planner.build(graph, order, requested, retained, overrides, direction)
+    return graph, planner.build(graph, order, graph.rules(overrides), requested, retained, direction)

@@ -11,6 +11,7 @@ those errors surface here, before anything is planned or computed.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -38,6 +39,8 @@ class Value:
     # Which output of a node with several (split, unbind): each used output is
     # a value of its own, a function of the node's inputs processed like any other.
     output: int = 0
+    # A torch.autograd.Function's own ctx attributes (ctx.p = ...), which its rule may read.
+    attrs: dict = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -64,6 +67,7 @@ class NodeCtx:
 
     def __init__(self, value: Value, graph: "Graph", meta: bool):
         self.name = value.name
+        self._device = graph.device
         self.out_shape = value.shape
         self.in_shapes = tuple(None if i is None else graph.values[i].shape for i in value.inputs)
         self.dtype = graph.dtype
@@ -81,8 +85,16 @@ class NodeCtx:
         """
         value = self._saved[name]
         if isinstance(value, tuple):
-            return tuple(meta_like(v) for v in value) if self._meta else value
-        return meta_like(value) if self._meta else value
+            return tuple(self._take(v) for v in value)
+        return self._take(value)
+
+    def _take(self, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if self._meta:
+            return meta_like(value)
+        # torch saves a Python number operand (2 * x on a GPU) as a 0-d CPU tensor
+        return value if value.device == self._device else value.to(self._device)
 
     def has(self, name: str) -> bool:
         return self._saved.get(name) is not None
@@ -113,13 +125,33 @@ def _read_saved(fn, where) -> dict:
         if isinstance(item, list):
             item = tuple(item)
         saved[attr[len("_saved_"):]] = item
-    if hasattr(fn, "saved_tensors") and hasattr(fn, "_raw_saved_tensors"):
+    if _is_custom(fn):
         # a torch.autograd.Function: what its forward passed to ctx.save_for_backward
         try:
             saved["tensors"] = tuple(fn.saved_tensors)
         except RuntimeError as err:
             raise GraphFreedError(f"the saved tensors of {fn.name()} ({where()}) are gone: {err}") from None
     return saved
+
+
+def _is_custom(fn) -> bool:
+    """A node of a ``torch.autograd.Function``."""
+    return hasattr(fn, "saved_tensors") and hasattr(fn, "_raw_saved_tensors")
+
+
+def _signature_of(item):
+    """What a plan may assume about one saved item: a tensor's shape and dtype, a number's value."""
+    if isinstance(item, torch.Tensor):
+        return ("tensor", tuple(item.shape), item.dtype)
+    if isinstance(item, (tuple, list)):
+        return tuple(_signature_of(x) for x in item)
+    if isinstance(item, dict):
+        return tuple(sorted((str(k), _signature_of(x)) for k, x in item.items()))
+    try:
+        hash(item)
+    except TypeError:
+        return ("object", type(item).__qualname__)
+    return item
 
 
 class Graph:
@@ -164,6 +196,8 @@ class Graph:
             if v.leaf is not None:
                 continue
             v.saved = _read_saved(v.fn, lambda v=v: v.where(self))
+            if _is_custom(v.fn):
+                v.attrs = dict(vars(v.fn))
             inputs = []
             for fn, output_nr in v.fn.next_functions:
                 if fn is None:
@@ -209,13 +243,22 @@ class Graph:
                 return v.index
         return None
 
-    def rule(self, i: int, overrides: dict):
+    def rules(self, overrides: dict) -> dict:
+        """The rule of every node name in the graph (``None`` where there is none), overrides first."""
+        return {v.name: overrides.get(v.name) or lookup(v.name) for v in self.values if v.leaf is None}
+
+    def rule(self, i: int, rules: dict):
+        """The rule that describes value ``i``; a typed error where there is none."""
         v = self.values[i]
-        rule = overrides.get(v.name) or lookup(v.name)
+        rule = rules.get(v.name)
         if rule is None:
+            names = supported()
+            close = difflib.get_close_matches(v.name, names, n=3, cutoff=0.6)
+            hint = f" Closest supported: {', '.join(close)}." if close else ""
             raise UnsupportedOperatorError(
                 f"no rule for torch node {v.name} (output shape {list(v.shape)}), reached as "
-                f"{v.where(self)}. Supported operators: {', '.join(supported())}"
+                f"{v.where(self)}.{hint} xa.supported() lists the {len(names)} supported nodes; "
+                "xa.extend.register adds a rule of your own"
             )
         if v.output != 0 and not getattr(rule, "multi_output", False):
             raise UnsupportedOperatorError(
@@ -228,20 +271,17 @@ class Graph:
         return NodeCtx(self.values[i], self, meta)
 
     def signature(self) -> tuple:
-        """Everything a plan depends on: names, shapes, wiring, saved shapes and constants."""
-        def sig(item):
-            if isinstance(item, torch.Tensor):
-                return ("tensor", tuple(item.shape), item.dtype)
-            if isinstance(item, tuple):
-                return tuple(sig(x) for x in item)
-            return item
+        """Everything a plan depends on from the graph: names, shapes, wiring, saved shapes and numbers.
 
+        A custom Function's ctx attributes are in it too: its rule may read them.
+        """
         return (
             self.dtype,
             str(self.device),
             tuple(
                 (v.name, v.output, v.shape, v.inputs, v.leaf is not None,
-                 tuple(sorted((k, sig(x)) for k, x in v.saved.items())))
+                 tuple(sorted((k, _signature_of(x)) for k, x in v.saved.items())),
+                 _signature_of(v.attrs) if v.attrs else ())
                 for v in self.values
             ),
         )

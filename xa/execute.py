@@ -1,9 +1,11 @@
 """Execute: run a plan on the tensors torch saved.
 
 Each step asks the node's rule for its factors once (now with the real
-saved tensors), runs every term's cached contraction, adds the result into
-a strided view of its target block, and frees the blocks that died with
-the node. Nothing here looks at a tensor's values to decide what to do.
+saved tensors; operands and coefficients both come from here, and each
+factor's structure is checked against the plan's), runs every term's
+cached contraction, adds the result into a strided view of its target
+block, and frees the blocks that died with the node. Nothing here looks at
+a tensor's values to decide what to do.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import torch
 
 from .capture import Graph
 from .plan import Plan
+from .terms import NodeFactors
 
 
 @torch.no_grad()
-def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -> tuple[dict, dict]:
+def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None) -> tuple[dict, dict]:
     """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
 
     Runs without autograd: saved tensors may require grad, the derivatives are plain data.
@@ -34,20 +37,17 @@ def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -
             retained[step.value] = kept
         if not step.terms:
             continue
-        rule = graph.rule(step.value, overrides)
-        ctx = graph.ctx(step.value, meta=False)
-        factors: dict = {}
+        factors = NodeFactors(step, graph.rule(step.value, rules), graph.ctx(step.value, meta=False))
         for term in step.terms:
             operands = []
             for key, view in term.sources:
                 operands.append(blocks[key].reshape(view))
             for slots, k in term.operands:
-                if slots not in factors:
-                    factors[slots] = rule(ctx, slots)
                 operands.append(factors[slots].operands[k][0].to(dtype))
+            coef = factors.coef(term)
             target = blocks.get(term.target)
             if term.broadcast is not None:
-                _broadcast_product(term, operands, target, blocks, plan, dtype, device)
+                _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device)
                 continue
             if term.expr is not None:
                 result = term.expr(*operands, backend="torch")
@@ -61,17 +61,17 @@ def run(plan: Plan, graph: Graph, overrides: dict, blocks: dict | None = None) -
                 block = result.reshape(plan.block_shapes[term.target])
                 if block.data_ptr() != result.data_ptr() or not block.is_contiguous():
                     block = block.contiguous()
-                if term.coef != 1.0:
-                    block.mul_(term.coef)
+                if coef != 1.0:
+                    block.mul_(coef)
                 blocks[term.target] = block
                 continue
-            _view(term, blocks, plan, dtype, device).add_(result.reshape(term.result_shape), alpha=term.coef)
+            _view(term, blocks, plan, dtype, device).add_(result.reshape(term.result_shape), alpha=coef)
         for key in step.retire:
             blocks.pop(key, None)
     return blocks, retained
 
 
-def _broadcast_product(term, operands, target, blocks, plan, dtype, device) -> None:
+def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device) -> None:
     """A term that sums no label: multiply the small operands, then one pass over the block.
 
     ``view += coef * big * small`` (``addcmul_``), or, for the first term of
@@ -88,16 +88,16 @@ def _broadcast_product(term, operands, target, blocks, plan, dtype, device) -> N
         block = torch.empty(plan.block_shapes[term.target], dtype=dtype, device=device)
         view = block.view(term.view_sizes)
         if small is None:
-            torch.mul(big, term.coef, out=view)
+            torch.mul(big, coef, out=view)
         else:
-            torch.mul(big, small * term.coef if term.coef != 1.0 else small, out=view)
+            torch.mul(big, small * coef if coef != 1.0 else small, out=view)
         blocks[term.target] = block
         return
     view = _view(term, blocks, plan, dtype, device)
     if small is None:
-        view.add_(big, alpha=term.coef)
+        view.add_(big, alpha=coef)
     else:
-        view.addcmul_(big, small, value=term.coef)
+        view.addcmul_(big, small, value=coef)
 
 
 def _view(term, blocks, plan, dtype, device) -> torch.Tensor:

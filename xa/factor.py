@@ -42,7 +42,11 @@ class Factor:
             slots were requested.
         operands: ``(tensor, labels)`` pairs, one label per tensor dim.
         sizes: ``sizes[label]`` is the extent of each label id.
-        coef: a constant scalar multiplying the whole network.
+        coef: a scalar multiplying the whole network (read at execution,
+            like the operands: it may come from saved values).
+        workspace: entries the rule allocates for a while to build the
+            operands, beyond the operands themselves (a dense derivative
+            computed with nested ``jacfwd``); the memory model counts it.
     """
 
     out: Labels
@@ -50,6 +54,7 @@ class Factor:
     sizes: tuple
     operands: tuple = ()
     coef: float = 1.0
+    workspace: int = 0
 
 
 @dataclass
@@ -72,13 +77,14 @@ class LabelMaker:
     def dims(self, shape: Sequence[int]) -> Labels:
         return tuple(self.new(s) for s in shape)
 
-    def factor(self, out, ins, operands=(), coef=1.0) -> Factor:
+    def factor(self, out, ins, operands=(), coef=1.0, workspace=0) -> Factor:
         return Factor(
             out=tuple(out),
             ins=tuple(tuple(p) for p in ins),
             sizes=tuple(self.sizes),
             operands=tuple((t, tuple(lbl)) for t, lbl in operands),
             coef=float(coef),
+            workspace=int(workspace),
         )
 
 

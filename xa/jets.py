@@ -20,11 +20,10 @@ way round for a small leaf feeding a wide network (a PINN's input).
 
 from __future__ import annotations
 
-import math
 from itertools import product
 
 from .capture import Graph
-from .plan import Step, _Factors, _TermLabels, compile_term, set_partitions
+from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
 IDENTITY = "identity"
 
@@ -33,11 +32,11 @@ def jet_key(leaf: int, value: int, k: int) -> tuple:
     return ("jet", leaf, value, k)
 
 
-def build_forward(graph: Graph, order: int, leaves: tuple, overrides: dict) -> tuple:
+def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple) -> tuple:
     """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results)``."""
     steps, shapes, results = [], {}, {}
     for leaf in leaves:
-        leaf_steps = _leaf_steps(graph, order, leaf, overrides, shapes)
+        leaf_steps = _leaf_steps(graph, order, leaf, rules, shapes)
         steps.extend(leaf_steps)
         results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         for key in results[leaf]:
@@ -53,7 +52,7 @@ def _depends_on(graph: Graph, leaf: int) -> list:
     return reach
 
 
-def _leaf_steps(graph, order, leaf, overrides, shapes) -> list:
+def _leaf_steps(graph, order, leaf, rules, shapes) -> list:
     reach = _depends_on(graph, leaf)
     n_leaf = graph.values[leaf].numel
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
@@ -64,7 +63,7 @@ def _leaf_steps(graph, order, leaf, overrides, shapes) -> list:
             continue
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
         slots = [s for s, i in enumerate(inputs) if i is not None]
-        factor = _Factors(graph, y, graph.rule(y, overrides), graph.ctx(y, meta=True), inputs)
+        factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, meta=True), inputs)
         step = Step(y, v.name)
         jets[y] = {}
         for k in range(1, order + 1):
@@ -82,12 +81,13 @@ def _leaf_steps(graph, order, leaf, overrides, shapes) -> list:
                         jets[y][k] = target
             if target in jets[y].values():
                 shapes[target] = v.shape + graph.values[leaf].shape * k
+        factor.finish(step)
         steps.append(step)
     return steps
 
 
 def _jet_term(graph, leaf, n_leaf, y, k, f, pairs, inputs, jets, target):
-    lab = _TermLabels()
+    lab = TermLabels()
     slots = tuple(a for a, _ in pairs)
     shift, operands = lab.adopt(f, slots)
     positions: dict = {}
@@ -105,7 +105,7 @@ def _jet_term(graph, leaf, n_leaf, y, k, f, pairs, inputs, jets, target):
     out = [shift[i] for i in f.out]
     for pos in range(k):
         out.extend(positions[pos])
-    return compile_term(lab, sources, operands, out, target, f.coef)
+    return compile_term(lab, sources, operands, [slots], out, target)
 
 
 def _retire_after_last_read(steps: list, keep: set) -> None:
@@ -119,10 +119,3 @@ def _retire_after_last_read(steps: list, keep: set) -> None:
             steps[index].retire.append(key)
 
 
-def flops(steps: list) -> int:
-    return sum(t.flops for s in steps for t in s.terms)
-
-
-def result_size(graph: Graph, order: int, leaves: tuple) -> int:
-    s = math.prod(graph.source_shape)
-    return sum(s * graph.values[i].numel ** k for i in leaves for k in range(1, order + 1))

@@ -1,0 +1,178 @@
+"""Backprop: the joint partial blocks of the source, contracted from the source down.
+
+The mathematics (see DESIGN.md, section 4). Backprop keeps, for the
+current frontier of the graph, the joint partial blocks
+``D[M] = d^k S / du_1 ... du_k`` over multisets ``M = {u_1 .. u_k}`` of
+frontier values, each a dense tensor ``(*S.shape, *u_1.shape, ...)``,
+symmetric under swapping two positions that hold the same value.
+
+Processing ``y = f(x_1 .. x_m)`` (all of ``y``'s consumers done) replaces
+every block holding ``y`` p times and other values ``V`` by its
+multivariate Faa di Bruno expansion. For a target multiset ``M'``
+(``q >= p`` positions reached through ``f``'s input slots, plus ``V``),
+the chain rule for ``S(z) = G(f(slots(z)), V(z))`` sums over
+
+1. which positions of ``M'`` are the ``V`` positions of ``D[M]`` (a value
+   that is both in ``V`` and an input of ``f`` -- fan-out -- gets every
+   choice),
+2. which input slot each remaining position goes through (``x * x`` has
+   the same value in two slots),
+3. every set partition of those positions into ``p`` blocks, block ``B``
+   contributing the rule's local derivative ``d^|B| y / dx_(slots of B)``.
+
+Every term is written out (no grouping by multiplicity), so each block is
+exactly symmetric by construction and no symmetrisation pass is needed.
+A target block is kept only if some requested value (a leaf, the target,
+a retained tensor) is an ancestor of every value in it; for a chain this
+leaves exactly the pure blocks ``D[x^k]``.
+
+A term is one einsum over the incoming block and the factors' operands
+(:mod:`xa.terms`).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations, combinations_with_replacement, product
+
+from .capture import Graph
+from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
+
+
+def ancestry(graph: Graph, requested: set) -> list:
+    """For each value, the requested values it reaches (itself included)."""
+    reach: list = [frozenset()] * len(graph.values)
+    for i in reversed(graph.order):
+        v = graph.values[i]
+        acc = {i} if i in requested else set()
+        for j in v.inputs:
+            if j is not None:
+                acc |= reach[j]
+        reach[i] = frozenset(acc)
+    return reach
+
+
+def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
+                   rows: int | None = None) -> tuple:
+    """Steps of backprop to ``order``: ``(steps, block_shapes, results)``.
+
+    ``results`` maps each requested value to the keys of its blocks for
+    k = 1..order; a retained value's blocks are snapshot by its step. ``rows`` plans over a chunk of that many source
+    rows, whose one-hot block ``(rows, *source.shape)`` is given at execution;
+    without it the source's own block is the identity, never built.
+    """
+    N = order
+    wanted = set(requested) | set(retained)
+    reach = ancestry(graph, wanted)
+    s_shape = graph.source_shape if rows is None else (rows,)
+    s_numel = math.prod(s_shape)
+
+    def keep(m):
+        common = reach[m[0]]
+        for u in m[1:]:
+            common = common & reach[u]
+        return bool(common)
+
+    def block_shape(m):
+        return s_shape + tuple(d for u in m for d in graph.values[u].shape)
+
+    live = {(0,): None}  # block keys
+    shapes = {} if rows is None else {(0,): (rows,) + graph.source_shape}
+    steps = []
+    for y in graph.order:
+        v = graph.values[y]
+        holding = [m for m in live if y in m]
+        if not holding:
+            continue
+        snapshot = y in retained
+        if v.leaf is not None or not (reach[y] - {y}):
+            if snapshot:
+                steps.append(Step(y, v.name, snapshot=True))
+            continue
+        inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
+        factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, meta=True), inputs)
+        step = Step(y, v.name, snapshot=snapshot)
+        for m in holding:
+            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None):
+                if term.target not in live:
+                    live[term.target] = True
+                    shapes[term.target] = block_shape(term.target)
+                step.terms.append(term)
+        factor.finish(step)
+        for m in holding:
+            del live[m]
+        step.retire = [m for m in holding if m != (0,) or rows is not None]
+        steps.append(step)
+
+    results = {i: [(i,) * k for k in range(1, N + 1)] for i in requested}
+    for keys in results.values():
+        for k in keys:
+            shapes.setdefault(k, block_shape(k))
+    return steps, shapes, results
+
+
+def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity):
+    p = m.count(y)
+    V = tuple(u for u in m if u != y)
+    nodes = sorted({i for i in inputs if i is not None})
+    slots_of = {z: [s for s, i in enumerate(inputs) if i == z] for z in nodes}
+    for q in range(p, N - len(V) + 1):
+        for through in combinations_with_replacement(nodes, q):
+            target = tuple(sorted(V + through))
+            if not keep(target):
+                continue
+            groups: dict = {}
+            for pos, z in enumerate(target):
+                groups.setdefault(z, []).append(pos)
+            vchoices = [combinations(groups[z], V.count(z)) for z in groups]
+            for vpick in product(*vchoices):
+                vpos = {z: list(c) for z, c in zip(groups, vpick)}
+                taken = {pos for c in vpick for pos in c}
+                rest = [pos for pos in range(len(target)) if pos not in taken]
+                for slots in product(*(slots_of[target[pos]] for pos in rest)):
+                    for part in set_partitions(tuple(range(len(rest))), p):
+                        blocks = []
+                        for members in part:
+                            members = sorted(members, key=lambda t: slots[t])
+                            f = factor(tuple(slots[t] for t in members))
+                            if f is None:
+                                break
+                            blocks.append((f, [rest[t] for t in members], tuple(slots[t] for t in members)))
+                        else:
+                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel, identity)
+
+
+def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity):
+    lab = TermLabels()
+    out_of_pos: dict = {}
+    y_ports, operands, factors = [], [], []
+    for f, positions, slots in blocks:
+        shift, f_operands = lab.adopt(f, slots)
+        y_ports.append(tuple(shift[i] for i in f.out))
+        for pos, port in zip(positions, f.ins):
+            out_of_pos[pos] = tuple(shift[i] for i in port)
+        operands.extend(f_operands)
+        factors.append(slots)
+    sources = []
+    if identity and m == (0,):  # the source's own block is the identity: its labels are the y port's
+        a = y_ports[0]
+    else:
+        a = (lab.new(s_numel),)
+        d_labels = list(a)
+        yi = 0
+        vi: dict = {}
+        for u in m:
+            if u == y:
+                d_labels.extend(y_ports[yi])
+                yi += 1
+            else:
+                label = lab.new(graph.values[u].numel)
+                d_labels.append(label)
+                pos = vpos[u][vi.get(u, 0)]
+                vi[u] = vi.get(u, 0) + 1
+                out_of_pos[pos] = (label,)
+        sources.append((m, tuple(d_labels)))
+    out = list(a)
+    for pos in range(len(target)):
+        out.extend(out_of_pos[pos])
+    return compile_term(lab, sources, operands, factors, out, target)

@@ -1,0 +1,277 @@
+"""Terms: one einsum each, the unit both directions build their programs from.
+
+A term adds ``coef * einsum(blocks read, factor operands)`` into its target
+block. Its output labels may repeat a label (an elementwise derivative
+written into a dense block: a diagonal) or name a label that no operand
+has (a sum's broadcast); both are handled by adding the einsum's result
+into an ``as_strided`` view of the target block, so neither is ever
+materialised.
+
+A term holds only what planning may depend on: labels, shapes, the
+opt_einsum path. Every value -- the factors' operands *and* their
+coefficients -- is read from the rule again at execution
+(:class:`NodeFactors`), and the factor's structure is checked against the
+one the plan was built from, so a cached plan can never bake in a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import opt_einsum as oe
+
+from .capture import Graph
+from .errors import RuleError
+from .factor import Factor
+
+
+def set_partitions(items: tuple, k: int):
+    """Every partition of ``items`` into exactly ``k`` non-empty blocks (lists, in order)."""
+    if k == 0:
+        if not items:
+            yield []
+        return
+    if len(items) < k:
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest, k - 1):
+        yield [[first]] + part
+    for part in set_partitions(rest, k):
+        for b in range(len(part)):
+            yield part[:b] + [[first] + part[b]] + part[b + 1:]
+
+
+@dataclass
+class Term:
+    """One contraction: ``target_view += coef * einsum(blocks read, factor operands)``.
+
+    ``coef`` is the product of the coefficients of the factors named in
+    ``factors`` (one entry per factor, repeats allowed), read at execution.
+    """
+
+    sources: tuple  # ((block key, shape to view it as), ...): the incoming blocks
+    operands: tuple  # ((slots, operand index), ...) into the step's factors
+    factors: tuple  # the slots of every factor the term multiplies, for their coefficients
+    target: tuple
+    equation: str
+    shapes: tuple
+    view_sizes: tuple
+    view_strides: tuple
+    result_shape: tuple
+    full: bool = False  # the result covers the whole target, in its order: it can become the block
+    # When no label is summed the term is a broadcast product: each operand's
+    # (permutation, view shape) lining it up with the target view's labels,
+    # and the size of the product of all but its largest operand.
+    broadcast: Any = None
+    broadcast_scratch: int = 0
+    info: Any = None
+    expr: Any = None
+
+    @property
+    def flops(self) -> int:
+        return int(self.info.opt_cost) if self.info is not None else 0
+
+
+@dataclass
+class Step:
+    """Processing one node: its terms, then the blocks that die with it.
+
+    ``structure`` maps each slot tuple the terms use to the fingerprint of
+    the factor the plan was built from; execution checks the rule gives the
+    same one.
+    """
+
+    value: int
+    name: str
+    terms: list = field(default_factory=list)
+    retire: list = field(default_factory=list)
+    snapshot: bool = False
+    structure: dict = field(default_factory=dict)
+    workspace: int = 0  # entries the rules allocate for a while to build one factor (the largest)
+
+
+_PATHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PATH_CACHE_SIZE = 1024
+path_searches = 0  # how many times opt_einsum was asked for a path (tests read it)
+
+
+def contraction(equation: str, shapes: tuple) -> tuple:
+    """``(PathInfo, ContractExpression)`` for an einsum over operands of these shapes, cached."""
+    global path_searches
+    key = (equation, shapes)
+    hit = _PATHS.get(key)
+    if hit is None:
+        path_searches += 1
+        path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
+        hit = (info, oe.contract_expression(equation, *shapes, optimize=path))
+        _PATHS[key] = hit
+        if len(_PATHS) > _PATH_CACHE_SIZE:
+            _PATHS.popitem(last=False)
+    return hit
+
+
+class TermLabels:
+    """Label ids of one term; factor-local labels are shifted into a fresh range."""
+
+    def __init__(self):
+        self.sizes: list = []
+
+    def new(self, size: int) -> int:
+        self.sizes.append(int(size))
+        return len(self.sizes) - 1
+
+    def adopt(self, factor: Factor, slots: tuple) -> tuple:
+        """Shift ``factor``'s labels in; returns the shift and its operands as ``((slots, k), labels)``."""
+        base = len(self.sizes)
+        self.sizes.extend(factor.sizes)
+        shift = {i: base + i for i in range(len(factor.sizes))}
+        operands = [((slots, k), tuple(shift[i] for i in labels)) for k, (_, labels) in enumerate(factor.operands)]
+        return shift, operands
+
+
+def structure(factor: Factor) -> tuple:
+    """Everything about a factor that a plan is built from: ports, label sizes, operand labels."""
+    return (factor.out, factor.ins, factor.sizes, tuple(labels for _, labels in factor.operands))
+
+
+def _check_factor(factor: Factor, graph: Graph, y: int, slots: tuple, inputs: tuple) -> None:
+    v = graph.values[y]
+    where = f"the rule for {v.name} (slots {slots})"
+    if not isinstance(factor, Factor):
+        raise RuleError(f"{where} returned {type(factor).__name__}, expected xa.Factor or None")
+    if len(factor.ins) != len(slots):
+        raise RuleError(f"{where} returned {len(factor.ins)} input ports, expected {len(slots)}")
+    numel = math.prod(v.shape)
+    if math.prod(factor.sizes[i] for i in factor.out) != numel:
+        raise RuleError(f"{where}: output port covers {math.prod(factor.sizes[i] for i in factor.out)} "
+                        f"entries, the node's output has {numel}")
+    for port, s in zip(factor.ins, slots):
+        n = graph.values[inputs[s]].numel
+        if math.prod(factor.sizes[i] for i in port) != n:
+            raise RuleError(f"{where}: port of slot {s} covers {math.prod(factor.sizes[i] for i in port)} "
+                            f"entries, the input has {n}")
+    for tensor, labels in factor.operands:
+        if tuple(tensor.shape) != tuple(factor.sizes[i] for i in labels):
+            raise RuleError(f"{where}: operand of shape {tuple(tensor.shape)} labelled with sizes "
+                            f"{tuple(factor.sizes[i] for i in labels)}")
+
+
+class PlanFactors:
+    """A node's local derivatives while planning: asked of its rule once per slot tuple, and checked."""
+
+    def __init__(self, graph, y, rule, ctx, inputs):
+        self.graph, self.y, self.rule, self.ctx, self.inputs = graph, y, rule, ctx, inputs
+        self.cache: dict = {}
+
+    def __call__(self, slots):
+        if slots not in self.cache:
+            f = self.rule(self.ctx, slots)
+            if f is not None:
+                _check_factor(f, self.graph, self.y, slots, self.inputs)
+            self.cache[slots] = f
+        return self.cache[slots]
+
+    def finish(self, step: Step) -> Step:
+        """Record on ``step`` what execution must find again (each factor's structure) and the rules' workspace."""
+        used = {slots for t in step.terms for slots in t.factors}
+        step.structure = {slots: structure(self.cache[slots]) for slots in used}
+        step.workspace = max((self.cache[slots].workspace for slots in used), default=0)
+        return step
+
+
+class NodeFactors:
+    """A node's local derivatives while executing: the rule's real values, in the plan's structure."""
+
+    def __init__(self, step: Step, rule, ctx):
+        self.step, self.rule, self.ctx = step, rule, ctx
+        self.cache: dict = {}
+
+    def __getitem__(self, slots) -> Factor:
+        f = self.cache.get(slots)
+        if f is None:
+            f = self.rule(self.ctx, slots)
+            if not isinstance(f, Factor) or structure(f) != self.step.structure[slots]:
+                got = "None (zero)" if f is None else "another structure"
+                raise RuleError(
+                    f"the rule for {self.step.name} (slots {slots}) gave {got} at execution, not the factor the "
+                    "plan was built from: a rule may compute with values, never choose its ports, labels or "
+                    "zeros by them (use saved shapes and Python numbers torch saved, which are in the plan's key)"
+                )
+            self.cache[slots] = f
+        return f
+
+    def coef(self, term: Term) -> float:
+        c = 1.0
+        for slots in term.factors:
+            c *= self[slots].coef
+        return c
+
+
+def compile_term(lab, sources, operands, factors, out, target) -> Term:
+    """The einsum and the strided view that add one term into its target block.
+
+    Args:
+        lab: the term's labels (their sizes).
+        sources: ``(block key, labels)`` of the blocks read, each reshaped so
+            that it has one dim per label.
+        operands: ``((slots, k), labels)`` of the factors' operands.
+        factors: the slots of each factor multiplied, for its coefficient.
+        out: the labels of the target block, in its row-major order;
+            repeats walk a diagonal, labels no operand has are broadcast.
+        target: the key of the block the term adds into.
+    """
+    sizes = lab.sizes
+    operand_labels = [labels for _, labels in sources] + [labels for _, labels in operands]
+    # Row-major strides of the target block seen through the output labels;
+    # a label repeated in the output walks the diagonal (strides add up).
+    strides = [0] * len(out)
+    acc = 1
+    for t in range(len(out) - 1, -1, -1):
+        strides[t] = acc
+        acc *= sizes[out[t]]
+    unique, stride_of = [], {}
+    for label, st in zip(out, strides):
+        if label not in stride_of:
+            unique.append(label)
+            stride_of[label] = 0
+        stride_of[label] += st
+    present = {label for labels in operand_labels for label in labels}
+    kept = [label for label in unique if label in present]
+    symbols: dict = {}
+
+    def sym(label):
+        if label not in symbols:
+            symbols[label] = oe.get_symbol(len(symbols))
+        return symbols[label]
+
+    equation = ",".join("".join(sym(i) for i in labels) for labels in operand_labels)
+    equation += "->" + "".join(sym(i) for i in kept)
+    op_shapes = tuple(tuple(sizes[i] for i in labels) for labels in operand_labels)
+    term = Term(
+        sources=tuple((key, tuple(sizes[i] for i in labels)) for key, labels in sources),
+        operands=tuple(ref for ref, _ in operands),
+        factors=tuple(factors),
+        target=target,
+        equation=equation,
+        shapes=op_shapes,
+        view_sizes=tuple(sizes[i] for i in unique),
+        view_strides=tuple(stride_of[i] for i in unique),
+        result_shape=tuple(sizes[i] if i in present else 1 for i in unique),
+        full=len(unique) == len(out) and len(kept) == len(unique),
+    )
+    if operand_labels and all(len(set(ls)) == len(ls) and set(ls) <= set(unique) for ls in operand_labels):
+        where = {label: n for n, label in enumerate(unique)}
+        term.broadcast = tuple(
+            (tuple(sorted(range(len(ls)), key=lambda d, ls=ls: where[ls[d]])),
+             tuple(sizes[u] if u in ls else 1 for u in unique))
+            for ls in operand_labels
+        )
+        by_size = sorted(operand_labels, key=lambda ls: math.prod(sizes[u] for u in ls))[:-1]
+        small = {u for ls in by_size for u in ls}
+        term.broadcast_scratch = math.prod(sizes[u] for u in small) if by_size else 0
+    if operand_labels:
+        term.info, term.expr = contraction(equation, op_shapes)
+    return term
