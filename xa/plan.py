@@ -94,12 +94,15 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
     candidates = {}
-    if direction in ("auto", "backward"):
-        steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows)
-        candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
-    if forward_ok and direction in ("auto", "forward"):
-        steps, shapes, results = build_forward(graph, order, rules, requested)
-        candidates["forward"] = Plan(order, steps, shapes, results, (), direction="forward")
+    # Rules run on meta tensors while planning; a tensor a rule makes without naming a device
+    # must be meta too, whatever torch.set_default_device says.
+    with torch.device("meta"):
+        if direction in ("auto", "backward"):
+            steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows)
+            candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
+        if forward_ok and direction in ("auto", "forward"):
+            steps, shapes, results = build_forward(graph, order, rules, requested)
+            candidates["forward"] = Plan(order, steps, shapes, results, (), direction="forward")
     prices = {d: p.flops for d, p in candidates.items()}
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices

@@ -1,18 +1,32 @@
-"""xa's operator rules, one module per family; importing this registers them all."""
+"""xa's operator rules; importing this package registers them all.
+
+Rules are grouped by family -- the shape their derivatives share -- so the
+first guess for an operator is the right file:
+
+* ``elementwise``: pointwise math and activations, one input or two
+  broadcast ones (tanh, tan, exp, log, sin, pow, div, gelu, relu, clamp, where).
+* ``linear``: relabelling linear maps (view, permute, expand, sum, mean,
+  diagonal, trace, add, sub, neg, masked_fill, dropout).
+* ``indexing``: selections and joins (select, slice, gather, index, cat,
+  stack, repeat, pad, flip, roll, embedding, take, split, unbind).
+* ``bilinear``: products (mul, mm, mv, dot, bmm, addmm, baddbmm).
+* ``reductions``: operators dense along a dim (softmax, log_softmax,
+  logsumexp, prod, max, min, amax, amin).
+* ``convolution``: convolutions and pooling; ``normalization``: layer,
+  group and batch norm; ``attention``: scaled_dot_product_attention;
+  ``losses``: mse, smooth_l1, bce, nll.
+
+``families`` holds the helpers the rules are built from.
+"""
 
 from . import (  # noqa: F401
-    activations,
     attention,
     bilinear,
     convolution,
-    elementary,
     elementwise,
     indexing,
-    linalg,
     linear,
     losses,
     normalization,
     reductions,
-    special,
-    split,
 )

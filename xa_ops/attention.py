@@ -13,14 +13,11 @@ nested ``jacfwd`` of that function, one level per slot, vmapped over the
 heads. It is linear in ``v``, so two ``v`` slots are zero. Dropout draws a
 random mask torch does not save: refused.
 
-baddbmm: ``y = beta * input + alpha * (b1 @ b2)``, linear in ``input``,
-bilinear in ``(b1, b2)``.
-
 The unfused form (3-d inputs, dropout, a mask that requires grad) records
 ``_safe_softmax``, softmax that gives zeros on fully masked rows: its
 derivatives are softmax's in terms of the saved result (zero on such rows).
-It also records ``mul`` by a Python number (``MulBackward1``, registered
-with the losses).
+It also records ``baddbmm`` and ``mul`` by a Python number (``MulBackward1``),
+whose rules are in :mod:`xa_ops.bilinear` and :mod:`xa_ops.linear`.
 """
 
 from __future__ import annotations
@@ -34,8 +31,7 @@ from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker
 from xa.registry import register
 
-from .bilinear import beta_plus_alpha_product
-from .special import _softmax
+from .reductions import softmax
 
 # ---------------------------------------------------------------- scaled_dot_product_attention
 
@@ -108,10 +104,6 @@ register("ScaledDotProductEfficientAttentionBackward0", _sdpa)
 register("ScaledDotProductFlashAttentionBackward0", _sdpa)
 register("ScaledDotProductCudnnAttentionBackward0", _sdpa)
 
-# ---------------------------------------------------------------- baddbmm
-
-register("BaddbmmBackward0", beta_plus_alpha_product("bik,bkj->bij", ("batch1", "batch2")))
-
 # ---------------------------------------------------------------- the unfused form's own node
 
-register("SafeSoftmaxBackward0", _softmax)
+register("SafeSoftmaxBackward0", softmax)

@@ -1,4 +1,4 @@
-"""Bilinear operators: products and matrix products."""
+"""Bilinear operators: products and matrix products (mul, mm, mv, dot, bmm, addmm, baddbmm)."""
 
 from xa.factor import LabelMaker, broadcast_port
 from xa.registry import register
@@ -22,6 +22,7 @@ register("MvBackward0", _matrix("ik,k->i", ("self", "vec")))
 register("DotBackward0", _matrix("k,k->", ("self", "tensor")))
 register("BmmBackward0", _matrix("bik,bkj->bij", ("self", "mat2")))
 
+
 def beta_plus_alpha_product(spec: str, saved: tuple):
     """Rule for ``beta * input + alpha * B(x1, x2)`` (addmm, baddbmm): slot 0 linear, slots 1 and 2 bilinear."""
     product = bilinear(einsum_ports(spec, saved, first_slot=1), saved,
@@ -41,3 +42,4 @@ def beta_plus_alpha_product(spec: str, saved: tuple):
 
 
 register("AddmmBackward0", beta_plus_alpha_product("ik,kj->ij", ("mat1", "mat2")))
+register("BaddbmmBackward0", beta_plus_alpha_product("bik,bkj->bij", ("batch1", "batch2")))

@@ -42,8 +42,10 @@ saved ints, so the same code runs on meta tensors while planning.
 
 import torch
 
-from xa.factor import LabelMaker
+from xa.factor import LabelMaker, signed
 from xa.registry import register
+
+from .families import linear_map
 
 
 def _window(ctx, out_len: int, kernel: int, in_len: int, stride: int, dilation: int, padding: int):
@@ -133,9 +135,7 @@ def _pool_matrix(ctx, out_len, kernel, in_len, stride, padding, count_include_pa
 def _avg_pool(ndim: int):
     """Rule for ``avg_pool{ndim}d`` on the last ``ndim`` dims (batched or not)."""
 
-    def rule(ctx, slots):
-        if len(slots) > 1:
-            return None  # linear
+    def build(ctx, lab, slot):
         shape = tuple(ctx.in_shapes[0])
         lead, in_len, out_len = shape[:-ndim], shape[-ndim:], ctx.out_shape[-ndim:]
         kernel = _per_dim(ctx.saved("kernel_size"), ndim)
@@ -144,15 +144,18 @@ def _avg_pool(ndim: int):
         override = ctx.saved("divisor_override")
         include_pad = ctx.saved("count_include_pad")
 
-        lab = LabelMaker()
         b, i, j = lab.dims(lead), lab.dims(out_len), lab.dims(in_len)
         matrices = [
             (_pool_matrix(ctx, *sizes, include_pad, override), labels)
             for sizes, labels in zip(zip(out_len, kernel, in_len, stride, padding), zip(i, j))
         ]
-        return lab.factor((*b, *i), [(*b, *j)], matrices, coef=1.0 if override is None else 1.0 / override)
+        return (*b, *i), (*b, *j), matrices
 
-    return rule
+    def coef(ctx, slot):
+        override = signed(ctx.saved("divisor_override"))  # saved unsigned: -2 reads as 2**64 - 2
+        return 1.0 if override is None else 1.0 / override
+
+    return linear_map(build, coef)
 
 
 register("AvgPool2DBackward0", _avg_pool(2))  # avg_pool1d too: torch records it as unsqueeze, 2d pool, squeeze
@@ -170,9 +173,7 @@ def _max_pool(ndim: int):
     and every higher derivative is zero.
     """
 
-    def rule(ctx, slots):
-        if len(slots) > 1:
-            return None  # piecewise linear
+    def build(ctx, lab, slot):
         shape = tuple(ctx.in_shapes[0])
         lead, out_len = shape[:-ndim], ctx.out_shape[-ndim:]
         in_numel = 1
@@ -182,11 +183,10 @@ def _max_pool(ndim: int):
         positions = torch.arange(in_numel, device=ctx.device)
         select = (indices.unsqueeze(-1) == positions).to(ctx.dtype)
 
-        lab = LabelMaker()
         b, i, q = lab.dims(lead), lab.dims(out_len), lab.new(in_numel)
-        return lab.factor((*b, *i), [(*b, q)], [(select, (*b, *i, q))])
+        return (*b, *i), (*b, q), [(select, (*b, *i, q))]
 
-    return rule
+    return linear_map(build)
 
 
 register("MaxPool2DWithIndicesBackward0", _max_pool(2))  # max_pool1d too: unsqueeze, 2d pool, squeeze

@@ -10,9 +10,11 @@
   torch ops, by nesting forward-mode ``jvp`` k times (gelu, softplus, ...).
 * :func:`elementwise2` -- ``y = f(x0, x1)`` entrywise with broadcasting
   (div, pow): the rule gives the mixed partial ``d^(i+j) f / dx0^i dx1^j``.
-* :func:`linear` -- one-input linear maps given by how they relabel the
-  port (view, permute, sum, expand); every order >= 2 is zero.
-* :func:`weighted_sum` -- ``y = sum_i c_i x_i`` with broadcasting (add, sub).
+* :func:`linear_map` -- every linear operator (views, sums, indexing,
+  pooling, dropout): a relabelling of the ports plus 0/1 operands where it
+  is not one, and a coefficient; every order >= 2 is zero. :func:`linear`
+  (relabelling only) and :func:`weighted_sum` (``y = sum_i c_i x_i`` with
+  broadcasting: add, sub) are two common shapes of it.
 * :func:`bilinear` -- ``y = B(x0, x1)`` given by the ports of the three
   tensors (mul, mm, bmm, dot, ...): the first derivative in one slot is
   the other slot's saved value, the mixed second derivative is the
@@ -105,32 +107,41 @@ def elementwise2(deriv: Callable) -> Callable:
 # ---------------------------------------------------------------- linear
 
 
-def linear(ports: Callable, coef: float = 1.0) -> Callable:
-    """Rule for a one-input linear map; ``ports(ctx, lab)`` returns ``(y_labels, x_labels)``."""
+def linear_map(build: Callable, coef: Callable = lambda ctx, slot: 1.0, multi_output: bool = False) -> Callable:
+    """Rule for ``y = sum_t c_t A_t x_t``: every derivative of order >= 2, mixed ones included, is zero.
+
+    Args:
+        build: ``build(ctx, lab, slot) -> (y labels, x labels, operands)``: ``A_t``
+            as a relabelling of the ports, with ``(tensor, labels)`` operands
+            where it is not one (a 0/1 selection, a window, a mask).
+        coef: ``coef(ctx, slot)``, the scalar ``c_t`` (read at execution).
+        multi_output: the rule reads ``ctx.output`` (split, unbind).
+    """
 
     def rule(ctx, slots):
         if len(slots) > 1:
             return None
         lab = LabelMaker()
-        out, inp = ports(ctx, lab)
-        return lab.factor(out, [inp], coef=coef)
+        y, x, operands = build(ctx, lab, slots[0])
+        return lab.factor(y, [x], operands, coef=coef(ctx, slots[0]))
 
+    rule.multi_output = multi_output
     return rule
+
+
+def linear(ports: Callable, coef: float = 1.0) -> Callable:
+    """Rule for a one-input linear map that only relabels: ``ports(ctx, lab)`` returns ``(y_labels, x_labels)``."""
+    return linear_map(lambda ctx, lab, slot: (*ports(ctx, lab), ()), lambda ctx, slot: coef)
 
 
 def weighted_sum(coefs: Callable) -> Callable:
     """Rule for ``y = sum_i c_i x_i`` (inputs broadcast to ``y``); ``coefs(ctx)`` gives the ``c_i``."""
 
-    def rule(ctx, slots):
-        if len(slots) > 1:
-            return None
-        (slot,) = slots
-        lab = LabelMaker()
+    def build(ctx, lab, slot):
         out = lab.dims(ctx.out_shape)
-        inp = broadcast_port(lab, out, ctx.out_shape, ctx.in_shapes[slot])
-        return lab.factor(out, [inp], coef=coefs(ctx)[slot])
+        return out, broadcast_port(lab, out, ctx.out_shape, ctx.in_shapes[slot]), ()
 
-    return rule
+    return linear_map(build, lambda ctx, slot: coefs(ctx)[slot])
 
 
 # ---------------------------------------------------------------- bilinear

@@ -1,4 +1,5 @@
-"""Indexing and joining: select, slice, index_select, gather, advanced indexing, cat, stack, repeat.
+"""Indexing, joining and splitting: select, slice, index_select, gather, advanced indexing, cat, stack,
+repeat, pad, flip, roll, embedding, take, masked_select, split, chunk, unbind.
 
 Each of these is linear in each input, ``y = A_t x_t``: the first derivative
 in slot ``t`` is ``A_t`` and every order >= 2 (mixed ones included) is zero.
@@ -24,7 +25,12 @@ shared by the ``y`` and ``x`` ports (``l`` labels the ``x`` dim):
 * ``roll(shifts, dims)``:      ``R[i, l] = [l == (i - s) mod n]`` per rolled dim (the flattened tensor
   when no dims are given);
 * ``take(j)``:                 ``O[b.., l] = [l == j[b..] mod N]`` on the flattened ``x``;
-* ``masked_select(m)``:        ``O[k, l..] = [l.. is the k-th true entry of m]``, ``x`` broadcast to ``m``.
+* ``masked_select(m)``:        ``O[k, l..] = [l.. is the k-th true entry of m]``, ``x`` broadcast to ``m``;
+* ``split``, ``chunk``:         output ``o`` is the slice ``[start_o, start_o + len_o)`` along ``dim``;
+* ``unbind(dim)``:             output ``o`` is ``e[l] = [l == o]``.
+
+An operator with several outputs (split, unbind) gives one value per
+output the graph reads; its rule reads ``ctx.output``.
 
 The selection tensors are built with ``torch.arange`` on ``ctx.device``
 from saved ints and index tensors, so the same code runs on meta tensors
@@ -36,29 +42,16 @@ import math
 import torch
 
 from xa.errors import UnsupportedOperatorError
-from xa.factor import LabelMaker, broadcast_port, normalize_dim, signed
+from xa.factor import broadcast_port, normalize_dim, signed
 from xa.registry import register
 
-from .families import linear
+from .families import linear, linear_map
 
 
 def _one_hot(index, size: int, ctx):
     """``[index[..] == l]`` as ``ctx.dtype``, shaped ``(*index.shape, size)``; ``index`` a tensor or an int."""
-    index = torch.as_tensor(index).to(ctx.device)
+    index = torch.as_tensor(index, device=ctx.device)
     return (index.unsqueeze(-1) == torch.arange(size, device=ctx.device)).to(ctx.dtype)
-
-
-def _linear_map(build):
-    """Rule for ``y = A_t x_t``; ``build(ctx, lab, t)`` returns ``(y labels, x_t labels, operands)``."""
-
-    def rule(ctx, slots):
-        if len(slots) > 1:
-            return None
-        lab = LabelMaker()
-        y, x, operands = build(ctx, lab, slots[0])
-        return lab.factor(y, [x], operands)
-
-    return rule
 
 
 # ---------------------------------------------------------------- one entry or a strided range along a dim
@@ -96,9 +89,9 @@ def _narrow_copy(ctx, lab, slot):
     return _strided(ctx, lab, d, signed(ctx.saved("start")) % max(shape[d], 1), 1)
 
 
-register("SelectBackward0", _linear_map(_select))
-register("SliceBackward0", _linear_map(_slice))
-register("NarrowCopyBackward0", _linear_map(_narrow_copy))
+register("SelectBackward0", linear_map(_select))
+register("SliceBackward0", linear_map(_slice))
+register("NarrowCopyBackward0", linear_map(_narrow_copy))
 
 # ---------------------------------------------------------------- entries picked by an index tensor
 
@@ -160,9 +153,9 @@ def _index(ctx, lab, slot):
     return y, tuple(x), operands
 
 
-register("IndexSelectBackward0", _linear_map(_index_select))
-register("GatherBackward0", _linear_map(_gather))
-register("IndexBackward0", _linear_map(_index))
+register("IndexSelectBackward0", linear_map(_index_select))
+register("GatherBackward0", linear_map(_gather))
+register("IndexBackward0", linear_map(_index))
 
 # ---------------------------------------------------------------- joining and repeating
 
@@ -208,8 +201,8 @@ def _repeat(ctx, lab):
     return tuple(y), tuple(x)
 
 
-register("CatBackward0", _linear_map(_cat))
-register("StackBackward0", _linear_map(_stack))
+register("CatBackward0", linear_map(_cat))
+register("StackBackward0", linear_map(_stack))
 register("RepeatBackward0", linear(_repeat))
 
 # ---------------------------------------------------------------- padding, flipping, rolling
@@ -265,9 +258,9 @@ def _roll(ctx, lab, slot):
     return tuple(y), tuple(x), operands
 
 
-register("ConstantPadNdBackward0", _linear_map(_constant_pad))
-register("FlipBackward0", _linear_map(_flip))
-register("RollBackward0", _linear_map(_roll))
+register("ConstantPadNdBackward0", linear_map(_constant_pad))
+register("FlipBackward0", linear_map(_flip))
+register("RollBackward0", linear_map(_roll))
 
 # ---------------------------------------------------------------- lookups: embedding, take, masked_select
 
@@ -311,6 +304,32 @@ def _masked_select(ctx, lab, slot):
     return (k,), x, [(picked, (k, *m))]
 
 
-register("EmbeddingBackward0", _linear_map(_embedding))
-register("TakeBackward0", _linear_map(_take))
-register("MaskedSelectBackward0", _linear_map(_masked_select))
+register("EmbeddingBackward0", linear_map(_embedding))
+register("TakeBackward0", linear_map(_take))
+register("MaskedSelectBackward0", linear_map(_masked_select))
+
+# ---------------------------------------------------------------- several outputs: split, chunk, unbind
+
+
+def _dim(ctx):
+    return normalize_dim(ctx.saved("dim"), len(ctx.in_shapes[0]))
+
+
+def _split(ctx, lab, slot):
+    return _strided(ctx, lab, _dim(ctx), ctx.output * ctx.saved("split_size"), 1)
+
+
+def _split_with_sizes(ctx, lab, slot):
+    return _strided(ctx, lab, _dim(ctx), sum(ctx.saved("split_sizes")[: ctx.output]), 1)
+
+
+def _unbind(ctx, lab, slot):
+    shape, d = ctx.in_shapes[0], _dim(ctx)
+    x = lab.dims(shape)
+    return x[:d] + x[d + 1:], x, [(_one_hot(ctx.output, shape[d], ctx), (x[d],))]
+
+
+register("SplitBackward0", linear_map(_split, multi_output=True))
+register("UnsafeSplitBackward0", linear_map(_split, multi_output=True))
+register("SplitWithSizesBackward0", linear_map(_split_with_sizes, multi_output=True))
+register("UnbindBackward0", linear_map(_unbind, multi_output=True))

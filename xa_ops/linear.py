@@ -1,9 +1,22 @@
-"""Linear operators: shape changes, reductions, sums. Every order >= 2 is zero."""
+"""Linear operators that relabel: views, permutations, broadcasts, sums and means, diagonals,
+sums of inputs, masks. Every order >= 2 is zero (:func:`~xa_ops.families.linear_map`).
 
-from xa.factor import LabelMaker, broadcast_port, normalize_dim, reshape_ports
+Indexing, joining and padding are linear too; they live in :mod:`xa_ops.indexing`.
+
+A main diagonal is a tie: the x port carries the same label on both dims,
+the y port carries it once, no tensor at all. An off-diagonal (offset != 0)
+or the trace of a non-square matrix picks ``x[a, b]`` with ``b - a = offset``:
+a 0/1 operand on those two dims.
+"""
+
+import math
+
+import torch
+
+from xa.factor import broadcast_port, normalize_dim, reshape_ports, signed
 from xa.registry import register
 
-from .families import elementwise, linear, weighted_sum
+from .families import linear, linear_map, weighted_sum
 
 # ---------------------------------------------------------------- identity and views
 
@@ -75,9 +88,63 @@ def _sum_dims(ctx, lab):
     return tuple(x[d] for d in range(len(shape)) if d not in reduced), x
 
 
+def _mean(ports):
+    def build(ctx, lab, slot):
+        return (*ports(ctx, lab), ())
+
+    def coef(ctx, slot):
+        # count = reduced entries per output entry; an empty input has no derivative to scale.
+        return 1.0 / max(math.prod(ctx.in_shapes[0]) // max(math.prod(ctx.out_shape), 1), 1)
+
+    return linear_map(build, coef)
+
+
 register("ExpandBackward0", linear(_expand))
 register("SumBackward0", linear(_sum_all))
 register("SumBackward1", linear(_sum_dims))
+register("MeanBackward0", _mean(_sum_all))
+register("MeanBackward1", _mean(_sum_dims))
+
+# ---------------------------------------------------------------- diagonals and traces (einsum's repeated indices)
+
+
+def _diagonal_pick(ctx, lab, rows_n, cols_n, n, offset):
+    """A fresh label of size ``n`` and the 0/1 operand ``[a == i + max(-offset, 0)] [b == i + max(offset, 0)]``."""
+    diag = lab.new(n)
+    i = torch.arange(n, device=ctx.device)
+    rows = torch.arange(rows_n, device=ctx.device).reshape(1, -1, 1) == (i + max(-offset, 0)).reshape(-1, 1, 1)
+    cols = torch.arange(cols_n, device=ctx.device).reshape(1, 1, -1) == (i + max(offset, 0)).reshape(-1, 1, 1)
+    return diag, (rows & cols).to(ctx.dtype)
+
+
+def _diagonal(ctx, lab, slot):
+    shape = ctx.in_shapes[0]
+    d1, d2 = (normalize_dim(ctx.saved(n), len(shape)) for n in ("dim1", "dim2"))
+    offset = signed(ctx.saved("offset"))
+    x = list(lab.dims(shape))
+    rest = [x[d] for d in range(len(shape)) if d not in (d1, d2)]
+    n = ctx.out_shape[-1]
+    if offset == 0:
+        diag = lab.new(n)
+        x[d1] = x[d2] = diag
+        return rest + [diag], x, ()
+    diag, pick = _diagonal_pick(ctx, lab, shape[d1], shape[d2], n, offset)
+    return rest + [diag], x, [(pick, (diag, x[d1], x[d2]))]
+
+
+def _trace(ctx, lab, slot):
+    rows, cols = ctx.in_shapes[0]
+    if rows == cols:
+        diag = lab.new(rows)
+        return (), (diag, diag), ()
+    x = lab.dims((rows, cols))
+    diag, pick = _diagonal_pick(ctx, lab, rows, cols, min(rows, cols), 0)
+    return (), x, [(pick, (diag, *x))]
+
+
+register("DiagonalBackward0", linear_map(_diagonal))
+register("DiagonalBackward0_copy", linear_map(_diagonal))
+register("TraceBackward0", linear_map(_trace))
 
 # ---------------------------------------------------------------- sums of inputs
 
@@ -94,21 +161,23 @@ register("RsubBackward1", weighted_sum(lambda ctx: (-_alpha(ctx),)))  # number -
 register("MulBackward1", weighted_sum(lambda ctx: (float(ctx.saved("other")),)))
 register("DivBackward1", weighted_sum(lambda ctx: (1.0 / float(ctx.saved("other")),)))
 register("AddBackward1", weighted_sum(lambda ctx: (1.0,)))
-# x.masked_fill(mask, c): x where the mask is off
-register("MaskedFillBackward0", elementwise(
-    lambda ctx, k: (~ctx.saved("mask")).to(ctx.dtype).expand(ctx.out_shape) if k == 1 else None))
-
-# ---------------------------------------------------------------- dropout (the mask is a constant)
+# ---------------------------------------------------------------- masks: masked_fill, dropout (constants)
 
 
-def _dropout(ctx, slots):
-    if len(slots) > 1:
-        return None
-    lab = LabelMaker()
-    y = lab.dims(ctx.out_shape)
+def _masked(mask):
+    def build(ctx, lab, slot):
+        y = lab.dims(ctx.out_shape)
+        return y, y, [(mask(ctx), y)]
+
+    return build
+
+
+def _dropout_scale(ctx, slot):
     p = float(ctx.saved("p"))
-    scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    return lab.factor(y, [y], [(ctx.saved("result1").to(ctx.dtype), y)], coef=scale)
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
 
 
-register("NativeDropoutBackward0", _dropout)
+# x.masked_fill(mask, c): x where the mask is off
+register("MaskedFillBackward0", linear_map(_masked(
+    lambda ctx: (~ctx.saved("mask")).to(ctx.dtype).expand(ctx.out_shape))))
+register("NativeDropoutBackward0", linear_map(_masked(lambda ctx: ctx.saved("result1").to(ctx.dtype)), _dropout_scale))

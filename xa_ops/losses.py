@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from xa.factor import LabelMaker, broadcast_port, signed
 from xa.registry import register
 
+from .families import linear_map
+
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction enum, as saved on the node
 
 
@@ -166,9 +168,7 @@ register("BinaryCrossEntropyWithLogitsBackward0", _pointwise(_bce_with_logits))
 # ---------------------------------------------------------------- nll_loss
 
 
-def _nll(ctx, slots):
-    if len(slots) > 1:
-        return None
+def _nll(ctx, lab, slot):
     shape = ctx.in_shapes[0]
     cd = 1 if len(shape) >= 2 else 0  # the class dim
     along = [shape[cd]] + [1] * (len(shape) - cd - 1)  # a vector over classes, broadcast against x
@@ -180,12 +180,11 @@ def _nll(ctx, slots):
     reduction = ctx.saved("reduction")
     if reduction == MEAN:  # torch divides by the summed weight of the picked classes, saved as total_weight
         picked = picked / ctx.saved("total_weight")
-    lab = LabelMaker()
     x = lab.dims(shape)
-    out = x[:cd] + x[cd + 1:] if reduction == NONE else ()
-    return lab.factor(out, [x], [(picked, x)], coef=-1.0)
+    return x[:cd] + x[cd + 1:] if reduction == NONE else (), x, [(picked, x)]
 
 
-register("NllLossBackward0", _nll)
-register("NllLoss2DBackward0", _nll)  # inputs with spatial dims: torch views them as (N, C, H, W)
+_nll_rule = linear_map(_nll, lambda ctx, slot: -1.0)
+register("NllLossBackward0", _nll_rule)
+register("NllLoss2DBackward0", _nll_rule)  # inputs with spatial dims: torch views them as (N, C, H, W)
 

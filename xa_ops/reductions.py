@@ -1,7 +1,19 @@
-"""Reductions: mean, logsumexp, log_softmax, max and min.
+"""Operators along a dim: softmax, log_softmax, logsumexp, prod, max and min.
 
-mean: ``y = sum(x) / count`` over the reduced dims is linear; its factor is
-sum's relabelling with the coefficient ``1 / count``.
+Each is dense along the dims it acts on and batched (tied labels) along
+every other dim. Their k-th derivatives are built from the saved values
+with broadcasting and structural masks: no branch looks at a value.
+(sum and mean, which are linear, live in :mod:`xa_ops.linear`.)
+
+softmax: with ``y = softmax(x)``, ``dy_i/dx_j = y_i (d_ij - y_j)``. So
+``d^k y_i0 / dx_i1 .. dx_ik`` is a sum over set partitions ``P`` of
+``{0..k}`` of ``c_P * prod_{B in P} y_B * [all indices in B equal]``, and
+differentiating one term by ``x_j`` either puts ``j`` into one of its
+blocks (+1 each) or adds the block ``{j}`` (-|P|).
+
+prod: ``d^k prod(x) / dx_i1 .. dx_ik`` is the product of the entries not
+among ``i1..ik`` when those are distinct, and zero otherwise; it is built
+without dividing by ``x``, so zeros in ``x`` are exact.
 
 logsumexp: ``dy / dx_j = s_j`` with ``s = softmax(x)`` over the reduced
 dims, so ``d^k y / dx_j1 .. dx_jk`` is the (k-1)-th derivative of
@@ -22,30 +34,120 @@ from comparisons, constant under differentiation, so higher orders vanish.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
 from xa.factor import LabelMaker, normalize_dim
 from xa.registry import register
 
-from .families import linear
-from .linear import _sum_all, _sum_dims
-from .special import softmax_derivative
+from .families import linear_map
 
-# ---------------------------------------------------------------- mean
+# ---------------------------------------------------------------- softmax and prod
 
 
-def _mean(ports):
-    def rule(ctx, slots):
-        # count = reduced entries per output entry; an empty input has no derivative to scale.
-        count = math.prod(ctx.in_shapes[0]) // max(math.prod(ctx.out_shape), 1)
-        return linear(ports, coef=1.0 / max(count, 1))(ctx, slots)
+@lru_cache(maxsize=None)
+def _softmax_terms(k: int) -> tuple:
+    """``((coef, partition), ...)`` for the k-th derivative; blocks are sorted tuples."""
+    terms = {((0,),): 1}
+    for j in range(1, k + 1):
+        new: dict = {}
+        for part, c in terms.items():
+            for b in range(len(part)):
+                merged = tuple(sorted(part[:b] + (tuple(sorted(part[b] + (j,))),) + part[b + 1:]))
+                new[merged] = new.get(merged, 0) + c
+            grown = tuple(sorted(part + ((j,),)))
+            new[grown] = new.get(grown, 0) - c * len(part)
+        terms = {p: c for p, c in new.items() if c != 0}
+    return tuple((c, p) for p, c in sorted(terms.items()))
 
-    return rule
+
+def _equal_positions(n: int, positions: tuple, total: int, device) -> torch.Tensor:
+    """Boolean mask over ``total`` positions of size ``n`` (others size 1): all listed indices equal."""
+    idx = torch.arange(n, device=device)
+    first = idx.reshape([n if p == positions[0] else 1 for p in range(total)])
+    mask = torch.ones([n if p in positions else 1 for p in range(total)], dtype=torch.bool, device=device)
+    for p in positions[1:]:
+        mask = mask & (first == idx.reshape([n if q == p else 1 for q in range(total)]))
+    return mask
 
 
-register("MeanBackward0", _mean(_sum_all))
-register("MeanBackward1", _mean(_sum_dims))
+def softmax_derivative(s: torch.Tensor, k: int) -> torch.Tensor:
+    """``d^k s_i0 / dx_i1 .. dx_ik`` for ``s = softmax(x)`` over the last dim, shaped ``(*batch, n, .., n)``."""
+    n, batch, total = s.shape[-1], s.shape[:-1], k + 1
+    derivative = None
+    for coef, partition in _softmax_terms(k):
+        term = None
+        for block in partition:
+            expand = [n if p == block[0] else 1 for p in range(total)]
+            piece = s.reshape(*batch, *expand) * _equal_positions(n, block, total, s.device)
+            term = piece if term is None else term * piece
+        term = coef * term
+        derivative = term if derivative is None else derivative + term
+    return derivative
+
+
+def softmax(ctx, slots):
+    k = len(slots)
+    y = ctx.saved("result")
+    d = normalize_dim(ctx.saved("dim"), y.dim())
+    yb = y.movedim(d, -1) if y.dim() else y.reshape(1)
+    n = yb.shape[-1]
+    batch = yb.shape[:-1]
+    total = k + 1
+    derivative = softmax_derivative(yb, k)
+    lab = LabelMaker()
+    bl = lab.dims(batch)
+    pos = lab.dims([n] * total)
+
+    def port(p):
+        labels = list(bl)
+        labels.insert(d, pos[p])
+        return tuple(labels) if y.dim() else (pos[p],)
+
+    return lab.factor(port(0), [port(p) for p in range(1, total)], [(derivative, bl + pos)])
+
+
+def _prod(ctx, slots, dim=None):
+    k = len(slots)
+    x = ctx.saved("self")
+    xb = x.reshape(-1) if dim is None else x.movedim(dim, -1)
+    n = xb.shape[-1]
+    if k > n:
+        return None
+    batch = xb.shape[:-1]
+    total = k + 1
+    left_out = torch.zeros([n] * total, dtype=torch.bool, device=xb.device)
+    distinct = torch.ones([n] * k, dtype=torch.bool, device=xb.device)
+    for a in range(k):
+        left_out = left_out | _equal_positions(n, (a, k), total, xb.device)
+        for b in range(a + 1, k):
+            distinct = distinct & ~_equal_positions(n, (a, b), k, xb.device)
+    kept = torch.where(left_out, torch.ones((), dtype=xb.dtype, device=xb.device),
+                       xb.reshape(*batch, *([1] * k), n))
+    derivative = kept.prod(-1) * distinct
+    lab = LabelMaker()
+    bl = lab.dims(batch)
+    pos = lab.dims([n] * k)
+    if dim is None:
+        # Each x port is the flattened input: one label of size numel covers every dim.
+        return lab.factor((), [(p,) for p in pos], [(derivative, pos)])
+
+    def port(p):
+        labels = list(bl)
+        labels.insert(dim, p)
+        return tuple(labels)
+
+    return lab.factor(bl, [port(p) for p in pos], [(derivative, bl + pos)])
+
+
+def _prod_dim(ctx, slots):
+    return _prod(ctx, slots, normalize_dim(ctx.saved("dim"), len(ctx.in_shapes[0])))
+
+
+register("SoftmaxBackward0", softmax)
+register("ProdBackward0", _prod)
+register("ProdBackward1", _prod_dim)
 
 # ---------------------------------------------------------------- softmax-shaped reductions
 
@@ -125,14 +227,11 @@ register("LogSoftmaxBackward0", _log_softmax)
 # ---------------------------------------------------------------- max and min
 
 
-def _select(ctx, slots):
+def _select(ctx, lab, slot):
     """max / min along ``dim``: the one-hot of torch's saved indices along it."""
-    if len(slots) > 1:
-        return None
     along = _Along(ctx, (ctx.saved("dim"),))
-    lab = LabelMaker()
     if not along.reduced:  # a 0-d input is its own max
-        return lab.factor((), [()])
+        return (), (), ()
     (d,) = along.reduced
     indices = ctx.saved("indices")
     if not ctx.saved("keepdim"):
@@ -140,15 +239,13 @@ def _select(ctx, slots):
     # scatter reads only shapes on meta tensors, so planning needs no branch.
     onehot = torch.zeros(along.shape, dtype=ctx.dtype, device=indices.device).scatter(d, indices, 1.0)
     x = lab.dims(along.shape)
-    return lab.factor([x[k] for k in along.kept], [x], [(onehot, x)])
+    return [x[k] for k in along.kept], x, [(onehot, x)]
 
 
 def _even(all_dims: bool):
     """max / min of all entries, amax / amin: ``[x == y] / c``, ``c`` the number of ties per output."""
 
-    def rule(ctx, slots):
-        if len(slots) > 1:
-            return None
+    def build(ctx, lab, slot):
         x, result = ctx.saved("self"), ctx.saved("result")
         dims = () if all_dims else ctx.saved("dim")
         along = _Along(ctx, dims or range(x.dim()))
@@ -156,15 +253,14 @@ def _even(all_dims: bool):
             result = result.reshape([1 if d in along.reduced else n for d, n in enumerate(x.shape)])
         ties = (x == result).to(ctx.dtype)
         share = ties / ties.sum(along.reduced, keepdim=True) if along.reduced else ties
-        lab = LabelMaker()
         xl = lab.dims(along.shape)
-        return lab.factor([xl[d] for d in along.kept], [xl], [(share, xl)])
+        return [xl[d] for d in along.kept], xl, [(share, xl)]
 
-    return rule
+    return linear_map(build)
 
 
-register("MaxBackward0", _select)
-register("MinBackward0", _select)
+register("MaxBackward0", linear_map(_select))
+register("MinBackward0", linear_map(_select))
 register("MaxBackward1", _even(all_dims=True))
 register("MinBackward1", _even(all_dims=True))
 register("AmaxBackward0", _even(all_dims=False))
