@@ -2,6 +2,11 @@
 
 ``jacrev`` for the first order, ``jacfwd`` for each further one, per input,
 reshaped to xa's layout ``(source.numel(), *(k * (input.numel(),)))``.
+
+``XA_TEST_DEVICE`` (default ``cpu``) names the device the operator samples,
+the README examples and the random graphs run on: their inputs are moved
+there, and ``conftest`` makes it torch's default device so that the
+samples' constants are made there too.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import torch
 from torch.func import jacfwd, jacrev
 
 import xa
+
+DEVICE = torch.device(os.environ.get("XA_TEST_DEVICE", "cpu"))
 
 
 def torch_partials(f, inputs, order):
@@ -43,6 +50,7 @@ def max_error(f, inputs, order, **backward_kwargs):
     Also checks every shape and dtype on the way; raises AssertionError with
     the offending input, order and error when they differ.
     """
+    inputs = [x.to(DEVICE) for x in inputs]
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     y = f(*leaves)
     xa.backward(y, order, **backward_kwargs)

@@ -16,6 +16,8 @@ CASES = [
     ("Tensor.diagonal dims", lambda a: a.diagonal(dim1=0, dim2=2).sigmoid(), [(2, 3, 2)], 3),
     ("torch.diag", lambda a: torch.diag(a * a).tanh(), [(3, 3)], 3),
     ("torch.trace", lambda a: torch.trace(a.tanh() @ a), [(3, 3)], 4),
+    ("torch.trace wide", lambda a: torch.trace(a).sin() * a.sum(), [(2, 3)], 3),
+    ("torch.trace tall", lambda a: torch.trace(a.tanh()) ** 2, [(4, 2)], 3),
     ("bmm", lambda a, b: torch.bmm(a, b).tanh(), [(2, 2, 3), (2, 3, 2)], 3),
     ("batched broadcast matmul", lambda a, b: torch.matmul(a, b).tanh(), [(3, 2, 3), (3, 2)], 3),
 ]

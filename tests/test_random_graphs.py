@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
-from reference import assert_close_to_torch
+from reference import DEVICE, assert_close_to_torch
 
 DTYPE = torch.float64
 TOL = 1e-8
@@ -403,7 +403,7 @@ def factorizations(n: int) -> list:
 
 
 def values(gen, shape):
-    return torch.rand(shape, generator=gen, dtype=DTYPE) * 3.0 - 1.5
+    return (torch.rand(shape, generator=gen, dtype=DTYPE, device="cpu") * 3.0 - 1.5).to(DEVICE)
 
 
 def build(data, *, order, n_initial, max_leaves, n_ops, scalar_source=False, chain=False):

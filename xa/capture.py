@@ -22,6 +22,7 @@ from .factor import meta_like
 from .registry import lookup, supported
 
 LEAF = "torch::autograd::AccumulateGrad"
+NOT_IMPLEMENTED = "torch::autograd::NotImplemented"  # what torch records for an op it cannot differentiate
 
 
 @dataclass
@@ -251,6 +252,12 @@ class Graph:
         """The rule that describes value ``i``; a typed error where there is none."""
         v = self.values[i]
         rule = rules.get(v.name)
+        if v.name == NOT_IMPLEMENTED:
+            raise UnsupportedOperatorError(
+                f"torch recorded no derivative for the operation at {v.where(self)} (output shape {list(v.shape)}): "
+                f"torch {torch.__version__} cannot differentiate it either, so its own .backward() fails there too "
+                "(narrow_copy on torch 2.11 is one such; x.narrow(...) is differentiable)"
+            )
         if rule is None:
             names = supported()
             close = difflib.get_close_matches(v.name, names, n=3, cutoff=0.6)
