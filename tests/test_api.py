@@ -5,7 +5,6 @@ import torch
 from reference import torch_partials
 
 import xa
-from xa import plan as planner
 from xa import terms
 
 
@@ -324,7 +323,8 @@ def test_chunked_retained_partials():
     y = torch.softmax(g * g, dim=0)
     sup = xa.Superset.construct(y).retain_partials(h)
     want = [t.clone() for t in sup.backward(order=2, direction="backward").operator_partials(h)]
-    got = sup.backward(order=2, max_memory=sup.plan.peak_elements * 8 * 0.75).operator_partials(h)
+    # the softmax factor and its workspace do not shrink with fewer rows: a budget a little under the peak
+    got = sup.backward(order=2, max_memory=sup.plan.peak_elements * 8 * 0.9).operator_partials(h)
     assert sup.plan.block_shapes[(0,)][0] < 24
     for a, b in zip(got, want):
         assert close(a, b, 1e-12)

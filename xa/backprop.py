@@ -90,7 +90,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
                 steps.append(Step(y, v.name, snapshot=True))
             continue
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
-        factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, meta=True), inputs)
+        factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
         step = Step(y, v.name, snapshot=snapshot)
         for m in holding:
             for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None):

@@ -18,7 +18,6 @@ from typing import Any, Optional
 import torch
 
 from .errors import GraphFreedError, GraphModifiedError, SourceError, UnsupportedOperatorError
-from .factor import meta_like
 from .registry import lookup, supported
 
 LEAF = "torch::autograd::AccumulateGrad"
@@ -62,19 +61,23 @@ class Value:
 class NodeCtx:
     """What a rule sees of one node: shapes, saved attributes, dtype, device.
 
-    While planning, saved tensors are shape-only ``meta`` tensors; while
-    executing, they are the tensors torch saved.
+    While planning (``ctx.planning``), saved tensors are zeros of the saved
+    shape and dtype on the CPU, so a plan can depend on shapes alone, and
+    ``device`` is the CPU; a rule computes with them as with the real ones
+    and never branches on their values. A rule whose operand is costly to
+    build (a dense fused derivative) returns a ``meta`` tensor of its shape
+    instead while planning. While executing, they are the tensors torch saved.
     """
 
-    def __init__(self, value: Value, graph: "Graph", meta: bool):
+    def __init__(self, value: Value, graph: "Graph", planning: bool):
         self.name = value.name
+        self.planning = planning
         self._device = graph.device
         self.out_shape = value.shape
         self.in_shapes = tuple(None if i is None else graph.values[i].shape for i in value.inputs)
         self.dtype = graph.dtype
-        self.device = torch.device("meta") if meta else graph.device
+        self.device = torch.device("cpu") if planning else graph.device
         self._saved = value.saved
-        self._meta = meta
         self.node = value.fn  # torch's node itself: a custom Function's ctx attributes live here
         self.output = value.output  # which of the node's outputs this value is
 
@@ -92,8 +95,8 @@ class NodeCtx:
     def _take(self, value):
         if not isinstance(value, torch.Tensor):
             return value
-        if self._meta:
-            return meta_like(value)
+        if self.planning:
+            return torch.zeros(value.shape, dtype=value.dtype)
         # torch saves a Python number operand (2 * x on a GPU) as a 0-d CPU tensor
         return value if value.device == self._device else value.to(self._device)
 
@@ -274,8 +277,8 @@ class Graph:
             )
         return rule
 
-    def ctx(self, i: int, meta: bool) -> NodeCtx:
-        return NodeCtx(self.values[i], self, meta)
+    def ctx(self, i: int, planning: bool) -> NodeCtx:
+        return NodeCtx(self.values[i], self, planning)
 
     def signature(self) -> tuple:
         """Everything a plan depends on from the graph: names, shapes, wiring, saved shapes and numbers.

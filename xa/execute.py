@@ -37,7 +37,7 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None) -> tu
             retained[step.value] = kept
         if not step.terms:
             continue
-        factors = NodeFactors(step, graph.rule(step.value, rules), graph.ctx(step.value, meta=False))
+        factors = NodeFactors(step, graph.rule(step.value, rules), graph.ctx(step.value, planning=False))
         for term in step.terms:
             operands = []
             for key, view in term.sources:

@@ -17,8 +17,11 @@ of input slots, it returns that local derivative as a :class:`Factor`, or
 ``ctx`` gives ``saved(name)`` (torch's ``_saved_<name>`` attributes, or
 ``"tensors"`` for a custom Function), ``out_shape``, ``in_shapes``,
 ``dtype``, ``device`` and ``node`` (torch's node, where a custom Function's
-``ctx.<attr>`` values live). While planning, saved tensors are shape-only
-``meta`` tensors: compute with them, never branch on their values.
+``ctx.<attr>`` values live; they are part of the plan's key). While
+planning (``ctx.planning``) saved tensors are zeros of the right shape and
+dtype: compute with them, never branch on their values (a factor whose
+structure differs at execution raises ``xa.RuleError``). ``xa.extend.planned``
+skips building a costly operand while planning.
 """
 
 from xa_ops.families import (  # noqa: F401
@@ -32,11 +35,11 @@ from xa_ops.families import (  # noqa: F401
     weighted_sum,
 )
 
-from .factor import Factor, LabelMaker, broadcast_port, reshape_ports  # noqa: F401
+from .factor import Factor, LabelMaker, broadcast_port, planned, reshape_ports  # noqa: F401
 from .registry import register, supported, unregister  # noqa: F401
 
 __all__ = [
-    "register", "unregister", "supported", "Factor", "LabelMaker", "broadcast_port", "reshape_ports",
+    "register", "unregister", "supported", "Factor", "LabelMaker", "broadcast_port", "reshape_ports", "planned",
     "elementwise", "polynomial_in_result", "taylor", "elementwise2", "linear", "weighted_sum",
     "bilinear", "einsum_ports",
 ]

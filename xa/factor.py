@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -145,11 +145,11 @@ def port_numel(factor: Factor, port: Labels) -> int:
     return math.prod(factor.sizes[label] for label in port)
 
 
-def meta_like(value: Any) -> Any:
-    """A shape-only stand-in for a saved tensor, used while planning."""
-    if isinstance(value, torch.Tensor):
-        return torch.empty(value.shape, dtype=value.dtype, device="meta")
-    return value
+def planned(ctx, shape, build):
+    """``build()``, or while planning a ``meta`` tensor of ``shape``: a costly operand is made only to run."""
+    if ctx.planning:
+        return torch.empty(shape, dtype=ctx.dtype, device="meta")
+    return build()
 
 
 def signed(value):

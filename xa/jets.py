@@ -63,7 +63,7 @@ def _leaf_steps(graph, order, leaf, rules, shapes) -> list:
             continue
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
         slots = [s for s, i in enumerate(inputs) if i is not None]
-        factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, meta=True), inputs)
+        factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
         step = Step(y, v.name)
         jets[y] = {}
         for k in range(1, order + 1):

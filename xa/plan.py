@@ -94,9 +94,9 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
     candidates = {}
-    # Rules run on meta tensors while planning; a tensor a rule makes without naming a device
-    # must be meta too, whatever torch.set_default_device says.
-    with torch.device("meta"):
+    # Rules run on CPU stand-ins while planning; a tensor a rule makes without naming a device
+    # must be on the CPU too, whatever torch.set_default_device says.
+    with torch.device("cpu"):
         if direction in ("auto", "backward"):
             steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows)
             candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")

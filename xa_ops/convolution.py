@@ -37,7 +37,7 @@ is the product of these per-dim lengths, so each matrix carries its own and
 replaces it: ``count = 1`` and ``c = 1 / divisor_override``.
 
 Every window tensor is built with ``torch.arange`` on ``ctx.device`` from the
-saved ints, so the same code runs on meta tensors while planning.
+saved ints, so the same code runs on the stand-ins of planning.
 """
 
 import torch

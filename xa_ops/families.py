@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.func import jvp
 
-from xa.factor import LabelMaker, broadcast_port
+from xa.factor import LabelMaker, broadcast_port, planned
 
 # ---------------------------------------------------------------- elementwise
 
@@ -78,13 +78,13 @@ def taylor(fn: Callable, saved: str = "self") -> Callable:
     """
 
     def deriv(ctx, k):
-        x = ctx.saved(saved)
-        if x.device.type == "meta":
-            return torch.empty(ctx.out_shape, dtype=ctx.dtype, device="meta")
-        g = lambda z: fn(ctx, z)
-        for _ in range(k):
-            g = (lambda h: lambda z: jvp(h, (z,), (torch.ones_like(z),))[1])(g)
-        return g(x.detach().to(ctx.dtype))
+        def build():
+            g = lambda z: fn(ctx, z)
+            for _ in range(k):
+                g = (lambda h: lambda z: jvp(h, (z,), (torch.ones_like(z),))[1])(g)
+            return g(ctx.saved(saved).detach().to(ctx.dtype))
+
+        return planned(ctx, ctx.out_shape, build)
 
     return deriv
 

@@ -33,8 +33,8 @@ An operator with several outputs (split, unbind) gives one value per
 output the graph reads; its rule reads ``ctx.output``.
 
 The selection tensors are built with ``torch.arange`` on ``ctx.device``
-from saved ints and index tensors, so the same code runs on meta tensors
-while planning; nothing branches on an index's values.
+from saved ints and index tensors, so the same code runs on the stand-ins
+of planning; nothing branches on an index's values.
 """
 
 import math
@@ -124,14 +124,13 @@ def _gather(ctx, lab, slot):
 
 def _index(ctx, lab, slot):
     shape = ctx.in_shapes[0]
-    meta = ctx.device.type == "meta"
     # One index (or None, a full slice) per dim of x; a boolean mask stands for the k dims it covers.
     per_dim = []
     for entry in ctx.saved("indices"):
         if entry is None or entry.dtype not in (torch.bool, torch.uint8):
             per_dim.append(entry)
-        elif meta:  # its nonzero count is in y's shape, which is all planning needs
-            per_dim.extend([torch.empty((), dtype=torch.long, device="meta")] * entry.dim())
+        elif ctx.planning:  # its nonzero count is in y's shape, which is all planning needs
+            per_dim.extend([torch.zeros((), dtype=torch.long)] * entry.dim())
         else:
             per_dim.extend(entry.nonzero().unbind(1))
     per_dim += [None] * (len(shape) - len(per_dim))
@@ -296,7 +295,7 @@ def _masked_select(ctx, lab, slot):
     (k,) = lab.dims(ctx.out_shape)
     m = lab.dims(joint)
     x = broadcast_port(lab, m, joint, shape)  # a dim x was broadcast along is summed over in the operand
-    if ctx.device.type == "meta":  # the number of true entries is in y's shape, which is all planning needs
+    if ctx.planning:  # the number of true entries is in y's shape, which is all planning needs
         picked = torch.empty((ctx.out_shape[0], *joint), dtype=ctx.dtype, device="meta")
     else:
         where = mask.expand(joint).reshape(-1).nonzero().squeeze(1).to(ctx.device)

@@ -38,7 +38,7 @@ from functools import lru_cache
 
 import torch
 
-from xa.factor import LabelMaker, normalize_dim
+from xa.factor import LabelMaker, normalize_dim, planned
 from xa.registry import register
 
 from .families import linear_map
@@ -72,19 +72,27 @@ def _equal_positions(n: int, positions: tuple, total: int, device) -> torch.Tens
     return mask
 
 
-def softmax_derivative(s: torch.Tensor, k: int) -> torch.Tensor:
+# A softmax or prod derivative is built as its result plus, at most, one term
+# and the partial product before it: two more tensors of the result's size.
+DENSE_WORKSPACE = 2
+
+
+def softmax_derivative(ctx, s: torch.Tensor, k: int) -> torch.Tensor:
     """``d^k s_i0 / dx_i1 .. dx_ik`` for ``s = softmax(x)`` over the last dim, shaped ``(*batch, n, .., n)``."""
     n, batch, total = s.shape[-1], s.shape[:-1], k + 1
-    derivative = None
-    for coef, partition in _softmax_terms(k):
-        term = None
-        for block in partition:
-            expand = [n if p == block[0] else 1 for p in range(total)]
-            piece = s.reshape(*batch, *expand) * _equal_positions(n, block, total, s.device)
-            term = piece if term is None else term * piece
-        term = coef * term
-        derivative = term if derivative is None else derivative + term
-    return derivative
+
+    def build():
+        derivative = torch.zeros((*batch, *([n] * total)), dtype=s.dtype, device=s.device)
+        for coef, partition in _softmax_terms(k):
+            term = None
+            for block in partition:
+                expand = [n if p == block[0] else 1 for p in range(total)]
+                piece = s.reshape(*batch, *expand) * _equal_positions(n, block, total, s.device)
+                term = piece if term is None else term * piece
+            derivative.add_(term, alpha=coef)
+        return derivative
+
+    return planned(ctx, (*batch, *([n] * total)), build)
 
 
 def softmax(ctx, slots):
@@ -95,7 +103,7 @@ def softmax(ctx, slots):
     n = yb.shape[-1]
     batch = yb.shape[:-1]
     total = k + 1
-    derivative = softmax_derivative(yb, k)
+    derivative = softmax_derivative(ctx, yb, k)
     lab = LabelMaker()
     bl = lab.dims(batch)
     pos = lab.dims([n] * total)
@@ -105,7 +113,8 @@ def softmax(ctx, slots):
         labels.insert(d, pos[p])
         return tuple(labels) if y.dim() else (pos[p],)
 
-    return lab.factor(port(0), [port(p) for p in range(1, total)], [(derivative, bl + pos)])
+    return lab.factor(port(0), [port(p) for p in range(1, total)], [(derivative, bl + pos)],
+                      workspace=DENSE_WORKSPACE * derivative.numel())
 
 
 def _prod(ctx, slots, dim=None):
@@ -117,28 +126,33 @@ def _prod(ctx, slots, dim=None):
         return None
     batch = xb.shape[:-1]
     total = k + 1
-    left_out = torch.zeros([n] * total, dtype=torch.bool, device=xb.device)
-    distinct = torch.ones([n] * k, dtype=torch.bool, device=xb.device)
-    for a in range(k):
-        left_out = left_out | _equal_positions(n, (a, k), total, xb.device)
-        for b in range(a + 1, k):
-            distinct = distinct & ~_equal_positions(n, (a, b), k, xb.device)
-    kept = torch.where(left_out, torch.ones((), dtype=xb.dtype, device=xb.device),
-                       xb.reshape(*batch, *([1] * k), n))
-    derivative = kept.prod(-1) * distinct
+
+    def build():
+        left_out = torch.zeros([n] * total, dtype=torch.bool, device=xb.device)
+        distinct = torch.ones([n] * k, dtype=torch.bool, device=xb.device)
+        for a in range(k):
+            left_out = left_out | _equal_positions(n, (a, k), total, xb.device)
+            for b in range(a + 1, k):
+                distinct = distinct & ~_equal_positions(n, (a, b), k, xb.device)
+        kept = torch.where(left_out, torch.ones((), dtype=xb.dtype, device=xb.device),
+                           xb.reshape(*batch, *([1] * k), n))
+        return kept.prod(-1) * distinct
+
+    derivative = planned(ctx, (*batch, *([n] * k)), build)
+    workspace = math.prod(batch) * n ** total + DENSE_WORKSPACE * derivative.numel()  # kept, before its prod
     lab = LabelMaker()
     bl = lab.dims(batch)
     pos = lab.dims([n] * k)
     if dim is None:
         # Each x port is the flattened input: one label of size numel covers every dim.
-        return lab.factor((), [(p,) for p in pos], [(derivative, pos)])
+        return lab.factor((), [(p,) for p in pos], [(derivative, pos)], workspace=workspace)
 
     def port(p):
         labels = list(bl)
         labels.insert(dim, p)
         return tuple(labels)
 
-    return lab.factor(bl, [port(p) for p in pos], [(derivative, bl + pos)])
+    return lab.factor(bl, [port(p) for p in pos], [(derivative, bl + pos)], workspace=workspace)
 
 
 def _prod_dim(ctx, slots):
@@ -183,19 +197,20 @@ class _Along:
         return tuple(labels[d] for d in sorted(labels))
 
 
-def _softmax_factor(along, s, k, coef=1.0, y_along=False):
+def _softmax_factor(ctx, along, s, k, coef=1.0, y_along=False):
     """``coef`` times the (k-1)-th derivative of softmax ``s`` (shaped like the input), on ``k`` x ports.
 
     The y port is the batch labels, plus, with ``y_along``, fresh labels on the
     reduced dims that no operand carries: the derivative is the same for every
     entry along them (log_softmax).
     """
-    derivative = softmax_derivative(along.flat(s), k - 1).reshape([*along.batch, *(along.sizes * k)])
+    derivative = softmax_derivative(ctx, along.flat(s), k - 1).reshape([*along.batch, *(along.sizes * k)])
     lab = LabelMaker()
     bl = lab.dims(along.batch)
     pos = [lab.dims(along.sizes) for _ in range(k)]
     out = along.port(bl, lab.dims(along.sizes)) if y_along else bl
-    return lab.factor(out, [along.port(bl, p) for p in pos], [(derivative, bl + sum(pos, ()))], coef)
+    return lab.factor(out, [along.port(bl, p) for p in pos], [(derivative, bl + sum(pos, ()))], coef,
+                      workspace=DENSE_WORKSPACE * derivative.numel())
 
 
 def _logsumexp(ctx, slots):
@@ -203,14 +218,14 @@ def _logsumexp(ctx, slots):
     along = _Along(ctx, ctx.saved("dim"))
     if not ctx.saved("keepdim"):
         result = result.reshape([1 if d in along.reduced else n for d, n in enumerate(x.shape)])
-    return _softmax_factor(along, torch.exp(x - result), len(slots))
+    return _softmax_factor(ctx, along, torch.exp(x - result), len(slots))
 
 
 def _log_softmax(ctx, slots):
     along = _Along(ctx, (ctx.saved("dim"),))
     s = torch.exp(ctx.saved("result"))
     if len(slots) >= 2:
-        return _softmax_factor(along, s, len(slots), coef=-1.0, y_along=True)
+        return _softmax_factor(ctx, along, s, len(slots), coef=-1.0, y_along=True)
     # d_ij - s_j is a sum, so it is one dense operand along dim: (batch, i, j).
     flat = along.flat(s)
     n = flat.shape[-1]
@@ -236,7 +251,7 @@ def _select(ctx, lab, slot):
     indices = ctx.saved("indices")
     if not ctx.saved("keepdim"):
         indices = indices.unsqueeze(d)
-    # scatter reads only shapes on meta tensors, so planning needs no branch.
+    # the stand-ins of planning pick index 0: the same shapes, so planning needs no branch.
     onehot = torch.zeros(along.shape, dtype=ctx.dtype, device=indices.device).scatter(d, indices, 1.0)
     x = lab.dims(along.shape)
     return [x[k] for k in along.kept], x, [(onehot, x)]
