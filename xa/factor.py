@@ -88,6 +88,17 @@ class LabelMaker:
         )
 
 
+def broadcast_shapes(*shapes) -> tuple:
+    """The shape torch broadcasts ``shapes`` to (``torch.broadcast_shapes`` imports sympy on first use)."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for d, size in enumerate(shape, start=ndim - len(shape)):
+            if size != 1:
+                out[d] = size
+    return tuple(out)
+
+
 def broadcast_port(lab: LabelMaker, out_labels: Labels, out_shape, in_shape) -> Labels:
     """Labels of an input that torch broadcast to ``out_shape``.
 

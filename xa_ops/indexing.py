@@ -42,7 +42,7 @@ import math
 import torch
 
 from xa.errors import UnsupportedOperatorError
-from xa.factor import broadcast_port, normalize_dim, signed
+from xa.factor import broadcast_port, broadcast_shapes, normalize_dim, signed
 from xa.registry import register
 
 from .families import linear, linear_map
@@ -291,7 +291,7 @@ def _take(ctx, lab, slot):
 def _masked_select(ctx, lab, slot):
     shape = ctx.in_shapes[0]
     mask = ctx.saved("mask")
-    joint = torch.broadcast_shapes(tuple(shape), tuple(mask.shape))
+    joint = broadcast_shapes(tuple(shape), tuple(mask.shape))
     (k,) = lab.dims(ctx.out_shape)
     m = lab.dims(joint)
     x = broadcast_port(lab, m, joint, shape)  # a dim x was broadcast along is summed over in the operand

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xa.factor import LabelMaker, broadcast_port, signed
+from xa.factor import LabelMaker, broadcast_port, broadcast_shapes, signed
 from xa.registry import register
 
 from .families import linear_map
@@ -56,7 +56,7 @@ def _pointwise(deriv):
             return None
         # f's entries: self and target broadcast (and the weights, which torch multiplies in last).
         names = [n for n in ("self", "target", "weight", "pos_weight") if ctx.has(n)]
-        shape = torch.broadcast_shapes(*(ctx.saved(n).shape for n in names))
+        shape = broadcast_shapes(*(ctx.saved(n).shape for n in names))
         lab = LabelMaker()
         e = lab.dims(shape)
         ports = [broadcast_port(lab, e, shape, ctx.in_shapes[s]) for s in slots]
