@@ -5,7 +5,9 @@
     python3 dev.py readme  # rewrite the README's list of supported torch nodes from the registry
 
 The torch that pip picks by default is installed; set XA_TORCH to another
-pip requirement (for example ``XA_TORCH="torch==2.13.0"``) to choose a build.
+pip requirement (for example ``XA_TORCH="torch==2.13.0"``) to choose a build,
+and XA_VENV to keep it in a virtual environment of its own (``.ci/run`` tests
+the oldest supported torch that way, beside the newest).
 """
 
 import os
@@ -15,7 +17,7 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
+VENV = ROOT / os.environ.get("XA_VENV", ".venv")
 
 
 READMEGEN = """

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # every case, writes benchmarks/results/
     python benchmarks/run.py --cases b,d     # some of them
+    python benchmarks/run.py --device cuda --skip-jacobian   # on a GPU (peak: torch's allocator)
 
 Every method computes the same thing as ``xa.backward(y, order)``: all
 derivatives of orders 1..N of the source with respect to each listed leaf,
@@ -34,6 +35,18 @@ import xa
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = torch.float64
+DEVICE = torch.device("cpu")
+
+
+def make_case(key, **kwargs):
+    """A case's ``(title, f, leaves, wrt, order)``, its tensors made on ``DEVICE``."""
+    with torch.device(DEVICE):
+        return CASES[key](torch.Generator(device=DEVICE).manual_seed(0), **kwargs)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 # ------------------------------------------------------------------ the cases
 
@@ -204,21 +217,28 @@ def measure(fn, reps: int, budget_s: float):
     """
     start = time.perf_counter()
     result = fn()
+    _sync()
     warm = time.perf_counter() - start
     if warm > budget_s / 2:
         return warm, None, result
     del result
-    base = _rss_kb("VmRSS")
-    resettable = _reset_peak()
+    if DEVICE.type == "cuda":
+        base, resettable = torch.cuda.memory_allocated(DEVICE) // 1024, True
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    else:
+        base = _rss_kb("VmRSS")
+        resettable = _reset_peak()
     start = time.perf_counter()
     result = fn()
+    _sync()
     first = time.perf_counter() - start
-    peak = _rss_kb("VmHWM")
+    peak = torch.cuda.max_memory_allocated(DEVICE) // 1024 if DEVICE.type == "cuda" else _rss_kb("VmHWM")
     peak_mb = (peak - base) / 1024 if resettable and peak is not None and base is not None else None
     times = [first]
     while len(times) < reps and sum(times) + first < budget_s:
         start = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), peak_mb, result
 
@@ -243,8 +263,27 @@ def measure_isolated(key: str, method: str, reps: int, budget_s: float, timeout_
         return saved["time"], saved["peak"], saved["result"]
 
 
+FIRST_CALL = """
+import sys, time, torch, xa
+device = torch.device(sys.argv[1])
+x = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+W = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+y = torch.softmax(torch.tanh(W @ x) + W @ x, dim=0)
+start = time.perf_counter()
+xa.backward(y, 3)
+x.xgrad[2].sum().item()
+print(time.perf_counter() - start)
+"""
+
+
+def first_call_seconds() -> float:
+    """The README's example, order 3, as the first xa.backward of a fresh process."""
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL, str(DEVICE)], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
-    _, f, leaves, wrt, order = CASES[key](torch.Generator().manual_seed(0))
+    _, f, leaves, wrt, order = make_case(key)
     t, mb, res = measure(lambda: METHODS[method](f, leaves, wrt, order), reps, budget_s)
     torch.save({"time": t, "peak": mb, "result": res}, path)
     return 0
@@ -269,18 +308,23 @@ def main(argv=None) -> int:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu", help="where the cases run (jacobian only on the CPU)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.child:
         return child(*args.child, args.reps, args.budget)
     rows = []
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{os.cpu_count()} CPUs"
     header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
-              f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, float64")
+              f"{platform.machine()}, {where}, {torch.get_num_threads()} torch threads, float64")
     print(header, flush=True)
+    print(f"first xa.backward in a fresh process (import excluded): {first_call_seconds():.3f} s", flush=True)
     for key in args.cases.split(","):
-        title, f, leaves, wrt, order = CASES[key](torch.Generator().manual_seed(0))
+        title, f, leaves, wrt, order = make_case(key)
         results = {}
         for method, run in METHODS.items():
-            if method.startswith("jacobian") and args.skip_jacobian:
+            if method.startswith("jacobian") and (args.skip_jacobian or DEVICE.type != "cpu"):
                 continue
             if method.startswith("jacobian"):
                 t, mb, res = measure_isolated(key, method, args.reps, args.budget, args.jacobian_timeout)
@@ -302,7 +346,8 @@ def main(argv=None) -> int:
                   f"max err {err:.1e}", flush=True)
         if key == "d":
             shape = (4,) + (256,) * 3
-            t_write, _, _ = measure(lambda shape=shape: torch.ones(shape, dtype=DT), args.reps, args.budget)
+            t_write, _, _ = measure(lambda shape=shape: torch.ones(shape, dtype=DT, device=DEVICE), args.reps,
+                                    args.budget)
             xa_t = results["xa"][0]
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append(("d", title, "write result once", t_write, t_write / ref_t, None, 0.0))
@@ -326,7 +371,7 @@ def main(argv=None) -> int:
 def plot_pinn(max_order: int, args) -> None:
     orders, series = list(range(1, max_order + 1)), {"xa": [], "torch.func": []}
     for order in orders:
-        _, f, leaves, wrt, _ = case_b(torch.Generator().manual_seed(0), order)
+        _, f, leaves, wrt, _ = make_case("b", order=order)
         for method in series:
             t, _, _ = measure(lambda m=method, f=f, leaves=leaves, wrt=wrt, order=order:
                               METHODS[m](f, leaves, wrt, order), 3, args.budget / 4)
