@@ -19,11 +19,12 @@ _gen = torch.Generator().manual_seed(0)
 
 
 def _randn(*shape):
-    return torch.randn(*shape, generator=_gen, dtype=torch.float64)
+    return torch.randn(*shape, generator=_gen, dtype=torch.float64, device="cpu").to(torch.get_default_device())
 
 
 def _rand(*shape, low=0.0, high=1.0):
-    return low + (high - low) * torch.rand(*shape, generator=_gen, dtype=torch.float64)
+    return (low + (high - low) * torch.rand(*shape, generator=_gen, dtype=torch.float64, device="cpu")).to(
+        torch.get_default_device())
 
 
 PROB = (0.05, 0.95)

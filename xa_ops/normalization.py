@@ -143,7 +143,12 @@ def _batch_layout(ctx):
                    lambda g, w: (w[0], g[0], w[1]), lambda g, w: g, (c,))
 
 
-_batch_train = _affine_rule(_batch_layout, lambda ctx, groups: float(ctx.saved("eps")))
+def _batch_eps(ctx, groups=None):
+    # the native kernel saves eps, the cuDNN one (torch's choice on CUDA) epsilon
+    return float(ctx.saved("eps") if ctx.has("eps") else ctx.saved("epsilon"))
+
+
+_batch_train = _affine_rule(_batch_layout, _batch_eps)
 
 
 def _batch_norm(ctx, slots):
@@ -162,7 +167,7 @@ def _batch_norm(ctx, slots):
         return lab.factor(port, [(c,)])
     x = ctx.saved("input").detach().to(ctx.dtype).reshape(layout.within[0], layout.group[0], layout.within[1])
     rm, rv = (ctx.saved(a).detach().to(ctx.dtype) for a in ("running_mean", "running_var"))
-    s = torch.rsqrt(rv + float(ctx.saved("eps")))
+    s = torch.rsqrt(rv + _batch_eps(ctx))
     operands = [(s, (c,))]
     if nw:
         if not nx:
@@ -175,3 +180,4 @@ def _batch_norm(ctx, slots):
 
 
 register("NativeBatchNormBackward0", _batch_norm)
+register("CudnnBatchNormBackward0", _batch_norm)  # CUDA: the same saved names, eps as epsilon (Functions.h)
