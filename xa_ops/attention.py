@@ -36,6 +36,7 @@ from .reductions import softmax
 # ---------------------------------------------------------------- scaled_dot_product_attention
 
 _QKV = ("query", "key", "value")
+JACFWD_WORKSPACE = 2
 
 
 def _attention(q, k, v, mask, scale):
@@ -86,7 +87,9 @@ def _sdpa(ctx, slots):
         for s in slots:
             f = jacfwd(f, argnums=s)
         dense = vmap(f)(*(t.reshape(heads, *t.shape[-2:]) for t in (q, k, v)), mask)
-    return lab.factor((h, *y), [(h, *x) for x in xs], [(dense, (h, *y, *sum(xs, ())))])
+    # nested jacfwd under vmap holds the result and the tangents it is built from: about two more of its size
+    return lab.factor((h, *y), [(h, *x) for x in xs], [(dense, (h, *y, *sum(xs, ())))],
+                      workspace=JACFWD_WORKSPACE * dense.numel())
 
 
 def _saved_mask(ctx):

@@ -35,6 +35,8 @@ from torch.func import jacfwd, vmap
 from xa.factor import LabelMaker
 from xa.registry import register
 
+JACFWD_WORKSPACE = 2
+
 
 def _normalize(g: torch.Tensor, eps) -> torch.Tensor:
     mean = g.mean()
@@ -93,7 +95,8 @@ def _affine_rule(layout_of, eps_of):
         elif ctx.has("weight"):
             w = ctx.saved("weight").detach().to(ctx.dtype).reshape(layout.channel_shape)
             operands.append((w, layout.channel(g, y)))
-        return lab.factor(layout.port(g, y), ins, operands)
+        # nested jacfwd under vmap holds the result and the tangents it is built from: about two more of its size
+        return lab.factor(layout.port(g, y), ins, operands, workspace=JACFWD_WORKSPACE * dense.numel())
 
     return rule
 
