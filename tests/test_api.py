@@ -126,7 +126,8 @@ def test_explain_prints_plan_without_running(capsys):
     y = torch.tanh(x * x).sum()
     plan = xa.explain(y, order=3)
     text = capsys.readouterr().out
-    assert "TanhBackward0" in text and "flops" in text and "->" in text
+    assert "TanhBackward0" in text and "FLOPs" in text and "->" in text
+    assert "incoming block" in text and "local factor" in text and "execution order" in text
     assert plan.flops > 0
     assert not hasattr(x, "xgrad")
 
