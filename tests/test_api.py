@@ -336,6 +336,8 @@ def test_memory_budget_error_before_allocating():
     with pytest.raises(xa.MemoryBudgetError, match="max_memory") as err:
         xa.backward(y, order=3, max_memory=1000)
     assert isinstance(err.value, MemoryError)
+    assert "max_memory=1000 B" in str(err.value) and "0.0 MiB" not in str(err.value)  # units that show the numbers
+    assert "forward plan would need" in str(err.value)  # with direction="auto", both directions' needs
     assert not hasattr(x, "xgrad") and not hasattr(w, "xgrad")
     with pytest.raises(TypeError, match="max_memory"):
         xa.backward(y, order=1, max_memory="1GB")
