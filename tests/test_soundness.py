@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import DEVICE, assert_close_to_torch, torch_partials
+from test_extend import ScaledMatmul, _ports
 
 import xa
 import xa.extend as xe
@@ -126,21 +127,6 @@ def test_configurations_through_the_linear_family_read_their_coefficient_at_exec
 # ---------------------------------------------------------------- a custom Function's ctx attributes
 
 
-class ScaledMatmul(torch.autograd.Function):
-    """``y = c * (a @ b)``, ``c`` on ctx."""
-
-    @staticmethod
-    def forward(ctx, a, b, c):
-        ctx.save_for_backward(a, b)
-        ctx.c = c
-        return c * (a @ b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return ctx.c * grad @ b.T, ctx.c * a.T @ grad, None
-
-
 class PowK(torch.autograd.Function):
     """``y = x ** p`` for a whole ``p`` on ctx: its k-th derivative is zero past ``p``."""
 
@@ -160,11 +146,6 @@ def _pow_k(ctx, k):
     (x,) = ctx.saved("tensors")
     p = ctx.node.p
     return math.perm(p, k) * x ** (p - k) if k <= p else None
-
-
-def _ports(ctx, lab):
-    i, k, j = lab.new(ctx.out_shape[0]), lab.new(ctx.in_shapes[0][1]), lab.new(ctx.out_shape[1])
-    return (i, j), (i, k), (k, j)
 
 
 @pytest.fixture
