@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from reference import torch_partials
+from torch.func import jacfwd, jacrev, vmap
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,4 +35,14 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
             ref = torch_partials(lambda z: torch.tanh(z**3).sum(), [x], 4)[0]
             for k in range(4):
                 assert torch.allclose(x.xgrad[k], ref[k], atol=1e-9, rtol=0)
+        if "laplacian" in scope:  # the per-sample example: each point's derivatives, as vmap gives them
+            net, X = scope["net"], scope["X"]
+            g = jacrev(lambda z: net(z))
+            per = [g]
+            for _ in range(3):
+                per.append(jacfwd(per[-1]))
+            for k in range(4):
+                want = vmap(per[k])(X.detach()).reshape(X.xgrad[k].shape)
+                assert torch.allclose(X.xgrad[k], want, atol=1e-10, rtol=0)
+            assert torch.allclose(scope["laplacian"], X.xgrad[1].diagonal(dim1=-2, dim2=-1).sum(-1))
     assert "xa plan" in capsys.readouterr().out

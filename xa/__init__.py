@@ -28,6 +28,7 @@ import xa_ops as _xa_ops  # noqa: E402,F401  (registers the built-in rules)
 
 from .api import Superset, backward  # noqa: E402
 from .errors import (  # noqa: E402
+    BatchMixingError,
     GraphFreedError,
     GraphModifiedError,
     MemoryBudgetError,
@@ -44,7 +45,7 @@ from .registry import register, supported  # noqa: E402
 
 __all__ = [
     "backward", "explain", "Superset", "Factor", "LabelMaker", "register", "supported",
-    "XaError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
+    "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",
 ]
 __version__ = "0.1.0"

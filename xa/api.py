@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Iterable, Optional, Union
 
@@ -9,6 +10,7 @@ import torch
 
 from . import attach
 from . import plan as planner
+from .batch import Batching
 from .capture import Graph
 from .errors import TargetError
 
@@ -37,6 +39,30 @@ def _check_direction(direction) -> str:
     if direction not in planner.DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, planner.DIRECTIONS))}, got {direction!r}")
     return direction
+
+
+def _check_batch_dim(batch_dim, source: torch.Tensor) -> Optional[int]:
+    """The source's sample dim, wrapped into ``range(source.dim())``; ``None`` for none."""
+    if batch_dim is None:
+        return None
+    if isinstance(batch_dim, bool) or not hasattr(type(batch_dim), "__index__"):
+        raise TypeError(f"batch_dim must be an int (a dim of the source) or None, got {type(batch_dim).__name__}")
+    d = operator.index(batch_dim)
+    ndim = source.dim()
+    if not -ndim <= d < ndim:
+        raise IndexError(f"batch_dim={d} is out of range for a source of shape {list(source.shape)} "
+                         f"(expected a dim in [{-ndim}, {ndim - 1}])")
+    return d % ndim
+
+
+def _samples(graph: Graph, batch_dim: Optional[int]):
+    """``(batch_dim to plan with, layout for the results)``: one sample is planned as no batch at all."""
+    if batch_dim is None:
+        return None, None
+    if graph.source_shape[batch_dim] == 1:
+        # One sample: its derivatives are those of the whole graph, laid out (1, s, n, ...).
+        return None, Batching(batch_dim, 1, (None,) * len(graph.values), 1)
+    return batch_dim, "plan"
 
 
 def _overrides(configurations) -> dict:
@@ -143,7 +169,8 @@ class Superset:
         return tuple(sorted(requested)), tuple(sorted(set(retained)))
 
     def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None,
-                 direction: str = "auto", max_memory: Optional[int] = None) -> "Superset":
+                 direction: str = "auto", max_memory: Optional[int] = None,
+                 batch_dim: Optional[int] = None) -> "Superset":
         """Compute the derivatives of the source up to ``order`` and attach them.
 
         Args:
@@ -154,6 +181,7 @@ class Superset:
             direction: ``"auto"`` (price both, take the cheaper), ``"backward"``
                 or ``"forward"``; see :func:`xa.backward`.
             max_memory: the budget in bytes; see :func:`xa.backward`.
+            batch_dim: the source's sample dim, for per-sample derivatives; see :func:`xa.backward`.
 
         Returns:
             ``self``. Each leaf ``L`` reached gets ``L.xgrad``: a tuple whose
@@ -161,20 +189,25 @@ class Superset:
         """
         order = _check_order(order)
         direction = _check_direction(direction)
+        batch_dim = _check_batch_dim(batch_dim, self.source)
         overrides = _overrides(configurations)
         graph = Graph(self.source)
         requested, retained = self._request(graph, target)
         budget = _budget(max_memory, graph.device)
         rules = graph.rules(overrides)
-        plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget)
+        planned, layout = _samples(graph, batch_dim)
+        plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget, planned)
+        if layout == "plan":
+            layout = dataclasses.replace(plan.batch, size=plan.batch.total)
         self.plan = plan
-        self._leaves, self._partials = attach.attach(graph, order, requested, retained, results, kept)
+        self._leaves, self._partials = attach.attach(graph, order, requested, retained, results, kept, layout)
         return self
 
     def operator_partials(self, tensor: torch.Tensor) -> tuple:
         """``(d source/dT, ..., d^order source/dT^order)`` of a retained intermediate ``T``.
 
-        Each has shape ``(source.numel(), *(k * (T.numel(),)))``.
+        Each has shape ``(source.numel(), *(k * (T.numel(),)))``; per sample
+        (``batch_dim=``), ``(B, s', *(k * (n',)))`` as for ``.xgrad``.
 
         Raises:
             KeyError: ``tensor`` was not retained, or ``backward`` has not run.
@@ -196,7 +229,8 @@ class Superset:
 
 
 def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = None,
-             configurations=None, direction: str = "auto", max_memory: Optional[int] = None) -> Superset:
+             configurations=None, direction: str = "auto", max_memory: Optional[int] = None,
+             batch_dim: Optional[int] = None) -> Superset:
     """Exact derivatives of ``source`` of every order up to ``order``.
 
     Every leaf with ``requires_grad=True`` that ``source`` depends on gets
@@ -221,7 +255,18 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
             80% of its free memory). A plan whose estimated peak is over
             budget runs backward over chunks of source rows; if even one row
             does not fit, :class:`xa.MemoryBudgetError` is raised before
-            anything is allocated.
+            anything is allocated. Per sample, the chunks are chunks of samples.
+        batch_dim: the source's sample dim (e.g. ``0`` for ``u`` of shape
+            ``(B, 1)`` from collocation points ``X`` of shape ``(B, 3)``): each
+            sample's own derivatives, ``B = source.shape[batch_dim]``,
+            ``s' = source.numel() // B``. A leaf the sample dim reaches
+            (``X``) gets ``xgrad[k-1]`` of shape ``(B, s', *(k * (n',)))``,
+            ``n' = X.numel() // B``: ``d^k S_b / dX_b^k``, what ``torch.func.vmap``
+            of nested ``jacrev`` gives. A leaf it does not reach (a weight
+            ``W``) is shared: ``(B, s', *(k * (W.numel(),)))``, each sample's
+            derivatives w.r.t. all of ``W``. A node that couples samples (a
+            sum, softmax or batch norm over the batch) raises
+            :class:`xa.BatchMixingError` before anything runs.
 
     Returns:
         The :class:`Superset`, which holds the plan and any retained partials.
@@ -234,14 +279,18 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
         torch.Size([1, 3, 3, 3])
     """
     return Superset(source).backward(order, target=target, configurations=configurations, direction=direction,
-                                     max_memory=max_memory)
+                                     max_memory=max_memory, batch_dim=batch_dim)
 
 
-def plan_for(source: torch.Tensor, order: int, target=None, configurations=None, direction="auto") -> tuple:
+def plan_for(source: torch.Tensor, order: int, target=None, configurations=None, direction="auto",
+             batch_dim=None) -> tuple:
     """Capture and plan without running: ``(graph, plan)``."""
     order = _check_order(order)
     direction = _check_direction(direction)
+    batch_dim = _check_batch_dim(batch_dim, source)
     overrides = _overrides(configurations)
     graph = Graph(source)
     requested, retained = Superset(source)._request(graph, target)
-    return graph, planner.build(graph, order, graph.rules(overrides), requested, retained, direction)
+    planned, _ = _samples(graph, batch_dim)
+    return graph, planner.build(graph, order, graph.rules(overrides), requested, retained, direction,
+                                batch_dim=planned)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from itertools import combinations, combinations_with_replacement, product
 
+from .batch import BatchFactors, Batching
 from .capture import Graph
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
@@ -53,19 +54,31 @@ def ancestry(graph: Graph, requested: set) -> list:
 
 
 def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
-                   rows: int | None = None) -> tuple:
+                   rows: int | None = None, batch: Batching | None = None) -> tuple:
     """Steps of backprop to ``order``: ``(steps, block_shapes, results)``.
 
     ``results`` maps each requested value to the keys of its blocks for
     k = 1..order; a retained value's blocks are snapshot by its step. ``rows`` plans over a chunk of that many source
     rows, whose one-hot block ``(rows, *source.shape)`` is given at execution;
-    without it the source's own block is the identity, never built.
+    without it the source's own block is the identity, never built. With ``batch``
+    every block is per sample, ``(samples, *S.shape', *u_1.shape', ...)`` (``'``: the
+    sample dim left out of a batched value), the sample label tied through every term.
     """
     N = order
     wanted = set(requested) | set(retained)
     reach = ancestry(graph, wanted)
-    s_shape = graph.source_shape if rows is None else (rows,)
-    s_numel = math.prod(s_shape)
+    if batch is None:
+        lead = graph.source_shape if rows is None else (rows,)
+        s_numel = math.prod(lead)
+
+        def shape_of(u):
+            return graph.values[u].shape
+    else:
+        lead = (batch.size,) + batch.shape(graph, 0)
+        s_numel = batch.numel(graph, 0)
+
+        def shape_of(u):
+            return batch.shape(graph, u)
 
     def keep(m):
         common = reach[m[0]]
@@ -74,7 +87,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
         return bool(common)
 
     def block_shape(m):
-        return s_shape + tuple(d for u in m for d in graph.values[u].shape)
+        return lead + tuple(d for u in m for d in shape_of(u))
 
     live = {(0,): None}  # block keys
     shapes = {} if rows is None else {(0,): (rows,) + graph.source_shape}
@@ -91,9 +104,10 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
             continue
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
         factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
+        sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
         step = Step(y, v.name, snapshot=snapshot)
         for m in holding:
-            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None):
+            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None, sampled):
                 if term.target not in live:
                     live[term.target] = True
                     shapes[term.target] = block_shape(term.target)
@@ -111,7 +125,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
     return steps, shapes, results
 
 
-def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity):
+def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity, sampled):
     p = m.count(y)
     V = tuple(u for u in m if u != y)
     nodes = sorted({i for i in inputs if i is not None})
@@ -139,26 +153,40 @@ def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity):
                                 break
                             blocks.append((f, [rest[t] for t in members], tuple(slots[t] for t in members)))
                         else:
-                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel, identity)
+                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled)
 
 
-def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity):
+def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled):
     lab = TermLabels()
+    sample = None if sampled is None else lab.new(sampled.batch.size)
     out_of_pos: dict = {}
-    y_ports, operands, factors = [], [], []
+    y_ports, operands, factors, views = [], [], [], []
+    tied: dict = {}  # each factor's own sample label -> the term's
     for f, positions, slots in blocks:
+        p, ins_p = None, (None,) * len(slots)
+        if sampled is not None:
+            f, p, ins_p = sampled.get(slots)
         shift, f_operands = lab.adopt(f, slots)
-        y_ports.append(tuple(shift[i] for i in f.out))
-        for pos, port in zip(positions, f.ins):
-            out_of_pos[pos] = tuple(shift[i] for i in port)
+        ps = None if p is None else shift[p]
+        if ps is not None:
+            tied[ps] = sample
+        if sampled is not None:
+            views.extend((tuple(t.shape), tuple(a for a, lb in enumerate(labels) if lb == ps))
+                         for (t, _), (_, labels) in zip(f.operands, f_operands))
+        y_ports.append(tuple(shift[i] for i in f.out if shift[i] != ps))
+        for pos, port, pin in zip(positions, f.ins, ins_p):
+            out_of_pos[pos] = tuple(shift[i] for i in port if pin is None or i != pin)
         operands.extend(f_operands)
         factors.append(slots)
+    if tied:
+        operands = [(ref, tuple(tied.get(lb, lb) for lb in labels)) for ref, labels in operands]
+    lead = [] if sample is None else [sample]
     sources = []
     if identity and m == (0,):  # the source's own block is the identity: its labels are the y port's
         a = y_ports[0]
     else:
         a = (lab.new(s_numel),)
-        d_labels = list(a)
+        d_labels = lead + list(a)
         yi = 0
         vi: dict = {}
         for u in m:
@@ -166,13 +194,17 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity):
                 d_labels.extend(y_ports[yi])
                 yi += 1
             else:
-                label = lab.new(graph.values[u].numel)
+                n = graph.values[u].numel if sampled is None else sampled.batch.numel(graph, u)
+                label = lab.new(n)
                 d_labels.append(label)
                 pos = vpos[u][vi.get(u, 0)]
                 vi[u] = vi.get(u, 0) + 1
                 out_of_pos[pos] = (label,)
         sources.append((m, tuple(d_labels)))
-    out = list(a)
+    out = lead + list(a)
     for pos in range(len(target)):
         out.extend(out_of_pos[pos])
-    return compile_term(lab, sources, operands, factors, out, target)
+    term = compile_term(lab, sources, operands, factors, out, target)
+    if sampled is not None:
+        term.views = tuple(views)
+    return term

@@ -39,6 +39,10 @@ class RuleError(XaError, RuntimeError):
     """An operator rule returned something inconsistent with its node."""
 
 
+class BatchMixingError(XaError, ValueError):
+    """With ``batch_dim=``, a node of the graph couples samples (a sum or softmax over the batch, ...)."""
+
+
 class RegistryError(XaError, KeyError):
     """A rule was registered twice without ``override=True``."""
 

@@ -14,37 +14,63 @@ import math
 
 import torch
 
+from . import jets
 from .capture import Graph
 from .plan import Plan
 from .terms import NodeFactors
 
 
 @torch.no_grad()
-def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None) -> tuple[dict, dict]:
+def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first: int = 0,
+        factors: dict | None = None) -> tuple[dict, dict]:
     """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
 
     Runs without autograd: saved tensors may require grad, the derivatives are plain data.
+    A per-sample plan over a chunk of samples reads samples ``first`` on of every factor;
+    ``factors`` (a dict) keeps the rules' factors from one chunk to the next.
     """
     dtype, device = graph.dtype, graph.device
     blocks = {} if blocks is None else blocks
     retained: dict = {}
-    for step in plan.steps:
+    for number, step in enumerate(plan.steps):
         if step.snapshot:
             kept = [blocks.get((step.value,) * k) for k in range(1, plan.order + 1)]
             if step.value == 0:  # the source's own first block: the identity, or this chunk's rows of it
                 s = math.prod(graph.source_shape)
-                kept[0] = blocks[(0,)] if (0,) in blocks else torch.eye(s, dtype=dtype, device=device)
+                if plan.batch is not None:
+                    s = plan.batch.numel(graph, 0)
+                    kept[0] = torch.eye(s, dtype=dtype, device=device).expand(plan.batch.size, s, s)
+                else:
+                    kept[0] = blocks[(0,)] if (0,) in blocks else torch.eye(s, dtype=dtype, device=device)
             retained[step.value] = kept
         if not step.terms:
             continue
-        factors = NodeFactors(step, graph.rule(step.value, rules), graph.ctx(step.value, planning=False))
+        # every chunk's plan has the same steps in the same order, the same factors (all samples)
+        node = None if factors is None else factors.get(number)
+        if node is None:
+            node = NodeFactors(step, graph.rule(step.value, rules), graph.ctx(step.value, planning=False))
+            if factors is not None:
+                factors[number] = node
         for term in step.terms:
             operands = []
-            for key, view in term.sources:
-                operands.append(blocks[key].reshape(view))
-            for slots, k in term.operands:
-                operands.append(factors[slots].operands[k][0].to(dtype))
-            coef = factors.coef(term)
+            for n, (key, view) in enumerate(term.sources):
+                gather = None if term.gathers is None else term.gathers[n]
+                if gather is None:
+                    operands.append(blocks[key].reshape(view))
+                else:
+                    axis, before, spec = gather
+                    source = blocks[key].reshape(view[:axis] + (before,) + view[axis + 1:])
+                    operands.append(source.index_select(axis, jets.index(*spec, device)))
+            for n, ref in enumerate(term.operands):
+                if isinstance(ref[0], str):  # a constant of the plan: the leaf's identity jet, read at a[pos]
+                    operands.append(jets.onehot(*ref[1:], dtype, device).reshape(term.shapes[len(operands)]))
+                    continue
+                slots, k = ref
+                operand = node[slots].operands[k][0].to(dtype)
+                if term.views is not None and term.views[n] is not None:
+                    operand = _sample_view(operand, term.views[n], plan.batch, first)
+                operands.append(operand)
+            coef = node.coef(term)
             target = blocks.get(term.target)
             if term.broadcast is not None:
                 _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device)
@@ -69,6 +95,16 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None) -> tu
         for key in step.retire:
             blocks.pop(key, None)
     return blocks, retained
+
+
+def _sample_view(operand, view, batch, first) -> torch.Tensor:
+    """A factor operand with its labels split as planned, narrowed to the chunk's samples."""
+    shape, axes = view
+    operand = operand.reshape(shape)
+    if batch.size != batch.total:
+        for axis in axes:
+            operand = operand.narrow(axis, first, batch.size)
+    return operand
 
 
 def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device) -> None:

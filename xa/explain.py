@@ -13,7 +13,8 @@ from .plan import Plan
 
 
 def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor] = None,
-            configurations=None, direction: str = "auto", file: Optional[TextIO] = None) -> Plan:
+            configurations=None, direction: str = "auto", file: Optional[TextIO] = None,
+            batch_dim: Optional[int] = None) -> Plan:
     """Print the captured graph and the plan of ``xa.backward(source, order, target)``.
 
     Nothing is computed: the graph is read and planned (or the plan is taken
@@ -28,6 +29,8 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         configurations: as in :func:`xa.backward`.
         direction: as in :func:`xa.backward`; ``"auto"`` shows both prices.
         file: where to print (default ``sys.stdout``).
+        batch_dim: as in :func:`xa.backward`: the plan per sample, with the
+            sample dim of every value and the cost per sample.
 
     Returns:
         The :class:`~xa.plan.Plan`, for programs: ``plan.flops``,
@@ -39,22 +42,38 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
         >>> plan = xa.explain(torch.tanh(x).sum(), order=2)
     """
-    graph, plan = plan_for(source, order, target, configurations, direction)
+    graph, plan = plan_for(source, order, target, configurations, direction, batch_dim)
     out = file if file is not None else sys.stdout
     w = out.write
     w(f"xa plan: order {plan.order}, source #0 of shape {list(graph.source_shape)}, {graph.dtype}, {graph.device}\n")
-    w("graph (values in capture order, #0 the source; * = partials requested):\n")
     wanted = set(plan.results)
+    batch = plan.batch
+    if batch is not None:
+        w(f"per sample: the source's dim {batch.source_dim} is the sample index b, {batch.total} samples; every "
+          f"block carries b once, as its first dim (blocks are (b, ...), never b x b)\n")
+    w("graph (values in capture order, #0 the source; * = partials requested):\n")
     for v in graph.values:
         kind = "leaf" if v.leaf is not None else "node"
         name = "AccumulateGrad" if v.leaf is not None else v.name
         mark = " *" if v.index in wanted else ""
         ins = ", ".join("const" if i is None else f"#{i}" for i in v.inputs)
-        w(f"  #{v.index:<3} {kind} {name:<28} {str(list(v.shape)):<14} {('<- ' + ins) if ins else ''}{mark}\n")
+        sample = ""
+        if batch is not None:
+            sample = "  " + batch.describe(graph, v.index)
+        w(f"  #{v.index:<3} {kind} {name:<28} {str(list(v.shape)):<14} {('<- ' + ins) if ins else ''}{mark}"
+          f"{sample}\n")
     prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))
     w(f"direction: {plan.direction} (FLOPs of each: {prices})\n")
-    if plan.direction == "forward":
-        w("blocks: jet(L, #v, k) = d^k #v / dL^k, shaped (*#v.shape, L.numel() x k)\n")
+    if batch is not None and plan.direction == "forward":
+        w("blocks: jet(L, #v, k) = d^k #v_b / dL_b^k per sample b, one row per sorted multi-index of L's "
+          "entries, shaped (b, C(n+k-1, k), *#v.shape'), n = L.numel()', ' = one sample (a shared value or "
+          "leaf: all of it, and no b for a shared value)\n")
+    elif batch is not None:
+        w("blocks: block (2, 5) = d^2 S_b / d#2_b d#5_b per sample b, shaped (b, *S.shape', *#2.shape', "
+          "*#5.shape'), ' = one sample (a shared value: all of it); block (0,) is the source itself\n")
+    elif plan.direction == "forward":
+        w("blocks: jet(L, #v, k) = d^k #v / dL^k, one row per sorted multi-index i1 <= .. <= ik of L's entries, "
+          "shaped (C(n+k-1, k), *#v.shape), n = L.numel()\n")
     else:
         w("blocks: block (2, 5) = d^2 S / d#2 d#5, shaped (*S.shape, *#2.shape, *#5.shape); "
           "block (0,) is the source itself\n")
@@ -69,17 +88,27 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
             if t.info is None:
                 w(f"  (wiring only, no operands) -> {target}\n")
                 continue
-            roles = [f"incoming {_block(key)} {list(shape)}" for key, shape in t.sources]
-            roles += [f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
-                      for (slots, _), shape in zip(t.operands, t.shapes[len(t.sources):])]
+            gathers = t.gathers or (None,) * len(t.sources)
+            roles = [f"incoming {_block(key)} {list(shape)}{' read at sub-multi-indices' if g else ''}"
+                     for (key, shape), g in zip(t.sources, gathers)]
+            roles += [_operand(ref, shape) for ref, shape in zip(t.operands, t.shapes[len(t.sources):])]
             w(f"  {t.equation:<30} -> {target}\n"
               f"      operands: {'; '.join(roles) if roles else 'none'}\n"
               f"      path {t.info.path}, FLOPs {int(t.info.naive_cost):.3g} naive / {t.flops:.3g} optimised, "
               f"largest intermediate {int(t.info.largest_intermediate)} elements\n")
     result = plan.result_elements * plan.itemsize
+    if batch is not None:
+        w(f"per sample: {plan.flops / batch.size:.4g} FLOPs, results {size(result / batch.size)}\n")
     w(f"total: {plan.flops:.4g} FLOPs; estimated peak {size(plan.peak_bytes)} (blocks, factors and the "
       f"rules' workspace); results {size(result)}; plan {'from the cache' if plan.cached else 'new'}\n")
     return plan
+
+
+def _operand(ref, shape) -> str:
+    if isinstance(ref[0], str):
+        return f"the leaf's identity jet at position {ref[3]} of each row {list(shape)}"
+    slots, _ = ref
+    return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
 
 
 def _block(key) -> str:

@@ -1,27 +1,39 @@
 """The forward direction: jets ``d^k v / dL^k`` pushed from one leaf up to the source.
 
 For a leaf ``L`` and every value ``v`` that depends on it, the jet
-``J_v[k] = d^k v / dL^k`` is a dense tensor ``(*v.shape, n_L, ..., n_L)``.
+``J_v[k] = d^k v / dL^k`` is symmetric in its ``k`` leaf indices, so it is
+stored once per *sorted* multi-index ``i_1 <= .. <= i_k`` of the leaf's
+``n`` entries: ``C(n + k - 1, k)`` rows instead of ``n^k`` (15 instead of 81
+for ``n = 3``, ``k = 4``), laid out ``(M_k, *v.shape)`` -- the multi-index
+first, so that a linear layer is one ``mm`` over contiguous rows.
 ``J_L[1]`` is the identity (never stored) and ``J_L[k] = 0`` for ``k >= 2``.
 For ``y = f(x_1 .. x_m)``, Faa di Bruno in the forward direction reads
 
-    J_y[k] = sum over set partitions P of {1..k}, and over a slot a_B for
-             every block B of P:  d^|P| y / dx_(a_B ...)  contracted with
-             prod over B: J_(x_(a_B))[|B|] at the positions of B
+    J_y[k][a] = sum over set partitions P of the positions {1..k}, and over a
+                slot s_B for every block B of P:  d^|P| y / dx_(s_B ...)
+                contracted with  prod over B: J_(x_(s_B))[|B|][a_B]
 
-Written out term by term, like the backward direction, so every jet is
-exactly symmetric. A value read by two operators (fan-out) needs nothing
-special here: each consumer reads the same jet. The jet of the source is
-the answer, already in xa's layout ``(s, n_L, ..., n_L)``.
+where ``a_B`` is the sub-multi-index of ``a`` at the positions of ``B``
+(still sorted): reading ``J_x[|B|]`` at ``a_B`` for every ``a`` is one
+``index_select`` with a fixed index, after which every operand of the term
+carries the same multi-index label. Written out term by term, like the
+backward direction. A value read by two operators (fan-out) needs nothing
+special here: each consumer reads the same jet. The source's jets are
+expanded to xa's layout ``(s, n_L, ..., n_L)`` at the end.
 
-Blocks cost ``n_v * n_L^k`` instead of backprop's ``s * n_v^k``: the right
-way round for a small leaf feeding a wide network (a PINN's input).
+Blocks cost ``C(n_L + k - 1, k) * n_v`` instead of backprop's ``s * n_v^k``:
+the right way round for a small leaf feeding a wide network (a PINN's input).
 """
 
 from __future__ import annotations
 
-from itertools import product
+import math
+from functools import lru_cache
+from itertools import combinations_with_replacement, product
 
+import torch
+
+from .batch import BatchFactors, Batching
 from .capture import Graph
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
@@ -32,17 +44,92 @@ def jet_key(leaf: int, value: int, k: int) -> tuple:
     return ("jet", leaf, value, k)
 
 
-def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple) -> tuple:
-    """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results)``."""
-    steps, shapes, results = [], {}, {}
+@lru_cache(maxsize=256)
+def multi_indices(n: int, k: int) -> tuple:
+    """The sorted multi-indices of order ``k`` over ``n`` entries, in order, and their positions."""
+    rows = tuple(combinations_with_replacement(range(n), k))
+    return rows, {row: r for r, row in enumerate(rows)}
+
+
+def rows(n: int, k: int) -> int:
+    """``C(n + k - 1, k)``: how many sorted multi-indices there are."""
+    return math.comb(n + k - 1, k)
+
+
+@lru_cache(maxsize=1024)
+def _index_cpu(n: int, k: int, block: tuple) -> torch.Tensor:
+    """For each sorted multi-index ``a`` of order ``k``, the row of ``a`` at ``block`` among those of order ``|block|``."""
+    if block == "full":  # every (unsorted) k-tuple -> its sorted row: the expansion to n^k
+        _, where = multi_indices(n, k)
+        return torch.tensor([where[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long)
+    rows_k, _ = multi_indices(n, k)
+    _, where = multi_indices(n, len(block))
+    return torch.tensor([where[tuple(a[p] for p in block)] for a in rows_k], dtype=torch.long)
+
+
+_ON_DEVICE: dict = {}
+
+
+def index(n: int, k: int, block, device) -> torch.Tensor:
+    """:func:`_index_cpu` on ``device``, kept (a handful of small index tensors per plan)."""
+    key = (n, k, block, str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is None:
+        hit = _index_cpu(n, k, block).to(device)
+        if len(_ON_DEVICE) > 4096:
+            _ON_DEVICE.clear()
+        _ON_DEVICE[key] = hit
+    return hit
+
+
+def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
+    """``E[a, i] = [a[pos] == i]`` over the sorted multi-indices ``a`` of order ``k``: the leaf's identity jet, read at ``a``."""
+    key = ("onehot", n, k, pos, dtype, str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is None:
+        rows_k, _ = multi_indices(n, k)
+        at = torch.tensor([a[pos] for a in rows_k], dtype=torch.long)
+        hit = torch.zeros(len(rows_k), n, dtype=dtype).scatter_(1, at[:, None], 1.0).to(device)
+        _ON_DEVICE[key] = hit
+    return hit
+
+
+def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None) -> tuple:
+    """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
+
+    ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
+    With ``batch``, a batched value's jet is per sample, ``(samples, M_k, *v.shape')``
+    (``'``: the sample dim left out), the sample label tied through every term;
+    a shared value's jet (computed from shared leaves alone) has no sample label.
+    """
+    steps, shapes, results, expansions = [], {}, {}, {}
     for leaf in leaves:
-        leaf_steps = _leaf_steps(graph, order, leaf, rules, shapes)
+        leaf_steps = _leaf_steps(graph, order, leaf, rules, shapes, batch)
         steps.extend(leaf_steps)
         results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
+        n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
         for key in results[leaf]:
-            shapes.setdefault(key, graph.source_shape + graph.values[leaf].shape * key[3])
+            shapes.setdefault(key, _jet_shape(graph, batch, 0, leaf, key[3]))
+            lead = 0 if batch is None or batch.at[0] is None else 1
+            expansions[key] = (n, key[3], lead)
     _retire_after_last_read(steps, {k for keys in results.values() for k in keys})
-    return steps, shapes, results
+    return steps, shapes, results, expansions
+
+
+def expand(t: torch.Tensor, how: tuple) -> torch.Tensor:
+    """A result jet ``(lead, M_k, *s)`` as ``(lead, *s, n, .., n)``: every ordering of each sorted row."""
+    n, k, lead = how
+    full = t.index_select(lead, index(n, k, "full", t.device))
+    full = full.reshape(t.shape[:lead] + (n,) * k + t.shape[lead + 1:])
+    return full.movedim(tuple(range(lead, lead + k)), tuple(range(full.dim() - k, full.dim())))
+
+
+def _jet_shape(graph, batch, v, leaf, k) -> tuple:
+    n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
+    if batch is None:
+        return (rows(n, k),) + graph.values[v].shape
+    lead = () if batch.at[v] is None else (batch.size,)
+    return lead + (rows(n, k),) + batch.shape(graph, v)
 
 
 def _depends_on(graph: Graph, leaf: int) -> list:
@@ -52,9 +139,9 @@ def _depends_on(graph: Graph, leaf: int) -> list:
     return reach
 
 
-def _leaf_steps(graph, order, leaf, rules, shapes) -> list:
+def _leaf_steps(graph, order, leaf, rules, shapes, batch) -> list:
     reach = _depends_on(graph, leaf)
-    n_leaf = graph.values[leaf].numel
+    n_leaf = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
     steps = []
     for y in reversed(graph.order):
@@ -64,6 +151,7 @@ def _leaf_steps(graph, order, leaf, rules, shapes) -> list:
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
         slots = [s for s, i in enumerate(inputs) if i is not None]
         factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
+        sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
         step = Step(y, v.name)
         jets[y] = {}
         for k in range(1, order + 1):
@@ -77,35 +165,46 @@ def _leaf_steps(graph, order, leaf, rules, shapes) -> list:
                         f = factor(tuple(a for a, _ in pairs))
                         if f is None:
                             continue
-                        step.terms.append(_jet_term(graph, leaf, n_leaf, y, k, f, pairs, inputs, jets, target))
+                        step.terms.append(_jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled))
                         jets[y][k] = target
             if target in jets[y].values():
-                shapes[target] = v.shape + graph.values[leaf].shape * k
+                shapes[target] = _jet_shape(graph, batch, y, leaf, k)
         factor.finish(step)
         steps.append(step)
     return steps
 
 
-def _jet_term(graph, leaf, n_leaf, y, k, f, pairs, inputs, jets, target):
+def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled):
     lab = TermLabels()
     slots = tuple(a for a, _ in pairs)
+    p, ins_p = None, (None,) * len(slots)
+    if sampled is not None:
+        f, p, ins_p = sampled.get(slots)
     shift, operands = lab.adopt(f, slots)
-    positions: dict = {}
-    sources = []
-    for (a, block), port in zip(pairs, f.ins):
-        port = tuple(shift[i] for i in port)
+    ps = None if p is None else shift[p]
+    if ps is not None:
+        lab.sizes[ps] = sampled.batch.size
+    alpha = lab.new(rows(n_leaf, k))  # the sorted multi-index of the target jet
+    sources, gathers, constants = [], [], []
+    for (a, block), port, pin in zip(pairs, f.ins, ins_p):
+        kept = tuple(shift[i] for i in port if pin is None or i != pin)
         key = jets[inputs[a]][len(block)]
-        if key == IDENTITY:  # d leaf / d leaf: the position is the leaf's own port
-            positions[block[0]] = port
+        if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (M_k, n) on the leaf's own port
+            constants.append((("onehot", n_leaf, k, block[0]), (alpha,) + kept))
             continue
-        fresh = [lab.new(n_leaf) for _ in block]
-        for pos, label in zip(block, fresh):
-            positions[pos] = (label,)
-        sources.append((key, port + tuple(fresh)))
-    out = [shift[i] for i in f.out]
-    for pos in range(k):
-        out.extend(positions[pos])
-    return compile_term(lab, sources, operands, [slots], out, target)
+        lead = (ps,) if pin is not None else ()
+        sources.append((key, lead + (alpha,) + kept))
+        # the source is J_x[|B|] (rows M_|B|) read at each target row's sub-multi-index a_B
+        identity = len(block) == k
+        gathers.append(None if identity else (len(lead), rows(n_leaf, len(block)), (n_leaf, k, tuple(block))))
+    out = ([ps] if ps is not None else []) + [alpha] + [shift[i] for i in f.out if shift[i] != ps]
+    term = compile_term(lab, sources, operands + constants, [slots], out, target)
+    term.gathers = tuple(gathers)  # the one-hot constants follow the factor refs in term.operands
+    if sampled is not None:
+        views = [(tuple(t.shape), tuple(d for d, lb in enumerate(labels) if lb == ps))
+                 for (t, _), (_, labels) in zip(f.operands, operands)]
+        term.views = tuple(views) + (None,) * len(constants)
+    return term
 
 
 def _retire_after_last_read(steps: list, keep: set) -> None:

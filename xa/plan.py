@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backprop import build_backward
+from .batch import Batching, analyze
 from .capture import Graph
 from .jets import build_forward
 
@@ -47,6 +48,8 @@ class Plan:
     peak_elements: int = 0  # the most block and scratch entries alive at once
     itemsize: int = 8  # bytes per entry, from the graph's dtype
     cached: bool = False  # this call found the plan in the cache (a copy says so; the cached one never does)
+    batch: Batching | None = None  # the sample layout of a per-sample plan (batch_dim=)
+    expand: dict = field(default_factory=dict)  # forward: result key -> how to expand its sorted rows (xa.jets)
 
     @property
     def flops(self) -> int:
@@ -58,10 +61,18 @@ class Plan:
         """The estimated peak memory of executing the plan, in bytes."""
         return self.peak_elements * self.itemsize
 
+    def result_numel(self, key) -> int:
+        """Entries of one result as handed out (a forward jet expanded to every ordering of its rows)."""
+        n = math.prod(self.block_shapes[key])
+        if key in self.expand:
+            size, k, lead = self.expand[key]
+            n = n // self.block_shapes[key][lead] * size ** k
+        return n
+
     @property
     def result_elements(self) -> int:
-        """Entries of every result block."""
-        return sum(math.prod(self.block_shapes[k]) for keys in self.results.values() for k in keys)
+        """Entries of every result."""
+        return sum(self.result_numel(k) for keys in self.results.values() for k in keys)
 
 
 _PLANS: "OrderedDict[tuple, Plan]" = OrderedDict()
@@ -70,7 +81,8 @@ DIRECTIONS = ("auto", "backward", "forward")
 
 
 def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
-          direction: str = "auto", rows: int | None = None) -> Plan:
+          direction: str = "auto", rows: int | None = None, batch_dim: int | None = None,
+          samples: int | None = None) -> Plan:
     """The plan for ``graph`` at ``order``, from the cache when its key was seen before.
 
     Args:
@@ -82,9 +94,11 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
         retained: intermediate values whose partials are kept.
         direction: ``"backward"``, ``"forward"`` or ``"auto"`` (price both, keep the cheaper).
         rows: plan a backward pass over a chunk of that many source rows.
+        batch_dim: the source's sample dim: per-sample derivatives (:mod:`xa.batch`).
+        samples: with ``batch_dim``, plan for a chunk of that many samples.
     """
     key = (graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])),
-           order, requested, retained, direction, rows)
+           order, requested, retained, direction, rows, batch_dim, samples)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -93,19 +107,25 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     if direction == "forward" and not forward_ok:
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
+    batch = None
     candidates = {}
     # Rules run on CPU stand-ins while planning; a tensor a rule makes without naming a device
     # must be on the CPU too, whatever torch.set_default_device says.
     with torch.device("cpu"):
+        if batch_dim is not None:
+            batch = analyze(graph, rules, batch_dim)
+            if samples is not None:
+                batch = batch.chunk(samples)
         if direction in ("auto", "backward"):
-            steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows)
+            steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows, batch)
             candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
         if forward_ok and direction in ("auto", "forward"):
-            steps, shapes, results = build_forward(graph, order, rules, requested)
-            candidates["forward"] = Plan(order, steps, shapes, results, (), direction="forward")
+            steps, shapes, results, expansions = build_forward(graph, order, rules, requested, batch)
+            candidates["forward"] = Plan(order, steps, shapes, results, (), direction="forward", expand=expansions)
     prices = {d: p.flops for d, p in candidates.items()}
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices
+    plan.batch = batch
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     plan.peak_elements = peak(plan)
     _PLANS[key] = plan
@@ -129,11 +149,7 @@ def peak(plan: Plan) -> int:
     current = sum(live.values())
     peak = current
     for step in plan.steps:
-        factor_sizes: dict = {}
-        for term in step.terms:
-            for ref, shape in zip(term.operands, term.shapes[len(term.sources):]):
-                factor_sizes[ref] = math.prod(shape)
-        factors = sum(factor_sizes.values()) + step.workspace
+        factors = step.factor_elements + step.workspace
         for term in step.terms:
             result = math.prod(term.result_shape)
             inter = int(term.info.largest_intermediate) if term.info is not None else 0
@@ -141,13 +157,19 @@ def peak(plan: Plan) -> int:
             if first:
                 live[term.target] = math.prod(plan.block_shapes[term.target])
                 current += live[term.target]
-            if term.broadcast is not None:
-                scratch = term.broadcast_scratch
-            elif first and term.full:
-                scratch = inter if inter > result else 0
+            if term.gathers is not None:  # sources read at sub-multi-indices are copies
+                scratch = sum(math.prod(shape) for (_, shape), g in zip(term.sources, term.gathers) if g is not None)
             else:
-                scratch = max(result, inter)
+                scratch = 0
+            if term.broadcast is not None:
+                scratch += term.broadcast_scratch
+            elif first and term.full:
+                scratch += inter if inter > result else 0
+            else:
+                scratch += max(result, inter)
             peak = max(peak, current + factors + scratch)
         for key in step.retire:
             current -= live.pop(key, 0)
-    return peak
+    # forward results are expanded to every ordering of their rows at the end
+    expanded = sum(plan.result_numel(k) for k in plan.expand)
+    return max(peak, current + expanded)

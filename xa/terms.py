@@ -69,6 +69,12 @@ class Term:
     broadcast_scratch: int = 0
     info: Any = None
     expr: Any = None
+    # Per-sample plans (xa.batch): per factor operand, the shape to read it as (its labels split
+    # so that the sample dim is one of them) and the axes that carry the sample label, or None.
+    views: Any = None
+    # Forward jets (xa.jets): per source, None or (axis, rows before, index spec) -- the
+    # source is read at each target row's sub-multi-index, one index_select.
+    gathers: Any = None
 
     @property
     def flops(self) -> int:
@@ -91,6 +97,7 @@ class Step:
     snapshot: bool = False
     structure: dict = field(default_factory=dict)
     workspace: int = 0  # entries the rules allocate for a while to build one factor (the largest)
+    factor_elements: int = 0  # entries of every factor operand the step reads, as the rules build them
 
 
 _PATHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -179,6 +186,7 @@ class PlanFactors:
         used = {slots for t in step.terms for slots in t.factors}
         step.structure = {slots: structure(self.cache[slots]) for slots in used}
         step.workspace = max((self.cache[slots].workspace for slots in used), default=0)
+        step.factor_elements = sum(t.numel() for slots in used for t, _ in self.cache[slots].operands)
         return step
 
 

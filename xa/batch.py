@@ -1,0 +1,284 @@
+"""Per-sample derivatives: the source's sample dimension as one label tied through every factor.
+
+With ``batch_dim=d``, sample ``b`` of the source is ``S.select(d, b)``, and
+the derivatives wanted are those of each sample by itself: ``d^k S_b / dX_b^k``
+for a value ``X`` that carries the sample dimension (*batched*), and
+``d^k S_b / dW^k`` for one that does not (*shared*: weights, biases and what
+is computed from them alone). Every block then has one sample label ``b``
+of size ``B`` in front, ``(B, s', u_1', ...)``, never ``B x B``, so cost
+grows linearly in ``B``.
+
+Which dim of each value is its sample dim follows from the first-order
+factors alone (:func:`analyze`), from the source down: a factor carries the
+sample label when its output port's sample label is tied to one label of
+an input port; that input is batched at the dim the label sits on.
+Otherwise the input is shared by this consumer. A value that two
+consumers see differently (``x - x.mean(0)``: per sample through the
+subtraction, shared through the mean) couples samples, and so does a
+factor whose dense operand links the output's sample label to an
+untied input's dim in the same place (softmax or batch norm over the
+batch): both are a :class:`~xa.errors.BatchMixingError` before anything
+runs.
+
+A rule's ports may merge dims into one label (layer norm's rows, a view);
+:func:`split_port` splits such a label so that the sample dim has a label
+of its own. Splitting a label is a reshape of every operand that carries
+it, so a plan records the operand shapes and execution only reshapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .capture import Graph
+from .errors import BatchMixingError
+from .factor import Factor
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The sample layout of one request.
+
+    A value's sample index is one digit of its flattened index: ``at[v]`` is
+    the product of the sizes before it (for a sample dim ``e``,
+    ``prod(shape[:e])``), so ``flat = (i * B + b) * post + j``. Usually that is
+    a dim of its own; inside ``nn.Linear`` on a ``(T, B, F)`` input torch
+    merges it with ``T`` into one dim of ``T * B`` rows, and it is a digit of that dim.
+
+    Args:
+        source_dim: the source's sample dim.
+        total: ``B``, the number of samples.
+        at: per value, where its sample digit is (see above), or ``None`` for a shared value.
+        size: the samples one plan covers at a time (``total``, or a chunk of them).
+    """
+
+    source_dim: int
+    total: int
+    at: tuple
+    size: int
+
+    def chunk(self, size: int) -> "Batching":
+        return replace(self, size=size)
+
+    def numel(self, graph: Graph, i: int) -> int:
+        """Entries of value ``i`` per sample (all of them for a shared value)."""
+        n = graph.values[i].numel
+        return n // self.total if self.at[i] is not None else n
+
+    def dim(self, graph: Graph, i: int):
+        """Value ``i``'s sample dim, or ``None`` (shared, or a digit inside a dim)."""
+        if self.at[i] is None:
+            return None
+        acc = 1
+        for d, n in enumerate(graph.values[i].shape):
+            if acc == self.at[i] and n == self.total:
+                return d
+            acc *= n
+        return None
+
+    def shape(self, graph: Graph, i: int) -> tuple:
+        """Value ``i``'s shape per sample: its sample dim left out (flattened if it is a digit inside a dim)."""
+        shape = graph.values[i].shape
+        if self.at[i] is None:
+            return shape
+        d = self.dim(graph, i)
+        return shape[:d] + shape[d + 1:] if d is not None else (self.numel(graph, i),)
+
+    def describe(self, graph: Graph, i: int) -> str:
+        if self.at[i] is None:
+            return "shared"
+        d = self.dim(graph, i)
+        return f"sample dim {d}" if d is not None else f"sample digit after {self.at[i]} entries"
+
+
+def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
+    """``(factor', label)``: the factor with one label for the sample digit on ``port``, and that label.
+
+    ``port`` is ``("out",)`` or ``("ins", t)``; the digit has ``size``
+    values after ``pre`` entries (see :class:`Batching`). A label of the port
+    that covers it together with neighbouring dims is split into pieces (a
+    reshape of every operand that carries it).
+    """
+    for boundary in (pre, pre * size):
+        factor = _break(factor, port, boundary, where)
+    labels = _labels(factor, port)
+    acc, inside = 1, []
+    for label in labels:
+        if pre <= acc and acc * factor.sizes[label] <= pre * size and factor.sizes[label] > 1:
+            inside.append(label)
+        acc *= factor.sizes[label]
+    if len(inside) != 1:
+        raise BatchMixingError(
+            f"{where}: the sample dim is split over several dims by this node (a view that reshapes "
+            "the sample dim); per-sample derivatives need it kept whole"
+        )
+    return factor, inside[0]
+
+
+def _labels(factor: Factor, port: tuple) -> tuple:
+    return factor.out if port[0] == "out" else factor.ins[port[1]]
+
+
+def _break(factor: Factor, port: tuple, boundary: int, where: str) -> Factor:
+    """Split the label of ``port`` that straddles ``boundary`` (a prefix product of the port's sizes)."""
+    acc = 1
+    for label in _labels(factor, port):
+        n = factor.sizes[label]
+        if acc < boundary < acc * n:
+            first = boundary // acc
+            if boundary % acc or n % first:
+                raise BatchMixingError(f"{where}: the sample dim does not line up with the dims of this node")
+            return _split(factor, label, (first, n // first))
+        acc *= n
+    return factor
+
+
+def _split(factor: Factor, label: int, pieces: tuple) -> Factor:
+    """Replace ``label`` everywhere by new labels of sizes ``pieces`` (row-major): a reshape."""
+    sizes = list(factor.sizes)
+    new = tuple(range(len(sizes), len(sizes) + len(pieces)))
+    sizes.extend(pieces)
+
+    def sub(labels):
+        out = []
+        for lb in labels:
+            out.extend(new if lb == label else (lb,))
+        return tuple(out)
+
+    operands = []
+    for tensor, labels in factor.operands:
+        labels2 = sub(labels)
+        operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
+    return replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
+                   operands=tuple(operands))
+
+
+def position(labels: tuple, sizes: tuple, label: int) -> int:
+    """The product of the sizes before ``label`` on a port: where its digit sits."""
+    pre = 1
+    for lb in labels:
+        if lb == label:
+            break
+        pre *= sizes[lb]
+    return pre
+
+
+UNSET = object()
+
+
+def analyze(graph: Graph, rules: dict, source_dim: int) -> Batching:
+    """The sample dim of every value, from the first-order factors, from the source down.
+
+    Raises:
+        BatchMixingError: a node couples samples, naming it and where it sits.
+    """
+    total = graph.source_shape[source_dim]
+    dims = [UNSET] * len(graph.values)
+    seen_by: list = [None] * len(graph.values)
+    dims[0] = math.prod(graph.source_shape[:source_dim])
+    seen_by[0] = "the source"
+    for y in graph.order:
+        v = graph.values[y]
+        if v.leaf is not None or dims[y] is UNSET:
+            continue
+        rule = graph.rule(y, rules)
+        ctx = graph.ctx(y, planning=True)
+        here = f"{v.name} at {v.where(graph)}"
+        for t, x in enumerate(v.inputs):
+            if x is None:
+                continue
+            f = rule(ctx, (t,))
+            if f is None:
+                continue
+            e = None
+            if dims[y] is not None:
+                f, p = split_port(f, ("out",), dims[y], total, here)
+                if p in f.ins[0]:
+                    e = position(f.ins[0], f.sizes, p)
+                else:
+                    _check_untied(f, p, graph.values[x], v, dims[y], total, here, t)
+            _merge(graph, dims, seen_by, x, e, here)
+    return Batching(source_dim, total, tuple(None if d is UNSET else d for d in dims), total)
+
+
+def _check_untied(f: Factor, p: int, x, y, pre: int, total: int, here: str, t: int) -> None:
+    """An input the sample label does not reach is shared, unless it is shaped like the output and
+    the factor links the entries in its sample place to the output's sample label (softmax over the batch)."""
+    if x.numel != y.numel:
+        return
+    try:
+        _, q = split_port(f, ("ins", 0), pre, total, here)
+    except BatchMixingError:
+        return
+    for _, labels in f.operands:
+        if p in labels and q in labels:
+            raise BatchMixingError(
+                f"{here} couples samples: output sample b depends on other samples' entries of its input {t} "
+                f"(shape {list(x.shape)}): a softmax, normalization or attention over the batch; "
+                "per-sample derivatives need each sample computed from its own entries"
+            )
+
+
+def _merge(graph, dims, seen_by, x, e, here) -> None:
+    if dims[x] is UNSET:
+        dims[x], seen_by[x] = e, here
+        return
+    if dims[x] == e:
+        return
+    xv = graph.values[x]
+    what = "a leaf" if xv.leaf is not None else f"the output of {xv.name}"
+
+    def how(d):
+        return "as one value shared by all samples" if d is None else "per sample"
+
+    raise BatchMixingError(
+        f"{what} of shape {list(xv.shape)} reaches the source {how(dims[x])} through {seen_by[x]}, and "
+        f"{how(e)} through {here}: a node couples samples (a sum, mean or max over the batch, "
+        "x - x.mean(0), a value computed from all samples)"
+    )
+
+
+class BatchFactors:
+    """A node's factors with the sample label found on every port, for building terms.
+
+    ``get(slots)`` returns ``(factor, y_label, in_labels)``: the factor with
+    its labels split so that the sample dim of each batched port is one
+    label, the output's sample label (``None`` for a shared output) and,
+    per input port, the sample label if that input is batched.
+    """
+
+    def __init__(self, graph: Graph, batch: Batching, y: int, inputs: tuple, factors):
+        self.graph, self.batch, self.y, self.inputs, self.factors = graph, batch, y, inputs, factors
+        self.cache: dict = {}
+
+    def __call__(self, slots):
+        return self.factors(slots)
+
+    def get(self, slots):
+        hit = self.cache.get(slots)
+        if hit is not None:
+            return hit
+        f = self.factors(slots)
+        graph, batch, y = self.graph, self.batch, self.y
+        v = graph.values[y]
+        here = f"{v.name} at {v.where(graph)}"
+        p = None
+        if batch.at[y] is not None:
+            f, p = split_port(f, ("out",), batch.at[y], batch.total, here)
+        ins = []
+        for pos, s in enumerate(slots):
+            e = batch.at[self.inputs[s]]
+            if e is None:
+                if p is not None and p in f.ins[pos]:
+                    raise BatchMixingError(f"{here}: its derivative of order {len(slots)} ties the sample dim to "
+                                           f"input {s}, which its first derivative leaves shared")
+                ins.append(None)
+                continue
+            if p is None or p not in f.ins[pos] or position(f.ins[pos], f.sizes, p) != e:
+                raise BatchMixingError(f"{here}: its derivative of order {len(slots)} does not keep the sample "
+                                       f"dim of input {s} tied to its output's (it couples samples)")
+            ins.append(p)
+        hit = (f, p, tuple(ins))
+        self.cache[slots] = hit
+        return hit
