@@ -14,6 +14,8 @@ CASES = [
     ("einsum transpose sum", lambda a: torch.einsum("ijk->kj", a).tanh(), [(2, 3, 2)], 3),
     ("torch.diagonal offset", lambda a: torch.diagonal(a, 1).tanh() * torch.diagonal(a, -1), [(3, 3)], 4),
     ("Tensor.diagonal dims", lambda a: a.diagonal(dim1=0, dim2=2).sigmoid(), [(2, 3, 2)], 3),
+    ("torch.diagonal wide", lambda a: torch.diagonal(a).tanh() * a[:, 0], [(3, 4)], 3),  # was a wrong port
+    ("torch.diagonal tall dims", lambda a: a.diagonal(dim1=1, dim2=0).exp(), [(4, 2, 3)], 2),
     ("torch.diag", lambda a: torch.diag(a * a).tanh(), [(3, 3)], 3),
     ("torch.trace", lambda a: torch.trace(a.tanh() @ a), [(3, 3)], 4),
     ("torch.trace wide", lambda a: torch.trace(a).sin() * a.sum(), [(2, 3)], 3),

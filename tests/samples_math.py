@@ -61,6 +61,8 @@ CASES = [
     ("F.relu6", lambda x: F.relu6(3 * x) * x, [(4,)], 4),
     ("torch.clamp", lambda x: torch.clamp(x, -0.5, 0.5) * x, [(4,)], 4),
     ("Tensor.clamp min", lambda x: x.clamp(min=0.1).sum() * x, [(4,)], 4),
+    ("Tensor.clamp_min", lambda x: x.clamp_min(0.1) * x.tanh(), [(4,)], 3),
+    ("Tensor.clamp_max", lambda x: x.clamp_max(-0.1) * x.sin(), [(2, 3)], 3),
     ("torch.where", lambda x, y: torch.where(x > 0, x, y) * y, [(4,), (4,)], 4),
     ("torch.where const", lambda x: torch.where(x > 0, x * x, 0.0), [(4,)], 4),
 ]

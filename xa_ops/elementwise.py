@@ -172,9 +172,9 @@ def _clamp(ctx, k):
         return None
     x = ctx.saved("self")
     inside = torch.ones_like(x, dtype=torch.bool)
-    if ctx.saved("min") is not None:
+    if ctx.has("min"):  # clamp_min and clamp_max save only their own bound
         inside = inside & (x >= ctx.saved("min"))
-    if ctx.saved("max") is not None:
+    if ctx.has("max"):
         inside = inside & (x <= ctx.saved("max"))
     return inside.to(ctx.dtype)
 
@@ -182,6 +182,8 @@ def _clamp(ctx, k):
 register("LeakyReluBackward0", elementwise(_leaky_relu))
 register("HardtanhBackward0", elementwise(_hardtanh))  # hardtanh, relu6
 register("ClampBackward1", elementwise(_clamp))
+register("ClampMinBackward0", elementwise(_clamp))  # x.clamp_min(c); vmap of clamp(min=c) records it too
+register("ClampMaxBackward0", elementwise(_clamp))
 
 
 def _prelu(ctx, i, j):

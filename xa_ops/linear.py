@@ -124,7 +124,7 @@ def _diagonal(ctx, lab, slot):
     x = list(lab.dims(shape))
     rest = [x[d] for d in range(len(shape)) if d not in (d1, d2)]
     n = ctx.out_shape[-1]
-    if offset == 0:
+    if offset == 0 and shape[d1] == shape[d2]:
         diag = lab.new(n)
         x[d1] = x[d2] = diag
         return rest + [diag], x, ()
