@@ -13,8 +13,6 @@ seeded with those rows of the identity gives those rows of every result.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import execute, jets

@@ -211,8 +211,13 @@ def _check_untied(f: Factor, p: int, x, y, pre: int, total: int, here: str, t: i
         _, q = split_port(f, ("ins", 0), pre, total, here)
     except BatchMixingError:
         return
+    # Coupling: one operand holds the output's sample label, the input's entries in the same place and
+    # a label the two ports share (softmax's features, batch norm's channels, attention's heads). A
+    # shared weight that happens to have B rows (x @ W, W of shape (B, O)) is linked to p only through
+    # the other input's saved value, which carries none of the output's other labels.
+    tied = (set(f.out) & set(f.ins[0])) - {p, q}
     for _, labels in f.operands:
-        if p in labels and q in labels:
+        if p in labels and q in labels and tied & set(labels):
             raise BatchMixingError(
                 f"{here} couples samples: output sample b depends on other samples' entries of its input {t} "
                 f"(shape {list(x.shape)}): a softmax, normalization or attention over the batch; "

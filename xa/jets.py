@@ -58,7 +58,7 @@ def rows(n: int, k: int) -> int:
 
 @lru_cache(maxsize=1024)
 def _index_cpu(n: int, k: int, block: tuple) -> torch.Tensor:
-    """For each sorted multi-index ``a`` of order ``k``, the row of ``a`` at ``block`` among those of order ``|block|``."""
+    """For each sorted multi-index ``a`` of order ``k``: the row of ``a`` at ``block`` among those of its order."""
     if block == "full":  # every (unsorted) k-tuple -> its sorted row: the expansion to n^k
         _, where = multi_indices(n, k)
         return torch.tensor([where[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long)
@@ -83,7 +83,7 @@ def index(n: int, k: int, block, device) -> torch.Tensor:
 
 
 def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
-    """``E[a, i] = [a[pos] == i]`` over the sorted multi-indices ``a`` of order ``k``: the leaf's identity jet, read at ``a``."""
+    """``E[a, i] = [a[pos] == i]`` over the sorted multi-indices ``a`` of order ``k``: the leaf's identity jet."""
     key = ("onehot", n, k, pos, dtype, str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None:
