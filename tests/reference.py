@@ -53,19 +53,21 @@ def max_error(f, inputs, order, **backward_kwargs):
     inputs = [x.to(DEVICE) for x in inputs]
     leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
     y = f(*leaves)
-    xa.backward(y, order, **backward_kwargs)
     ref = torch_partials(f, inputs, order)
     worst = 0.0
-    for i, leaf in enumerate(leaves):
-        assert hasattr(leaf, "xgrad"), f"input {i} got no .xgrad"
-        assert len(leaf.xgrad) == order
-        for k in range(order):
-            got, want = leaf.xgrad[k], ref[i][k]
-            assert got.shape == want.shape, (i, k + 1, got.shape, want.shape)
-            assert got.dtype == leaf.dtype
-            if got.numel():
-                scale = max(1.0, want.abs().max().item())
-                worst = max(worst, (got - want.to(got.dtype)).abs().max().item() / scale)
+    # with directions=(...), each direction in turn against the same reference
+    for direction in backward_kwargs.pop("directions", (backward_kwargs.pop("direction", "auto"),)):
+        xa.backward(y, order, direction=direction, **backward_kwargs)
+        for i, leaf in enumerate(leaves):
+            assert hasattr(leaf, "xgrad"), f"input {i} got no .xgrad"
+            assert len(leaf.xgrad) == order
+            for k in range(order):
+                got, want = leaf.xgrad[k], ref[i][k]
+                assert got.shape == want.shape, (direction, i, k + 1, got.shape, want.shape)
+                assert got.dtype == leaf.dtype
+                if got.numel():
+                    scale = max(1.0, want.abs().max().item())
+                    worst = max(worst, (got - want.to(got.dtype)).abs().max().item() / scale)
     if worst > WORST["error"] and leaves[0].dtype == torch.float64:
         test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
         WORST.update(error=worst, where=f"{test}, order {order}")

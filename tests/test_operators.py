@@ -42,7 +42,9 @@ def _inputs(name, shapes, domain):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_operator_matches_torch(case):
     name, f, shapes, order, *domain = case
-    assert_close_to_torch(f, _inputs(name, shapes, domain[0] if domain else None), order, tol=1e-9)
+    # every rule in both directions: backprop of joint blocks, and forward jets
+    assert_close_to_torch(f, _inputs(name, shapes, domain[0] if domain else None), order, tol=1e-9,
+                          directions=("backward", "forward"))
 
 
 def test_every_registered_rule_has_a_sample():

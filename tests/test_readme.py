@@ -37,7 +37,7 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
                 assert torch.allclose(x.xgrad[k], ref[k], atol=1e-9, rtol=0)
         if "laplacian" in scope:  # the per-sample example: each point's derivatives, as vmap gives them
             net, X = scope["net"], scope["X"]
-            g = jacrev(lambda z: net(z))
+            g = jacrev(net)
             per = [g]
             for _ in range(3):
                 per.append(jacfwd(per[-1]))
