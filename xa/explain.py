@@ -66,7 +66,7 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     w(f"direction: {plan.direction} (FLOPs of each: {prices})\n")
     if batch is not None and plan.direction == "forward":
         w("blocks: jet(L, #v, k) = d^k #v_b / dL_b^k per sample b, one row per sorted multi-index of L's "
-          "entries, shaped (b, C(n+k-1, k), *#v.shape'), n = L.numel()', ' = one sample (a shared value or "
+          "entries, shaped (C(n+k-1, k), b, *#v.shape'), n = L.numel()', ' = one sample (a shared value or "
           "leaf: all of it, and no b for a shared value)\n")
     elif batch is not None:
         w("blocks: block (2, 5) = d^2 S_b / d#2_b d#5_b per sample b, shaped (b, *S.shape', *#2.shape', "

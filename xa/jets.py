@@ -5,7 +5,9 @@ For a leaf ``L`` and every value ``v`` that depends on it, the jet
 stored once per *sorted* multi-index ``i_1 <= .. <= i_k`` of the leaf's
 ``n`` entries: ``C(n + k - 1, k)`` rows instead of ``n^k`` (15 instead of 81
 for ``n = 3``, ``k = 4``), laid out ``(M_k, *v.shape)`` -- the multi-index
-first, so that a linear layer is one ``mm`` over contiguous rows.
+first (before the sample label of a per-sample plan too), so that a linear
+layer is one ``mm`` over contiguous rows and reading a jet at other rows
+copies whole contiguous rows.
 ``J_L[1]`` is the identity (never stored) and ``J_L[k] = 0`` for ``k >= 2``.
 For ``y = f(x_1 .. x_m)``, Faa di Bruno in the forward direction reads
 
@@ -110,18 +112,16 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
         n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
         for key in results[leaf]:
             shapes.setdefault(key, _jet_shape(graph, batch, 0, leaf, key[3]))
-            lead = 0 if batch is None or batch.at[0] is None else 1
-            expansions[key] = (n, key[3], lead)
+            expansions[key] = (n, key[3])
     _retire_after_last_read(steps, {k for keys in results.values() for k in keys})
     return steps, shapes, results, expansions
 
 
 def expand(t: torch.Tensor, how: tuple) -> torch.Tensor:
-    """A result jet ``(lead, M_k, *s)`` as ``(lead, *s, n, .., n)``: every ordering of each sorted row."""
-    n, k, lead = how
-    full = t.index_select(lead, index(n, k, "full", t.device))
-    full = full.reshape(t.shape[:lead] + (n,) * k + t.shape[lead + 1:])
-    return full.movedim(tuple(range(lead, lead + k)), tuple(range(full.dim() - k, full.dim())))
+    """A result jet ``(M_k, *rest)`` as ``(*rest, n, .., n)``: every ordering of each sorted row."""
+    n, k = how
+    full = t.index_select(0, index(n, k, "full", t.device)).reshape((n,) * k + t.shape[1:])
+    return full.movedim(tuple(range(k)), tuple(range(full.dim() - k, full.dim())))
 
 
 def _jet_shape(graph, batch, v, leaf, k) -> tuple:
@@ -129,7 +129,7 @@ def _jet_shape(graph, batch, v, leaf, k) -> tuple:
     if batch is None:
         return (rows(n, k),) + graph.values[v].shape
     lead = () if batch.at[v] is None else (batch.size,)
-    return lead + (rows(n, k),) + batch.shape(graph, v)
+    return (rows(n, k),) + lead + batch.shape(graph, v)
 
 
 def _depends_on(graph: Graph, leaf: int) -> list:
@@ -193,11 +193,11 @@ def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled):
             constants.append((("onehot", n_leaf, k, block[0]), (alpha,) + kept))
             continue
         lead = (ps,) if pin is not None else ()
-        sources.append((key, lead + (alpha,) + kept))
+        sources.append((key, (alpha,) + lead + kept))
         # the source is J_x[|B|] (rows M_|B|) read at each target row's sub-multi-index a_B
         identity = len(block) == k
-        gathers.append(None if identity else (len(lead), rows(n_leaf, len(block)), (n_leaf, k, tuple(block))))
-    out = ([ps] if ps is not None else []) + [alpha] + [shift[i] for i in f.out if shift[i] != ps]
+        gathers.append(None if identity else (0, rows(n_leaf, len(block)), (n_leaf, k, tuple(block))))
+    out = [alpha] + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
     term = compile_term(lab, sources, operands + constants, [slots], out, target)
     term.gathers = tuple(gathers)  # the one-hot constants follow the factor refs in term.operands
     if sampled is not None:

@@ -65,8 +65,8 @@ class Plan:
         """Entries of one result as handed out (a forward jet expanded to every ordering of its rows)."""
         n = math.prod(self.block_shapes[key])
         if key in self.expand:
-            size, k, lead = self.expand[key]
-            n = n // self.block_shapes[key][lead] * size ** k
+            size, k = self.expand[key]
+            n = n // self.block_shapes[key][0] * size ** k
         return n
 
     @property
