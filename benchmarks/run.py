@@ -3,6 +3,8 @@
     python benchmarks/run.py                 # every case, writes benchmarks/results/
     python benchmarks/run.py --cases b,d     # some of them
     python benchmarks/run.py --device cuda --skip-jacobian   # on a GPU (peak: torch's allocator)
+    python benchmarks/run.py --only batched  # the per-sample cases (f)-(i) alone (batched.py)
+    python benchmarks/run.py --only batched --plot-batch benchmarks/pinn_batch.png   # and time against B
 
 Every method computes the same thing as ``xa.backward(y, order)``: all
 derivatives of orders 1..N of the source with respect to each listed leaf,
@@ -12,6 +14,14 @@ in float64. For torch.func that is one nested call per leaf, ``jacrev`` then
 its own nested call. Times are medians; peak memory is the growth of the
 process's resident set during one call (Linux: VmHWM, reset before each);
 the error is the largest absolute difference from torch.func's result.
+
+Cases (f)-(i), in ``batched.py``, are per-sample derivatives
+(``xa.backward(u, order, batch_dim=0)``) against torch.func only, timed in a
+child process with glibc's default malloc settings (no peak memory): with
+the mmap threshold above, torch.func's many mid-sized allocations made its
+time on (f) about twice as long in one measurement, and a user's run has no
+such setting. They also print a
+Markdown table for the README and write it to ``results/batched.md``.
 """
 
 from __future__ import annotations
@@ -33,7 +43,11 @@ from torch.func import jacfwd, jacrev
 
 import xa
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import batched  # noqa: E402  (benchmarks/batched.py: the per-sample cases f-i)
+
 RESULTS = Path(__file__).resolve().parent / "results"
+MMAP_MARK = "XA_BENCH_SET_MMAP_THRESHOLD"   # set when this script set MALLOC_MMAP_THRESHOLD_ itself
 DT = torch.float64
 DEVICE = torch.device("cpu")
 
@@ -289,6 +303,31 @@ def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
     return 0
 
 
+def run_batched(keys, args) -> list:
+    """The per-sample cases (and the plot against B) in a child process with the default malloc settings."""
+    env = dict(os.environ)
+    if env.pop(MMAP_MARK, None):
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "batched.pt"
+        cmd = [sys.executable, __file__, "--batched-child", str(out), "--cases", ",".join(keys),
+               "--reps", str(args.reps), "--budget", str(args.budget)]
+        if args.plot_batch:
+            cmd += ["--plot-batch", str(args.plot_batch)]
+        sys.stdout.flush()
+        subprocess.run(cmd, check=True, env=env)
+        return torch.load(out)
+
+
+def batched_child(path: str, args) -> int:
+    summaries = [batched.run_case(key, args.reps, args.budget) for key in args.cases.split(",") if key]
+    torch.save(summaries, path)
+    if args.plot_batch:
+        print("\n(f) against B, median of 3 at most", flush=True)
+        batched.plot(args.plot_batch, args.budget)
+    return 0
+
+
 def max_error(got: dict, ref: dict) -> float:
     return max((g - r).abs().max().item() for n in ref for g, r in zip(got[n], ref[n]))
 
@@ -299,13 +338,19 @@ def fmt_mb(mb):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="a,b,c,d,e")
+    ap.add_argument("--cases", default="a,b,c,d,e," + ",".join(batched.CASES))
+    ap.add_argument("--only", choices=["batched"],
+                    help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0)")
+    ap.add_argument("--plot-batch", type=Path, metavar="PNG",
+                    help="also time case (f) against B = " + ", ".join(map(str, batched.PLOT_SIZES))
+                    + " and plot it there (a CSV beside it; the PNG needs matplotlib)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget", type=float, default=60.0, help="seconds of repeats per method and case")
     ap.add_argument("--skip-jacobian", action="store_true")
     ap.add_argument("--jacobian-timeout", type=float, default=300.0,
                     help="seconds before the jacobian(vectorize) baseline of one case is given up")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--batched-child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu", help="where the cases run (jacobian only on the CPU)")
@@ -314,6 +359,11 @@ def main(argv=None) -> int:
     DEVICE = torch.device(args.device)
     if args.child:
         return child(*args.child, args.reps, args.budget)
+    if args.batched_child:
+        return batched_child(args.batched_child, args)
+    if args.only == "batched":
+        args.cases = ",".join(batched.CASES)
+    batched_keys = [key for key in args.cases.split(",") if key in batched.CASES]
     rows = []
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{os.cpu_count()} CPUs"
     header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -321,6 +371,8 @@ def main(argv=None) -> int:
     print(header, flush=True)
     print(f"first xa.backward in a fresh process (import excluded): {first_call_seconds():.3f} s", flush=True)
     for key in args.cases.split(","):
+        if key in batched.CASES:
+            continue
         title, f, leaves, wrt, order = make_case(key)
         results = {}
         for method, run in METHODS.items():
@@ -352,6 +404,17 @@ def main(argv=None) -> int:
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append(("d", title, "write result once", t_write, t_write / ref_t, None, 0.0))
         del results
+    summaries = []
+    if batched_keys and DEVICE.type != "cpu":
+        print(f"\n({', '.join(batched_keys)}) skipped: the per-sample cases run on the CPU only", flush=True)
+    elif batched_keys or args.plot_batch:
+        summaries = run_batched(batched_keys, args)
+    for s in summaries:
+        for name, t in s["ways"].items():
+            rows.append((s["key"], s["title"], f"torch.func {name}", t, t / s["func"], None, s["way_errs"][name]))
+        xa_t = s["xa"]
+        rows.append((s["key"], s["title"], "xa", xa_t, None if isinstance(xa_t, str) else xa_t / s["func"], None,
+                     s["err"]))
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"<!-- {header} -->", "", "| case | method | median time | ratio to torch.func | peak memory | "
              "max abs error vs torch.func |", "|---|---|---|---|---|---|"]
@@ -363,6 +426,10 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(f"# Benchmarks\n\n{header}\n\n" + table)
     print(f"\nwrote {args.out / 'results.md'}")
+    if summaries:
+        md = batched.markdown(summaries)
+        (args.out / "batched.md").write_text(f"# Per-sample derivatives (batch_dim=0)\n\n{header}\n\n" + md)
+        print(f"\nPer-sample cases, for the README:\n\n{md}\nwrote {args.out / 'batched.md'}")
     if args.plot_orders and "b" in args.cases.split(","):
         plot_pinn(args.plot_orders, args)
     return 0
@@ -403,7 +470,9 @@ def plot_pinn(max_order: int, args) -> None:
 if __name__ == "__main__":
     # Large blocks go straight to mmap, so freed memory leaves the process and
     # each call's peak is measured from a clean resident set.
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+    if (os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux")
+            and "--batched-child" not in sys.argv):
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.environ[MMAP_MARK] = "1"
         os.execv(sys.executable, [sys.executable, *sys.argv])
     sys.exit(main())
