@@ -50,7 +50,7 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     batch = plan.batch
     if batch is not None:
         w(f"per sample: the source's dim {batch.source_dim} is the sample index b, {batch.total} samples; every "
-          f"block carries b once, as its first dim (blocks are (b, ...), never b x b)\n")
+          f"block carries b once (never b x b), as its first dim (a jet: after its rows)\n")
     w("graph (values in capture order, #0 the source; * = partials requested):\n")
     for v in graph.values:
         kind = "leaf" if v.leaf is not None else "node"
