@@ -63,10 +63,11 @@ def _index_cpu(n: int, k: int, block: tuple) -> torch.Tensor:
     """For each sorted multi-index ``a`` of order ``k``: the row of ``a`` at ``block`` among those of its order."""
     if block == "full":  # every (unsorted) k-tuple -> its sorted row: the expansion to n^k
         _, where = multi_indices(n, k)
-        return torch.tensor([where[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long)
+        return torch.tensor([where[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long,
+                            device="cpu")
     rows_k, _ = multi_indices(n, k)
     _, where = multi_indices(n, len(block))
-    return torch.tensor([where[tuple(a[p] for p in block)] for a in rows_k], dtype=torch.long)
+    return torch.tensor([where[tuple(a[p] for p in block)] for a in rows_k], dtype=torch.long, device="cpu")
 
 
 _ON_DEVICE: dict = {}
@@ -90,8 +91,8 @@ def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
     hit = _ON_DEVICE.get(key)
     if hit is None:
         rows_k, _ = multi_indices(n, k)
-        at = torch.tensor([a[pos] for a in rows_k], dtype=torch.long)
-        hit = torch.zeros(len(rows_k), n, dtype=dtype).scatter_(1, at[:, None], 1.0).to(device)
+        at = torch.tensor([a[pos] for a in rows_k], dtype=torch.long, device="cpu")
+        hit = torch.zeros(len(rows_k), n, dtype=dtype, device="cpu").scatter_(1, at[:, None], 1.0).to(device)
         _ON_DEVICE[key] = hit
     return hit
 
