@@ -49,6 +49,9 @@ def _check_batch_dim(batch_dim, source: torch.Tensor) -> Optional[int]:
         raise TypeError(f"batch_dim must be an int (a dim of the source) or None, got {type(batch_dim).__name__}")
     d = operator.index(batch_dim)
     ndim = source.dim()
+    if ndim == 0:
+        raise IndexError(f"batch_dim={d}: the source is 0-d, it has no sample dim; per-sample derivatives need "
+                         "a source with one entry per sample (a loss with reduction='none', not its mean)")
     if not -ndim <= d < ndim:
         raise IndexError(f"batch_dim={d} is out of range for a source of shape {list(source.shape)} "
                          f"(expected a dim in [{-ndim}, {ndim - 1}])")
