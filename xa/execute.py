@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import jets
+from . import fold, jets
 from .capture import Graph
 from .plan import Plan
 from .terms import NodeFactors
@@ -48,7 +48,10 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
         # every chunk's plan has the same steps in the same order, the same factors (all samples)
         node = None if factors is None else factors.get(number)
         if node is None:
-            node = NodeFactors(step, graph.rule(step.value, rules), graph.ctx(step.value, planning=False))
+            rule = graph.rule(step.value, rules)
+            if step.value in plan.folds:  # it reads a permutation's input directly (xa.fold)
+                rule = fold.wrap(rule, plan.folds[step.value])
+            node = NodeFactors(step, rule, graph.ctx(step.value, planning=False))
             if factors is not None:
                 factors[number] = node
         for term in step.terms:

@@ -48,6 +48,7 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     w(f"xa plan: order {plan.order}, source #0 of shape {list(graph.source_shape)}, {graph.dtype}, {graph.device}\n")
     wanted = set(plan.results)
     batch = plan.batch
+    folded = {graph.values[c].inputs[slot]: c for c, slots in plan.folds.items() for slot in slots}
     if batch is not None:
         w(f"per sample: the source's dim {batch.source_dim} is the sample index b, {batch.total} samples; every "
           f"block carries b once (never b x b), as its first dim (a jet: after its rows)\n")
@@ -60,6 +61,8 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         sample = ""
         if batch is not None:
             sample = "  " + batch.describe(graph, v.index)
+        if v.index in folded:
+            sample += f"  (folded: #{folded[v.index]} reads its input in place, no copy)"
         w(f"  #{v.index:<3} {kind} {name:<28} {str(list(v.shape)):<14} {('<- ' + ins) if ins else ''}{mark}"
           f"{sample}\n")
     prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))

@@ -25,6 +25,7 @@ import torch
 from .backprop import build_backward
 from .batch import Batching, analyze
 from .capture import Graph
+from .fold import fold
 from .jets import build_forward
 
 
@@ -50,6 +51,7 @@ class Plan:
     cached: bool = False  # this call found the plan in the cache (a copy says so; the cached one never does)
     batch: Batching | None = None  # the sample layout of a per-sample plan (batch_dim=)
     expand: dict = field(default_factory=dict)  # forward: result key -> how to expand its sorted rows (xa.jets)
+    folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
 
     @property
     def flops(self) -> int:
@@ -112,6 +114,7 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     # Rules run on CPU stand-ins while planning; a tensor a rule makes without naming a device
     # must be on the CPU too, whatever torch.set_default_device says.
     with torch.device("cpu"):
+        graph, folds = fold(graph, rules, set(requested) | set(retained))
         if batch_dim is not None:
             batch = analyze(graph, rules, batch_dim)
             if samples is not None:
@@ -126,6 +129,7 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices
     plan.batch = batch
+    plan.folds = folds
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     plan.peak_elements = peak(plan)
     _PLANS[key] = plan

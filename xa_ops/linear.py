@@ -63,9 +63,17 @@ def _transpose_dims(ctx, ndim):
     return order
 
 
-register("PermuteBackward0", linear(_permutation(_permute_dims)))
-register("TransposeBackward0", linear(_permutation(_transpose_dims)))
-register("TBackward0", linear(_permutation(lambda ctx, ndim: list(range(ndim))[::-1])))
+def _permutation_rule(dims_of):
+    """A permutation's rule; ``rule.permutation(ctx, ndim)`` gives its dims, so the planner may fold
+    it into its consumer's port (:mod:`xa.fold`) instead of copying blocks through it."""
+    rule = linear(_permutation(dims_of))
+    rule.permutation = dims_of
+    return rule
+
+
+register("PermuteBackward0", _permutation_rule(_permute_dims))
+register("TransposeBackward0", _permutation_rule(_transpose_dims))
+register("TBackward0", _permutation_rule(lambda ctx, ndim: list(range(ndim))[::-1]))
 
 # ---------------------------------------------------------------- broadcasting and reductions
 
