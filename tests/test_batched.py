@@ -547,6 +547,21 @@ def test_a_chunk_of_samples_bounds_the_blocks_and_is_refused_below_one_sample():
         sup.backward(2, direction="backward", max_memory=whole * 0.1, batch_dim=0)
 
 
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_points_on_a_grid_leaf(direction):
+    """The leaf is a (3, 4, 2) grid of points, flattened into the batch inside the forward pass:
+    its samples lie over two dims, which every node keeps together."""
+    net = MLP([2, 6, 1]).double().to(DEVICE)
+    G = leaf(3, 4, 2, seed=31)
+    u = net(G.reshape(-1, 2))
+    xa.backward(u, 3, batch_dim=0, direction=direction, target=G)
+    f = lambda p: net(p[None])[0]
+    want = vmap_partials(f, (G.detach().reshape(-1, 2),), (0,), 0, 3)
+    for k in range(3):
+        assert G.xgrad[k].shape == (12, 1) + (2,) * (k + 1)
+        assert_partials(G.xgrad[k], want[k], what=f"grid, order {k + 1}")
+
+
 # ---------------------------------------------------------------------- explain, errors
 
 

@@ -108,11 +108,11 @@ def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
         if pre <= acc and acc * factor.sizes[label] <= pre * size and factor.sizes[label] > 1:
             inside.append(label)
         acc *= factor.sizes[label]
+    if len(inside) > 1:  # the samples laid out over several dims (a grid of points): one label for them
+        factor = _join(factor, tuple(inside), where)
+        return factor, len(factor.sizes) - 1
     if len(inside) != 1:
-        raise BatchMixingError(
-            f"{where}: the sample dim is split over several dims by this node (a view that reshapes "
-            "the sample dim); per-sample derivatives need it kept whole"
-        )
+        raise BatchMixingError(f"{where}: the sample dim does not line up with the dims of this node")
     return factor, inside[0]
 
 
@@ -132,6 +132,36 @@ def _break(factor: Factor, port: tuple, boundary: int, where: str) -> Factor:
             return _split(factor, label, (first, n // first))
         acc *= n
     return factor
+
+
+def _join(factor: Factor, run: tuple, where: str) -> Factor:
+    """Replace the labels ``run`` by one new label wherever they appear, always together and in this order."""
+    sizes = list(factor.sizes)
+    new = len(sizes)
+    sizes.append(math.prod(factor.sizes[i] for i in run))
+
+    def sub(labels):
+        out, i = [], 0
+        while i < len(labels):
+            if labels[i] in run:
+                if tuple(labels[i:i + len(run)]) != run:
+                    raise BatchMixingError(
+                        f"{where}: the samples are laid out over several dims that this node does not keep "
+                        "together; per-sample derivatives need them kept together, in order"
+                    )
+                out.append(new)
+                i += len(run)
+            else:
+                out.append(labels[i])
+                i += 1
+        return tuple(out)
+
+    operands = []
+    for tensor, labels in factor.operands:
+        labels2 = sub(labels)
+        operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
+    return replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
+                   operands=tuple(operands))
 
 
 def _split(factor: Factor, label: int, pieces: tuple) -> Factor:
