@@ -8,10 +8,11 @@ is computed from them alone). Every block then has one sample label ``b``
 of size ``B`` in front, ``(B, s', u_1', ...)``, never ``B x B``, so cost
 grows linearly in ``B``.
 
-Which dim of each value is its sample dim follows from the first-order
-factors alone (:func:`analyze`), from the source down: a factor carries the
-sample label when its output port's sample label is tied to one label of
-an input port; that input is batched at the dim the label sits on.
+Where each value keeps its samples follows from the first-order factors
+alone (:func:`analyze`), from the source down: a factor carries the sample
+label when its output port's sample label is tied to one label of an input
+port; that input is batched where the label sits (a digit of its flattened
+index: usually a dim, or part of one).
 Otherwise the input is shared by this consumer. A value that two
 consumers see differently (``x - x.mean(0)``: per sample through the
 subtraction, shared through the mean) couples samples, and so does a
@@ -22,8 +23,9 @@ runs.
 
 A rule's ports may merge dims into one label (layer norm's rows, a view);
 :func:`split_port` splits such a label so that the sample dim has a label
-of its own. Splitting a label is a reshape of every operand that carries
-it, so a plan records the operand shapes and execution only reshapes.
+of its own, or joins several labels that together hold the samples (a grid
+of points). Either is a reshape of every operand that carries them, so a
+plan records the operand shapes and execution only reshapes.
 """
 
 from __future__ import annotations
