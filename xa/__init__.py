@@ -41,10 +41,11 @@ from .errors import (  # noqa: E402
 )
 from .explain import explain  # noqa: E402
 from .factor import Factor, LabelMaker  # noqa: E402
+from .queries import laplacian  # noqa: E402
 from .registry import register, supported  # noqa: E402
 
 __all__ = [
-    "backward", "explain", "Superset", "Factor", "LabelMaker", "register", "supported",
+    "backward", "explain", "laplacian", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",
 ]

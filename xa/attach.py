@@ -46,14 +46,14 @@ def size(nbytes: float) -> str:
 
 
 def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple, direction: str,
-            budget: float | None, batch_dim: int | None = None) -> tuple:
+            budget: float | None, batch_dim: int | None = None, query: str | None = None) -> tuple:
     """Plan and run within ``budget`` bytes: ``(plan, results, kept)``.
 
     ``results[i]`` are the blocks of requested value ``i`` for k = 1..order and
     ``kept[i]`` those of retained value ``i`` (``None`` for a block that is zero).
     With ``batch_dim``, per-sample blocks; over budget, chunks of samples.
     """
-    plan = planner.build(graph, order, rules, requested, retained, direction, batch_dim=batch_dim)
+    plan = planner.build(graph, order, rules, requested, retained, direction, batch_dim=batch_dim, query=query)
     if budget is None or plan.peak_bytes <= budget:
         tile = _tile(plan, graph)
         if tile:
@@ -67,6 +67,9 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
                     return (alternative, *_run(alternative, graph, rules, retained))
     if batch_dim is not None:
         return _run_in_samples(graph, order, rules, requested, retained, direction, budget, plan)
+    if query is not None:
+        raise MemoryBudgetError(f"the {query} needs about {size(plan.peak_bytes)}, over max_memory={size(budget)}; "
+                                "with batch_dim= it runs in chunks of samples")
     if plan.direction == "forward" and direction == "forward":
         raise MemoryBudgetError(
             f"the forward plan needs about {size(plan.peak_bytes)}, over max_memory={size(budget)}; only "
@@ -194,7 +197,7 @@ def _run_in_samples(graph, order, rules, requested, retained, direction, budget,
 
 def _sample_plan(graph, order, rules, requested, retained, direction, whole, samples):
     return planner.build(graph, order, rules, requested, retained, direction, batch_dim=whole.batch.source_dim,
-                         samples=samples)
+                         samples=samples, query=whole.query)
 
 
 def _result_bytes(plan, wanted, total) -> int:

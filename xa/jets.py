@@ -58,16 +58,33 @@ def rows(n: int, k: int) -> int:
     return math.comb(n + k - 1, k)
 
 
+def query_rows(n: int, query: str) -> tuple:
+    """The multi-indices a collapsed query sums: ``"laplacian"``, the diagonal ``(i, i)`` of order 2."""
+    if query == "laplacian":
+        return tuple((i, i) for i in range(n))
+    raise ValueError(f"unknown query {query!r}")
+
+
+def _rows_of(n: int, k) -> tuple:
+    """The rows of a jet: every sorted multi-index of order ``k``, or a query's (``k = ("query", name)``)."""
+    return query_rows(n, k[1]) if isinstance(k, tuple) else multi_indices(n, k)[0]
+
+
 @lru_cache(maxsize=1024)
-def _index_cpu(n: int, k: int, block: tuple) -> torch.Tensor:
-    """For each sorted multi-index ``a`` of order ``k``: the row of ``a`` at ``block`` among those of its order."""
+def _index_cpu(n: int, k, block: tuple) -> torch.Tensor:
+    """For each row ``a`` of order ``k`` (all sorted ones, or a query's): the row of ``a_block`` among its order's."""
     if block == "full":  # every (unsorted) k-tuple -> its sorted row: the expansion to n^k
         _, where = multi_indices(n, k)
         return torch.tensor([where[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long,
                             device="cpu")
-    rows_k, _ = multi_indices(n, k)
     _, where = multi_indices(n, len(block))
-    return torch.tensor([where[tuple(a[p] for p in block)] for a in rows_k], dtype=torch.long, device="cpu")
+    return torch.tensor([where[tuple(a[p] for p in block)] for a in _rows_of(n, k)], dtype=torch.long, device="cpu")
+
+
+@lru_cache(maxsize=1024)
+def _reads_in_order(n: int, k, block: tuple) -> bool:
+    """Reading order-|block| rows at ``block`` of each row of ``k`` is every row once, in order."""
+    return _index_cpu(n, k, block).tolist() == list(range(rows(n, len(block))))
 
 
 _ON_DEVICE: dict = {}
@@ -90,25 +107,35 @@ def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
     key = ("onehot", n, k, pos, dtype, str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None:
-        rows_k, _ = multi_indices(n, k)
+        rows_k = _rows_of(n, k)
         at = torch.tensor([a[pos] for a in rows_k], dtype=torch.long, device="cpu")
         hit = torch.zeros(len(rows_k), n, dtype=dtype, device="cpu").scatter_(1, at[:, None], 1.0).to(device)
         _ON_DEVICE[key] = hit
     return hit
 
 
-def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None) -> tuple:
+def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None,
+                  query: str | None = None) -> tuple:
     """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
 
     ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
     With ``batch``, a batched value's jet is per sample, ``(samples, M_k, *v.shape')``
     (``'``: the sample dim left out), the sample label tied through every term;
     a shared value's jet (computed from shared leaves alone) has no sample label.
+
+    With a ``query`` (:func:`query_rows`), the jets of order ``order`` are
+    *collapsed*: each holds the sum of the query's rows only, ``(*v.shape)``, and
+    is pushed through every node from the lower-order jets and its inputs'
+    collapsed jets (collapsed Taylor mode); the result is the source's.
     """
     steps, shapes, results, expansions = [], {}, {}, {}
     for leaf in leaves:
-        leaf_steps = _leaf_steps(graph, order, leaf, rules, shapes, batch)
+        leaf_steps = _leaf_steps(graph, order, leaf, rules, shapes, batch, query)
         steps.extend(leaf_steps)
+        if query is not None:
+            results[leaf] = [jet_key(leaf, 0, order)]
+            shapes.setdefault(results[leaf][0], _jet_shape(graph, batch, 0, leaf, order, collapsed=True))
+            continue
         results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
         for key in results[leaf]:
@@ -125,12 +152,13 @@ def expand(t: torch.Tensor, how: tuple) -> torch.Tensor:
     return full.movedim(tuple(range(k)), tuple(range(full.dim() - k, full.dim())))
 
 
-def _jet_shape(graph, batch, v, leaf, k) -> tuple:
+def _jet_shape(graph, batch, v, leaf, k, collapsed=False) -> tuple:
     n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
+    head = () if collapsed else (rows(n, k),)
     if batch is None:
-        return (rows(n, k),) + graph.values[v].shape
+        return head + graph.values[v].shape
     lead = () if batch.at[v] is None else (batch.size,)
-    return (rows(n, k),) + lead + batch.shape(graph, v)
+    return head + lead + batch.shape(graph, v)
 
 
 def _depends_on(graph: Graph, leaf: int) -> list:
@@ -140,7 +168,7 @@ def _depends_on(graph: Graph, leaf: int) -> list:
     return reach
 
 
-def _leaf_steps(graph, order, leaf, rules, shapes, batch) -> list:
+def _leaf_steps(graph, order, leaf, rules, shapes, batch, query=None) -> list:
     reach = _depends_on(graph, leaf)
     n_leaf = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
@@ -157,6 +185,7 @@ def _leaf_steps(graph, order, leaf, rules, shapes, batch) -> list:
         jets[y] = {}
         for k in range(1, order + 1):
             target = jet_key(leaf, y, k)
+            collapse = query if k == order else None
             for p in range(1, k + 1):
                 for part in set_partitions(tuple(range(k)), p):
                     for choice in product(slots, repeat=p):
@@ -166,16 +195,17 @@ def _leaf_steps(graph, order, leaf, rules, shapes, batch) -> list:
                         f = factor(tuple(a for a, _ in pairs))
                         if f is None:
                             continue
-                        step.terms.append(_jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled))
+                        step.terms.append(_jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled,
+                                                    collapse))
                         jets[y][k] = target
             if target in jets[y].values():
-                shapes[target] = _jet_shape(graph, batch, y, leaf, k)
+                shapes[target] = _jet_shape(graph, batch, y, leaf, k, collapsed=collapse is not None)
         factor.finish(step)
         steps.append(step)
     return steps
 
 
-def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled):
+def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled, collapse=None):
     lab = TermLabels()
     slots = tuple(a for a, _ in pairs)
     p, ins_p = None, (None,) * len(slots)
@@ -185,20 +215,27 @@ def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled):
     ps = None if p is None else shift[p]
     if ps is not None:
         lab.sizes[ps] = sampled.batch.size
-    alpha = lab.new(rows(n_leaf, k))  # the sorted multi-index of the target jet
+    # the target's rows: every sorted multi-index of order k, or a collapsed query's rows (summed)
+    kind = k if collapse is None else ("query", collapse)
+    alpha = lab.new(rows(n_leaf, k) if collapse is None else len(query_rows(n_leaf, collapse)))
     sources, gathers, constants = [], [], []
     for (a, block), port, pin in zip(pairs, f.ins, ins_p):
         kept = tuple(shift[i] for i in port if pin is None or i != pin)
         key = jets[inputs[a]][len(block)]
-        if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (M_k, n) on the leaf's own port
-            constants.append((("onehot", n_leaf, k, block[0]), (alpha,) + kept))
+        if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (rows, n) on the leaf's own port
+            constants.append((("onehot", n_leaf, kind, block[0]), (alpha,) + kept))
             continue
         lead = (ps,) if pin is not None else ()
-        sources.append((key, (alpha,) + lead + kept))
+        if len(block) == k:  # the whole of the target's order from one input: its jet, row for row
+            sources.append((key, (() if collapse else (alpha,)) + lead + kept))
+            gathers.append(None)
+            continue
         # the source is J_x[|B|] (rows M_|B|) read at each target row's sub-multi-index a_B
-        identity = len(block) == k
-        gathers.append(None if identity else (0, rows(n_leaf, len(block)), (n_leaf, k, tuple(block))))
-    out = [alpha] + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
+        sources.append((key, (alpha,) + lead + kept))
+        read_all = _reads_in_order(n_leaf, kind, tuple(block))  # (a Laplacian's J_x[i] at (i, i)): no copy
+        gathers.append(None if read_all else (0, rows(n_leaf, len(block)), (n_leaf, kind, tuple(block))))
+    head = [] if collapse else [alpha]  # a collapsed target sums its rows: alpha is not an output label
+    out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
     term = compile_term(lab, sources, operands + constants, [slots], out, target)
     term.gathers = tuple(gathers)  # the one-hot constants follow the factor refs in term.operands
     if sampled is not None:

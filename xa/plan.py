@@ -52,6 +52,7 @@ class Plan:
     batch: Batching | None = None  # the sample layout of a per-sample plan (batch_dim=)
     expand: dict = field(default_factory=dict)  # forward: result key -> how to expand its sorted rows (xa.jets)
     folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
+    query: str | None = None  # a collapsed query of the top order (xa.queries)
 
     @property
     def flops(self) -> int:
@@ -84,7 +85,7 @@ DIRECTIONS = ("auto", "backward", "forward")
 
 def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
           direction: str = "auto", rows: int | None = None, batch_dim: int | None = None,
-          samples: int | None = None) -> Plan:
+          samples: int | None = None, query: str | None = None) -> Plan:
     """The plan for ``graph`` at ``order``, from the cache when its key was seen before.
 
     Args:
@@ -98,9 +99,10 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
         rows: plan a backward pass over a chunk of that many source rows.
         batch_dim: the source's sample dim: per-sample derivatives (:mod:`xa.batch`).
         samples: with ``batch_dim``, plan for a chunk of that many samples.
+        query: a collapsed query of the top order (``"laplacian"``), forward jets only (:mod:`xa.queries`).
     """
     key = (graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])),
-           order, requested, retained, direction, rows, batch_dim, samples)
+           order, requested, retained, direction, rows, batch_dim, samples, query)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -119,17 +121,18 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
             batch = analyze(graph, rules, batch_dim)
             if samples is not None:
                 batch = batch.chunk(samples)
-        if direction in ("auto", "backward"):
+        if direction in ("auto", "backward") and query is None:
             steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows, batch)
             candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
         if forward_ok and direction in ("auto", "forward"):
-            steps, shapes, results, expansions = build_forward(graph, order, rules, requested, batch)
+            steps, shapes, results, expansions = build_forward(graph, order, rules, requested, batch, query)
             candidates["forward"] = Plan(order, steps, shapes, results, (), direction="forward", expand=expansions)
     prices = {d: p.flops for d, p in candidates.items()}
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices
     plan.batch = batch
     plan.folds = folds
+    plan.query = query
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     plan.peak_elements = peak(plan)
     _PLANS[key] = plan
