@@ -45,4 +45,9 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
                 want = vmap(per[k])(X.detach()).reshape(X.xgrad[k].shape)
                 assert torch.allclose(X.xgrad[k], want, atol=1e-10, rtol=0)
             assert torch.allclose(scope["laplacian"], X.xgrad[1].diagonal(dim1=-2, dim2=-1).sum(-1))
+        if "residual" in scope:  # the Laplacian example: per point, the trace of torch.func's Hessian
+            pde, P = scope["pde"], scope["P"]
+            want = vmap(lambda p: torch.func.hessian(lambda z: pde(z)[0])(p).trace())(P.detach())
+            got = scope["residual"] - torch.sin(P[:, :1])
+            assert torch.allclose(got.flatten(), want, atol=1e-10, rtol=0)
     assert "xa plan" in capsys.readouterr().out
