@@ -47,7 +47,7 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
             assert torch.allclose(scope["laplacian"], X.xgrad[1].diagonal(dim1=-2, dim2=-1).sum(-1))
         if "residual" in scope:  # the Laplacian example: per point, the trace of torch.func's Hessian
             pde, P = scope["pde"], scope["P"]
-            want = vmap(lambda p: torch.func.hessian(lambda z: pde(z)[0])(p).trace())(P.detach())
+            want = vmap(lambda p, pde=pde: torch.func.hessian(lambda z: pde(z)[0])(p).trace())(P.detach())
             got = scope["residual"] - torch.sin(P[:, :1])
             assert torch.allclose(got.flatten(), want, atol=1e-10, rtol=0)
     assert "xa plan" in capsys.readouterr().out
