@@ -103,7 +103,7 @@ def index(n: int, k: int, block, device) -> torch.Tensor:
 
 
 def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
-    """``E[a, i] = [a[pos] == i]`` over the sorted multi-indices ``a`` of order ``k``: the leaf's identity jet."""
+    """``E[a, i] = [a[pos] == i]`` over the rows ``a`` of order ``k`` (or a query's): the leaf's identity jet."""
     key = ("onehot", n, k, pos, dtype, str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None:
@@ -119,7 +119,7 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
     """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
 
     ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
-    With ``batch``, a batched value's jet is per sample, ``(samples, M_k, *v.shape')``
+    With ``batch``, a batched value's jet is per sample, ``(M_k, samples, *v.shape')``
     (``'``: the sample dim left out), the sample label tied through every term;
     a shared value's jet (computed from shared leaves alone) has no sample label.
 
