@@ -243,3 +243,22 @@ def test_trace_of_a_non_square_matrix(shape):
     ref = torch_partials(lambda a: torch.diagonal(torch.tanh(a)).sum() ** 2 * a.sum(), [a], 3)[0]
     for k in range(3):
         assert torch.allclose(a.xgrad[k], ref[k], atol=1e-10, rtol=0), k
+
+
+def test_batch_layout_is_in_the_plan_key():
+    """One graph with no sample dim, the sample dim at 0, then at 1 (a square source): three plans, three answers."""
+    f = lambda x: torch.tanh(x) * x + x.exp()  # x read three times
+    x = leaf(3, 3, seed=41)
+    y = f(x)
+    want = torch_partials(f, [x.detach()], 2)[0]  # (9, 9), (9, 9, 9)
+    full = [d.reshape((3, 3) * (k + 2)) for k, d in enumerate(want)]
+    for batch_dim in (None, 0, 1, None):
+        xa.backward(y, 2, batch_dim=batch_dim)
+        for k, got in enumerate(x.xgrad):
+            if batch_dim is None:
+                ref = want[k]
+            else:  # sample b: row (or column) b of y w.r.t. row (or column) b of x
+                pick = (lambda b: (b, slice(None))) if batch_dim == 0 else (lambda b: (slice(None), b))
+                ref = torch.stack([full[k][pick(b) * (k + 2)] for b in range(3)])
+            assert got.shape == ref.shape, (batch_dim, k, got.shape, ref.shape)
+            assert (got - ref).abs().max().item() < 1e-12, (batch_dim, k)
