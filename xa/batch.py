@@ -289,9 +289,6 @@ class BatchFactors:
         self.graph, self.batch, self.y, self.inputs, self.factors = graph, batch, y, inputs, factors
         self.cache: dict = {}
 
-    def __call__(self, slots):
-        return self.factors(slots)
-
     def get(self, slots):
         hit = self.cache.get(slots)
         if hit is not None:
