@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from itertools import combinations, combinations_with_replacement, product
 
-from .batch import BatchFactors, Batching
+from .batch import BatchFactors, Batching, operand_views
 from .capture import Graph
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
@@ -171,8 +171,7 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled):
         if ps is not None:
             tied[ps] = sample
         if sampled is not None:
-            views.extend((tuple(t.shape), tuple(a for a, lb in enumerate(labels) if lb == ps))
-                         for (t, _), (_, labels) in zip(f.operands, f_operands))
+            views.extend(operand_views(f, f_operands, ps))
         y_ports.append(tuple(shift[i] for i in f.out if shift[i] != ps))
         for pos, port, pin in zip(positions, f.ins, ins_p):
             out_of_pos[pos] = tuple(shift[i] for i in port if pin is None or i != pin)

@@ -158,12 +158,7 @@ def _join(factor: Factor, run: tuple, where: str) -> Factor:
                 i += 1
         return tuple(out)
 
-    operands = []
-    for tensor, labels in factor.operands:
-        labels2 = sub(labels)
-        operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
-    return replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
-                   operands=tuple(operands))
+    return _relabel(factor, sub, sizes)
 
 
 def _split(factor: Factor, label: int, pieces: tuple) -> Factor:
@@ -178,12 +173,23 @@ def _split(factor: Factor, label: int, pieces: tuple) -> Factor:
             out.extend(new if lb == label else (lb,))
         return tuple(out)
 
+    return _relabel(factor, sub, sizes)
+
+
+def _relabel(factor: Factor, sub, sizes: list) -> Factor:
+    """``factor`` with every port and operand's labels rewritten by ``sub``: each operand reshaped to match."""
     operands = []
     for tensor, labels in factor.operands:
         labels2 = sub(labels)
         operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
     return replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
                    operands=tuple(operands))
+
+
+def operand_views(factor: Factor, adopted: list, label) -> list:
+    """Per operand of ``factor`` (adopted into a term as ``adopted``): its shape, and the axes holding ``label``."""
+    return [(tuple(t.shape), tuple(a for a, lb in enumerate(labels) if lb == label))
+            for (t, _), (_, labels) in zip(factor.operands, adopted)]
 
 
 def position(labels: tuple, sizes: tuple, label: int) -> int:

@@ -35,7 +35,7 @@ from itertools import combinations_with_replacement, product
 
 import torch
 
-from .batch import BatchFactors, Batching
+from .batch import BatchFactors, Batching, operand_views
 from .capture import Graph
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
@@ -239,9 +239,7 @@ def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled, collapse=None)
     term = compile_term(lab, sources, operands + constants, [slots], out, target)
     term.gathers = tuple(gathers)  # the one-hot constants follow the factor refs in term.operands
     if sampled is not None:
-        views = [(tuple(t.shape), tuple(d for d, lb in enumerate(labels) if lb == ps))
-                 for (t, _), (_, labels) in zip(f.operands, operands)]
-        term.views = tuple(views) + (None,) * len(constants)
+        term.views = tuple(operand_views(f, operands, ps)) + (None,) * len(constants)
     return term
 
 
