@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from reference import DEVICE, torch_partials
 from samples_attention import fused
+from test_networks import EncoderBlock
 from torch.func import functional_call, jacfwd, jacrev, vmap
 
 import xa
@@ -358,20 +359,6 @@ def test_cnn_order_2_wrt_input_and_conv_weight():
 
     assert_partials(x.xgrad, vmap_partials(per, [x, w, labels], [0, None, 0], 0, 2), what="input")
     assert_partials(w.xgrad, vmap_partials(per, [x, w, labels], [0, None, 0], 1, 2), what="conv weight")
-
-
-class EncoderBlock(nn.Module):
-    def __init__(self, d=4, heads=2, hidden=8):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-
-    def forward(self, x):
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
 
 
 BLOCK = EncoderBlock().double().to(DEVICE).eval()
