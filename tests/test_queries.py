@@ -101,11 +101,12 @@ def test_laplacian_of_an_affine_source_is_zero_and_chunks_agree():
     whole = xa.laplacian(u, x, batch_dim=0)
     graph = Graph(u)
     i = graph.find(x)
-    peak = planner.build(graph, 2, graph.rules({}), (i,), (), "forward", batch_dim=0, query="laplacian").peak_bytes
+    ask = xa.queries.Laplacian(x).ask()
+    peak = planner.build(graph, 2, graph.rules({}), (i,), (), "forward", batch_dim=0, query=ask).peak_bytes
     calls = []
     real = execute.run
     with patch.object(execute, "run", lambda *a, **k: calls.append(a[0].batch.size) or real(*a, **k)):
-        chunked = xa.laplacian(u, x, batch_dim=0, max_memory=0.7 * peak)
+        chunked = xa.laplacian(u, x, batch_dim=0, max_memory=0.7 * peak, direction="forward")
     assert len(calls) > 1 and max(calls) < 6  # it did run in chunks of samples
     close(chunked, whole, "chunks")
 

@@ -37,15 +37,18 @@ from .errors import (  # noqa: E402
     SourceError,
     TargetError,
     UnsupportedOperatorError,
+    QueryError,
     XaError,
 )
 from .explain import explain  # noqa: E402
 from .factor import Factor, LabelMaker  # noqa: E402
-from .queries import laplacian  # noqa: E402
+from . import queries  # noqa: E402
+from .queries import biharmonic, differential_operator, directional, laplacian, mixed, partials  # noqa: E402
 from .registry import register, supported  # noqa: E402
 
 __all__ = [
-    "backward", "explain", "laplacian", "Superset", "Factor", "LabelMaker", "register", "supported",
+    "backward", "explain", "laplacian", "biharmonic", "partials", "differential_operator", "directional", "mixed",
+    "queries", "QueryError", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",
 ]

@@ -46,19 +46,23 @@ def size(nbytes: float) -> str:
 
 
 def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple, direction: str,
-            budget: float | None, batch_dim: int | None = None, query: str | None = None) -> tuple:
+            budget: float | None, batch_dim: int | None = None, query=None, seeds: dict | None = None,
+            mixed: tuple = ()) -> tuple:
     """Plan and run within ``budget`` bytes: ``(plan, results, kept)``.
 
     ``results[i]`` are the blocks of requested value ``i`` for k = 1..order and
     ``kept[i]`` those of retained value ``i`` (``None`` for a block that is zero).
-    With ``batch_dim``, per-sample blocks; over budget, chunks of samples.
+    With ``batch_dim``, per-sample blocks; over budget, chunks of samples. A ``query``
+    (:class:`xa.queries.Ask`) plans forward jets of its rows; ``seeds`` are its values.
+    ``mixed``: joint blocks of requested leaves, ``results[("mixed", M)]`` (backward).
     """
-    plan = planner.build(graph, order, rules, requested, retained, direction, batch_dim=batch_dim, query=query)
+    plan = planner.build(graph, order, rules, requested, retained, direction, batch_dim=batch_dim, query=query,
+                         mixed=mixed)
     if budget is None or plan.peak_bytes <= budget:
         tile = _tile(plan, graph)
         if tile:
-            return _run_samples(graph, order, rules, requested, retained, plan, tile, keep_factors=True)
-        return (plan, *_run(plan, graph, rules, retained))
+            return _run_samples(graph, order, rules, requested, retained, plan, tile, True, seeds)
+        return (plan, *_run(plan, graph, rules, retained, seeds))
     if direction == "auto":
         for other in ("forward", "backward"):
             if other != plan.direction and other in plan.prices:
@@ -66,9 +70,9 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
                 if alternative.peak_bytes <= budget:
                     return (alternative, *_run(alternative, graph, rules, retained))
     if batch_dim is not None:
-        return _run_in_samples(graph, order, rules, requested, retained, direction, budget, plan)
-    if query is not None:
-        raise MemoryBudgetError(f"the {query} needs about {size(plan.peak_bytes)}, over max_memory={size(budget)}; "
+        return _run_in_samples(graph, order, rules, requested, retained, direction, budget, plan, seeds)
+    if query is not None or mixed:
+        raise MemoryBudgetError(f"the query needs about {size(plan.peak_bytes)}, over max_memory={size(budget)}; "
                                 "with batch_dim= it runs in chunks of samples")
     if plan.direction == "forward" and direction == "forward":
         raise MemoryBudgetError(
@@ -89,8 +93,8 @@ def _found(plan, blocks, keys) -> list:
     return out
 
 
-def _run(plan, graph, rules, retained) -> tuple:
-    blocks, kept = execute.run(plan, graph, rules)
+def _run(plan, graph, rules, retained, seeds=None) -> tuple:
+    blocks, kept = execute.run(plan, graph, rules, seeds=seeds)
     results = {i: _found(plan, blocks, keys) for i, keys in plan.results.items()}
     return results, {i: kept.get(i) or results.get(i) for i in retained}
 
@@ -162,11 +166,11 @@ def _tile(plan, graph) -> int:
     return samples if samples < batch.total // 2 else 0
 
 
-def _run_in_samples(graph, order, rules, requested, retained, direction, budget, whole):
+def _run_in_samples(graph, order, rules, requested, retained, direction, budget, whole, seeds=None):
     """Per-sample plans over chunks of samples sized to the budget: each chunk is a smaller batch."""
     total = whole.batch.total
     directions = [d for d in ("backward", "forward") if d in whole.prices] if direction == "auto" else [direction]
-    wanted = list(requested) + [i for i in retained if i not in requested]
+    wanted = list(requested) + [i for i in retained if i not in requested] + _mixed_keys(whole)
 
     def need(samples):
         best = None
@@ -192,26 +196,26 @@ def _run_in_samples(graph, order, rules, requested, retained, direction, budget,
     while cost > budget and samples > 1:
         samples = max(1, samples // 2)
         plan, cost = need(samples)
-    return _run_samples(graph, order, rules, requested, retained, plan, samples, keep_factors=False)
+    return _run_samples(graph, order, rules, requested, retained, plan, samples, False, seeds)
 
 
 def _sample_plan(graph, order, rules, requested, retained, direction, whole, samples):
     return planner.build(graph, order, rules, requested, retained, direction, batch_dim=whole.batch.source_dim,
-                         samples=samples, query=whole.query)
+                         samples=samples, query=whole.query, mixed=whole.mixed)
 
 
 def _result_bytes(plan, wanted, total) -> int:
     return sum(plan.result_numel(key) for key in _keys(plan, wanted)) // plan.batch.size * total * plan.itemsize
 
 
-def _run_samples(graph, order, rules, requested, retained, plan, samples, keep_factors):
+def _run_samples(graph, order, rules, requested, retained, plan, samples, keep_factors, seeds=None):
     """Run ``plan``'s request over chunks of ``samples`` samples and put the chunks' results together.
 
     ``keep_factors``: the rules' factors are made once and every chunk reads its samples
     of them (cache tiles); otherwise each chunk asks the rules again (a memory budget).
     """
     total = plan.batch.total
-    wanted = list(requested) + [i for i in retained if i not in requested]
+    wanted = list(requested) + [i for i in retained if i not in requested] + _mixed_keys(plan)
     main = plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, samples)
     factors: dict | None = {} if keep_factors else None
     results: dict = {}
@@ -219,18 +223,25 @@ def _run_samples(graph, order, rules, requested, retained, plan, samples, keep_f
         count = min(samples, total - first)
         if count != plan.batch.size:  # the last, smaller chunk
             plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, count)
-        blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors)
+        blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds)
         for i in wanted:
             got = kept.get(i) or _found(plan, blocks, plan.results[i])
             slots = results.setdefault(i, [None] * order)
+            # a query's jets keep their rows first, (rows, samples, ..); every other block is (samples, ..)
+            axis = 1 if plan.query is not None else 0
             for k, t in enumerate(got):
                 if t is None:
                     continue
                 if slots[k] is None:
-                    slots[k] = torch.empty((total,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-                slots[k][first:first + count] = t
+                    shape = t.shape[:axis] + (total,) + t.shape[axis + 1:]
+                    slots[k] = torch.empty(shape, dtype=t.dtype, device=t.device)
+                slots[k].narrow(axis, first, count).copy_(t)
         del blocks, kept
     return main, results, {i: results[i] for i in retained}
+
+
+def _mixed_keys(plan) -> list:
+    return [("mixed", m) for m in plan.mixed]
 
 
 def _keys(plan, wanted) -> list:

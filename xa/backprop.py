@@ -54,7 +54,7 @@ def ancestry(graph: Graph, requested: set) -> list:
 
 
 def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
-                   rows: int | None = None, batch: Batching | None = None) -> tuple:
+                   rows: int | None = None, batch: Batching | None = None, mixed: tuple = ()) -> tuple:
     """Steps of backprop to ``order``: ``(steps, block_shapes, results)``.
 
     ``results`` maps each requested value to the keys of its blocks for
@@ -63,6 +63,8 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
     without it the source's own block is the identity, never built. With ``batch``
     every block is per sample, ``(samples, *S.shape', *u_1.shape', ...)`` (``'``: the
     sample dim left out of a batched value), the sample label tied through every term.
+    ``mixed`` lists joint blocks of requested leaves to keep too (sorted multisets of
+    value indices, ``(A, B)`` for ``d^2 S / dA dB``); ``results[("mixed", M)]`` is ``[M]``.
     """
     N = order
     wanted = set(requested) | set(retained)
@@ -80,11 +82,14 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
         def shape_of(u):
             return batch.shape(graph, u)
 
+    groups = {frozenset(ms) for ms in mixed}
+
     def keep(m):
         common = reach[m[0]]
         for u in m[1:]:
             common = common & reach[u]
-        return bool(common)
+        # a joint block of leaves asked together: each value reaches one of them
+        return bool(common) or any(all(reach[u] & g for u in m) for g in groups)
 
     def block_shape(m):
         return lead + tuple(d for u in m for d in shape_of(u))
@@ -119,6 +124,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
         steps.append(step)
 
     results = {i: [(i,) * k for k in range(1, N + 1)] for i in requested}
+    results.update({("mixed", ms): [ms] for ms in mixed})
     for keys in results.values():
         for k in keys:
             shapes.setdefault(k, block_shape(k))

@@ -48,3 +48,7 @@ class RegistryError(XaError, KeyError):
 
     def __str__(self):
         return str(self.args[0]) if self.args else ""
+
+
+class QueryError(XaError, ValueError):
+    """A query names what the leaf does not have: an entry out of range, a coefficient of the wrong shape."""

@@ -22,12 +22,13 @@ from .terms import NodeFactors
 
 @torch.no_grad()
 def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first: int = 0,
-        factors: dict | None = None) -> tuple[dict, dict]:
+        factors: dict | None = None, seeds: dict | None = None) -> tuple[dict, dict]:
     """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
 
     Runs without autograd: saved tensors may require grad, the derivatives are plain data.
     A per-sample plan over a chunk of samples reads samples ``first`` on of every factor;
     ``factors`` (a dict) keeps the rules' factors from one chunk to the next.
+    ``seeds`` holds a query's values (directions, weights: :mod:`xa.queries`), read here, never planned on.
     """
     dtype, device = graph.dtype, graph.device
     blocks = {} if blocks is None else blocks
@@ -63,10 +64,10 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 else:
                     axis, before, spec = gather
                     source = blocks[key].reshape(view[:axis] + (before,) + view[axis + 1:])
-                    operands.append(source.index_select(axis, jets.index(*spec, device)))
+                    operands.append(source.index_select(axis, jets.index(*spec[:3], device, spec[3])))
             for n, ref in enumerate(term.operands):
-                if isinstance(ref[0], str):  # a constant of the plan: the leaf's identity jet, read at a[pos]
-                    operands.append(jets.onehot(*ref[1:], dtype, device).reshape(term.shapes[len(operands)]))
+                if isinstance(ref[0], str):  # a constant: the leaf's identity jet read at a[pos], a query's values
+                    operands.append(jets.constant(ref, seeds, dtype, device).reshape(term.shapes[len(operands)]))
                     continue
                 slots, k = ref
                 operand = node[slots].operands[k][0].to(dtype)

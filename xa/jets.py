@@ -30,8 +30,9 @@ the right way round for a small leaf feeding a wide network (a PINN's input).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
-from itertools import combinations_with_replacement, product
+from itertools import combinations, combinations_with_replacement, product
 
 import torch
 
@@ -58,52 +59,107 @@ def rows(n: int, k: int) -> int:
     return math.comb(n + k - 1, k)
 
 
-def query_rows(n: int, query: str) -> tuple:
-    """The multi-indices a collapsed query sums: ``"laplacian"``, the diagonal ``(i, i)`` of order 2."""
-    if query == "laplacian":
-        return tuple((i, i) for i in range(n))
-    raise ValueError(f"unknown query {query!r}")
+@dataclass(frozen=True)
+class Rows:
+    """What a forward pass keeps per order: the structure of a query (:mod:`xa.queries`), never its values.
+
+    ``m`` directions span the jets: the leaf's ``n`` entries (``J_L[1]`` is the
+    identity), or, ``seeded``, ``m`` directions given at execution as an
+    ``(m, n)`` matrix (``J_L[1] = D``: directional jets). ``kinds[k - 1]`` is
+    the rows of order ``k``: ``k`` itself for every sorted multi-index over
+    the ``m`` directions, or a tuple of sorted multi-indices holding every
+    sub-multi-index of the rows above it. With ``collapse = q > 0`` the top
+    order keeps ``q`` weighted sums of its rows (weights ``(q, rows)`` given
+    at execution), pushed through every node on their own (collapsed Taylor mode).
+    """
+
+    m: int
+    kinds: tuple
+    seeded: bool = False
+    collapse: int = 0
+
+    @property
+    def order(self) -> int:
+        return len(self.kinds)
 
 
-def _rows_of(n: int, k) -> tuple:
-    """The rows of a jet: every sorted multi-index of order ``k``, or a query's (``k = ("query", name)``)."""
-    return query_rows(n, k[1]) if isinstance(k, tuple) else multi_indices(n, k)[0]
+def full_rows(n: int, order: int) -> Rows:
+    """Every sorted multi-index of every order: the whole derivative tensor."""
+    return Rows(n, tuple(range(1, order + 1)))
+
+
+ALL = "all"  # every sorted multi-index of an order
+
+
+def closure(m: int, wanted: dict) -> tuple:
+    """Kinds for orders 1..max: the rows ``wanted[k]`` (a set of sorted multi-indices, or :data:`ALL`) and every
+    sub-multi-index of the rows above; an order that holds every row is its int ``k``."""
+    top = max(wanted)
+    kinds = []
+    below: set = set()
+    everything = False
+    for k in range(top, 0, -1):
+        here = wanted.get(k, set())
+        everything = everything or here == ALL
+        if everything:
+            kinds.append(k)
+            continue
+        here = set(here) | below
+        below = {tuple(a[p] for p in keep) for a in here for keep in combinations(range(k), k - 1)}
+        kinds.append(k if len(here) == rows(m, k) else tuple(sorted(here)))
+    return tuple(reversed(kinds))
+
+
+def _rows_of(n: int, kind) -> tuple:
+    """The rows of one order: every sorted multi-index of order ``kind`` (an int), or the rows ``kind`` lists."""
+    return multi_indices(n, kind)[0] if isinstance(kind, int) else kind
+
+
+def count(n: int, kind) -> int:
+    """How many rows an order keeps."""
+    return rows(n, kind) if isinstance(kind, int) else len(kind)
+
+
+@lru_cache(maxsize=256)
+def where(n: int, kind) -> dict:
+    """Each row of an order -> its position."""
+    return multi_indices(n, kind)[1] if isinstance(kind, int) else {row: r for r, row in enumerate(kind)}
 
 
 @lru_cache(maxsize=1024)
-def _index_cpu(n: int, k, block: tuple) -> torch.Tensor:
-    """For each row ``a`` of order ``k`` (all sorted ones, or a query's): the row of ``a_block`` among its order's."""
+def _index_cpu(n: int, k, block, lower=None) -> torch.Tensor:
+    """For each row ``a`` of kind ``k``: the position of ``a_block`` among the rows of kind ``lower``."""
     if block == "full":  # every (unsorted) k-tuple -> its sorted row: the expansion to n^k
-        _, where = multi_indices(n, k)
-        return torch.tensor([where[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long,
+        _, at = multi_indices(n, k)
+        return torch.tensor([at[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long,
                             device="cpu")
-    _, where = multi_indices(n, len(block))
-    return torch.tensor([where[tuple(a[p] for p in block)] for a in _rows_of(n, k)], dtype=torch.long, device="cpu")
+    at = where(n, len(block) if lower is None else lower)
+    return torch.tensor([at[tuple(a[p] for p in block)] for a in _rows_of(n, k)], dtype=torch.long, device="cpu")
 
 
 @lru_cache(maxsize=1024)
-def _reads_in_order(n: int, k, block: tuple) -> bool:
-    """Reading order-|block| rows at ``block`` of each row of ``k`` is every row once, in order."""
-    return _index_cpu(n, k, block).tolist() == list(range(rows(n, len(block))))
+def _reads_in_order(n: int, k, block: tuple, lower=None) -> bool:
+    """Reading the rows of ``lower`` at ``block`` of each row of ``k`` is every row once, in order."""
+    return _index_cpu(n, k, block, lower).tolist() == list(range(count(n, len(block) if lower is None else lower)))
 
 
 _ON_DEVICE: dict = {}
 
 
-def index(n: int, k: int, block, device) -> torch.Tensor:
+def index(n: int, k, block, device, lower=None) -> torch.Tensor:
     """:func:`_index_cpu` on ``device``, kept (a handful of small index tensors per plan)."""
-    key = (n, k, block, str(device))
+    key = (n, k, block, lower, str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None:
-        hit = _index_cpu(n, k, block).to(device)
+        hit = _index_cpu(n, k, block, lower).to(device)
         if len(_ON_DEVICE) > 4096:
             _ON_DEVICE.clear()
         _ON_DEVICE[key] = hit
     return hit
 
 
-def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
-    """``E[a, i] = [a[pos] == i]`` over the rows ``a`` of order ``k`` (or a query's): the leaf's identity jet."""
+def onehot(n: int, k, pos: int, dtype, device) -> torch.Tensor:
+    """``E[a, i] = [a[pos] == i]`` over the rows ``a`` of kind ``k``: the leaf's identity jet."""
     key = ("onehot", n, k, pos, dtype, str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None:
@@ -114,8 +170,23 @@ def onehot(n: int, k: int, pos: int, dtype, device) -> torch.Tensor:
     return hit
 
 
+def seed(directions: torch.Tensor, m: int, k, pos: int) -> torch.Tensor:
+    """``D[a[pos], i]`` over the rows ``a`` of kind ``k``: the leaf's jet along seeded directions ``D``."""
+    at = index(m, k, (pos,), directions.device, lower=1)
+    return directions.index_select(0, at)
+
+
+def constant(ref: tuple, seeds: dict | None, dtype, device) -> torch.Tensor:
+    """A plan's constant operand: a one-hot identity jet, seeded directions, or a query's weights."""
+    if ref[0] == "onehot":
+        return onehot(*ref[1:], dtype, device)
+    if ref[0] == "seed":
+        return seed(seeds["directions"].to(dtype), *ref[1:])
+    return seeds["weights"].to(dtype)
+
+
 def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None,
-                  query: str | None = None) -> tuple:
+                  query: Rows | None = None) -> tuple:
     """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
 
     ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
@@ -123,24 +194,21 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
     (``'``: the sample dim left out), the sample label tied through every term;
     a shared value's jet (computed from shared leaves alone) has no sample label.
 
-    With a ``query`` (:func:`query_rows`), the jets of order ``order`` are
-    *collapsed*: each holds the sum of the query's rows only, ``(*v.shape)``, and
-    is pushed through every node from the lower-order jets and its inputs'
-    collapsed jets (collapsed Taylor mode); the result is the source's.
+    With a ``query`` (:class:`xa.queries.Ask`, whose ``rows(n)`` is a :class:`Rows`; one leaf), each order keeps the query's
+    rows only, the leaf's jet may be seeded with directions, and the top order
+    may be collapsed to weighted sums; the results are the source's jets of
+    every order in that layout, unexpanded (:mod:`xa.queries` reads them).
     """
     steps, shapes, results, expansions = [], {}, {}, {}
     for leaf in leaves:
-        leaf_steps = _leaf_steps(graph, order, leaf, rules, shapes, batch, query)
-        steps.extend(leaf_steps)
-        if query is not None:
-            results[leaf] = [jet_key(leaf, 0, order)]
-            shapes.setdefault(results[leaf][0], _jet_shape(graph, batch, 0, leaf, order, collapsed=True))
-            continue
-        results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
+        rows_ = full_rows(n, order) if query is None else query.rows(n)
+        steps.extend(_leaf_steps(graph, rows_, leaf, rules, shapes, batch))
+        results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         for key in results[leaf]:
-            shapes.setdefault(key, _jet_shape(graph, batch, 0, leaf, key[3]))
-            expansions[key] = (n, key[3])
+            shapes.setdefault(key, _jet_shape(graph, batch, 0, rows_, key[3]))
+            if query is None:
+                expansions[key] = (n, key[3])
     _retire_after_last_read(steps, {k for keys in results.values() for k in keys})
     return steps, shapes, results, expansions
 
@@ -152,9 +220,9 @@ def expand(t: torch.Tensor, how: tuple) -> torch.Tensor:
     return full.movedim(tuple(range(k)), tuple(range(full.dim() - k, full.dim())))
 
 
-def _jet_shape(graph, batch, v, leaf, k, collapsed=False) -> tuple:
-    n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
-    head = () if collapsed else (rows(n, k),)
+def _jet_shape(graph, batch, v, rows_: Rows, k) -> tuple:
+    collapsed = rows_.collapse and k == rows_.order
+    head = (rows_.collapse,) if collapsed else (count(rows_.m, rows_.kinds[k - 1]),)
     if batch is None:
         return head + graph.values[v].shape
     lead = () if batch.at[v] is None else (batch.size,)
@@ -168,9 +236,8 @@ def _depends_on(graph: Graph, leaf: int) -> list:
     return reach
 
 
-def _leaf_steps(graph, order, leaf, rules, shapes, batch, query=None) -> list:
+def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch) -> list:
     reach = _depends_on(graph, leaf)
-    n_leaf = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
     steps = []
     for y in reversed(graph.order):
@@ -183,9 +250,8 @@ def _leaf_steps(graph, order, leaf, rules, shapes, batch, query=None) -> list:
         sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
         step = Step(y, v.name)
         jets[y] = {}
-        for k in range(1, order + 1):
+        for k in range(1, rows_.order + 1):
             target = jet_key(leaf, y, k)
-            collapse = query if k == order else None
             for p in range(1, k + 1):
                 for part in set_partitions(tuple(range(k)), p):
                     for choice in product(slots, repeat=p):
@@ -195,17 +261,16 @@ def _leaf_steps(graph, order, leaf, rules, shapes, batch, query=None) -> list:
                         f = factor(tuple(a for a, _ in pairs))
                         if f is None:
                             continue
-                        step.terms.append(_jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled,
-                                                    collapse))
+                        step.terms.append(_jet_term(rows_, k, f, pairs, inputs, jets, target, sampled))
                         jets[y][k] = target
             if target in jets[y].values():
-                shapes[target] = _jet_shape(graph, batch, y, leaf, k, collapsed=collapse is not None)
+                shapes[target] = _jet_shape(graph, batch, y, rows_, k)
         factor.finish(step)
         steps.append(step)
     return steps
 
 
-def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled, collapse=None):
+def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
     lab = TermLabels()
     slots = tuple(a for a, _ in pairs)
     p, ins_p = None, (None,) * len(slots)
@@ -215,29 +280,34 @@ def _jet_term(n_leaf, k, f, pairs, inputs, jets, target, sampled, collapse=None)
     ps = None if p is None else shift[p]
     if ps is not None:
         lab.sizes[ps] = sampled.batch.size
-    # the target's rows: every sorted multi-index of order k, or a collapsed query's rows (summed)
-    kind = k if collapse is None else ("query", collapse)
-    alpha = lab.new(rows(n_leaf, k) if collapse is None else len(query_rows(n_leaf, collapse)))
+    m, kind = rows_.m, rows_.kinds[k - 1]
+    q = rows_.collapse if k == rows_.order else 0
+    alpha = lab.new(count(m, kind))  # the target's rows
+    omega = lab.new(q) if q else None  # a collapsed target's weighted sums of them
     sources, gathers, constants = [], [], []
     for (a, block), port, pin in zip(pairs, f.ins, ins_p):
         kept = tuple(shift[i] for i in port if pin is None or i != pin)
         key = jets[inputs[a]][len(block)]
-        if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (rows, n) on the leaf's own port
-            constants.append((("onehot", n_leaf, kind, block[0]), (alpha,) + kept))
+        if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (rows, n), or the seeded directions
+            ref = ("seed", m, kind, block[0]) if rows_.seeded else ("onehot", m, kind, block[0])
+            constants.append((ref, (alpha,) + kept))
             continue
         lead = (ps,) if pin is not None else ()
         if len(block) == k:  # the whole of the target's order from one input: its jet, row for row
-            sources.append((key, (() if collapse else (alpha,)) + lead + kept))
+            sources.append((key, ((omega,) if q else (alpha,)) + lead + kept))
             gathers.append(None)
             continue
-        # the source is J_x[|B|] (rows M_|B|) read at each target row's sub-multi-index a_B
+        # the source is J_x[|B|] read at each target row's sub-multi-index a_B
+        lower = rows_.kinds[len(block) - 1]
         sources.append((key, (alpha,) + lead + kept))
-        read_all = _reads_in_order(n_leaf, kind, tuple(block))  # (a Laplacian's J_x[i] at (i, i)): no copy
-        gathers.append(None if read_all else (0, rows(n_leaf, len(block)), (n_leaf, kind, tuple(block))))
-    head = [] if collapse else [alpha]  # a collapsed target sums its rows: alpha is not an output label
+        read_all = _reads_in_order(m, kind, tuple(block), lower)  # (a Laplacian's J_x[i] at (i, i)): no copy
+        gathers.append(None if read_all else (0, count(m, lower), (m, kind, tuple(block), lower)))
+    if q and (constants or any(g is not None or labels[0] == alpha for (_, labels), g in zip(sources, gathers))):
+        constants.append((("weights",), (omega, alpha)))  # sum the rows with the query's weights
+    head = [omega] if q else [alpha]
     out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
     term = compile_term(lab, sources, operands + constants, [slots], out, target)
-    term.gathers = tuple(gathers)  # the one-hot constants follow the factor refs in term.operands
+    term.gathers = tuple(gathers)  # the constants follow the factor refs in term.operands
     if sampled is not None:
         term.views = tuple(operand_views(f, operands, ps)) + (None,) * len(constants)
     return term

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -52,7 +53,8 @@ class Plan:
     batch: Batching | None = None  # the sample layout of a per-sample plan (batch_dim=)
     expand: dict = field(default_factory=dict)  # forward: result key -> how to expand its sorted rows (xa.jets)
     folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
-    query: str | None = None  # a collapsed query of the top order (xa.queries)
+    query: Any = None  # a query's structure (xa.queries.Ask): the rows it keeps per order
+    mixed: tuple = ()  # joint blocks of leaves kept too (xa.mixed)
 
     @property
     def flops(self) -> int:
@@ -85,7 +87,7 @@ DIRECTIONS = ("auto", "backward", "forward")
 
 def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
           direction: str = "auto", rows: int | None = None, batch_dim: int | None = None,
-          samples: int | None = None, query: str | None = None) -> Plan:
+          samples: int | None = None, query=None, mixed: tuple = ()) -> Plan:
     """The plan for ``graph`` at ``order``, from the cache when its key was seen before.
 
     Args:
@@ -99,15 +101,17 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
         rows: plan a backward pass over a chunk of that many source rows.
         batch_dim: the source's sample dim: per-sample derivatives (:mod:`xa.batch`).
         samples: with ``batch_dim``, plan for a chunk of that many samples.
-        query: a collapsed query of the top order (``"laplacian"``), forward jets only (:mod:`xa.queries`).
+        query: a query's structure (:class:`xa.queries.Ask`), forward jets only (:mod:`xa.queries`).
+        mixed: joint blocks of requested leaves to keep too, backward only (:func:`xa.mixed`).
     """
     key = (graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])),
-           order, requested, retained, direction, rows, batch_dim, samples, query)
+           order, requested, retained, direction, rows, batch_dim, samples, query, mixed)
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return dataclasses.replace(plan, cached=True)
-    forward_ok = rows is None and not retained and all(graph.values[i].leaf is not None for i in requested)
+    forward_ok = (rows is None and not retained and not mixed
+                  and all(graph.values[i].leaf is not None for i in requested))
     if direction == "forward" and not forward_ok:
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
@@ -122,7 +126,7 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
             if samples is not None:
                 batch = batch.chunk(samples)
         if direction in ("auto", "backward") and query is None:
-            steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows, batch)
+            steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows, batch, mixed)
             candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
         if forward_ok and direction in ("auto", "forward"):
             steps, shapes, results, expansions = build_forward(graph, order, rules, requested, batch, query)
@@ -133,6 +137,7 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     plan.batch = batch
     plan.folds = folds
     plan.query = query
+    plan.mixed = mixed
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     plan.peak_elements = peak(plan)
     _PLANS[key] = plan

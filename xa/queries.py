@@ -1,70 +1,663 @@
-"""Queries on the derivative tensor, answered without building it: the Laplacian.
+"""Queries on the derivative tensor, answered without building it.
 
-``xa.laplacian(u, x)`` is ``sum_i d^2 u / dx_i^2`` for every entry of ``u``,
-shaped like ``u``. It runs forward jets from ``x`` (:mod:`xa.jets`) whose
-second order is *collapsed*: each node keeps its full first-order jet
-(``n`` rows) and one second-order row, the running sum over ``i`` of
-``d^2 v / dx_i^2``, pushed through by Faa di Bruno,
+A query asks for a few numbers made from ``d^k S / dx^k`` of one leaf ``x``:
+its trace (the Laplacian), chosen entries (``u_xx``, ``u_xxyy``), a
+contraction with coefficient tensors per order (any linear differential
+operator), its contraction with ``v, .., v`` (directional jets). All are
 
-    L_y = f' L_x + f'' sum_i (J_x[i])^2      (and the mixed terms of a
-                                               node with several inputs),
+    sum over k, over sorted multi-indices a over m directions:  W_k[a] * J_k[a],
+    J_k[a] = d^k S [d_(a_1), .., d_(a_k)]
 
-so the Laplacian costs about ``n + 1`` rows per node, never the ``n x n``
-Hessian (collapsed Taylor mode, Dangel et al. 2024). With ``batch_dim``,
-it is each sample's Laplacian w.r.t. its own entries of ``x``.
+for directions ``d`` that are the leaf's entries, given vectors, or both.
+Forward jets (:mod:`xa.jets`) keep only the rows ``a`` a query needs at each
+order -- those it names and their sub-multi-indices, which Faa di Bruno reads
+-- and the top order is *collapsed*: each node keeps the weighted sum
+``sum_a W_K[a] J_K[a]`` itself, pushed through by Faa di Bruno,
+
+    L_y = f' L_x + sum over the other partitions of W_K[a] f^(p) prod J_x[|B|][a_B],
+
+so a Laplacian costs about ``n + 1`` rows per node, never the ``n x n`` Hessian
+(collapsed Taylor mode, Dangel et al. 2024). The rows are the plan's
+structure (in its key); directions and coefficients are values, read at
+execution. ``direction="auto"`` also prices the backward plan of the whole
+tensor, contracted at the leaf, and runs the cheaper.
+
+Mixed partials across leaves (``d^(j+l) S / dA^j dB^l``) are backprop's
+joint blocks (:mod:`xa.backprop`), kept for the leaves asked together.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional, Sequence
 
 import torch
 
 from . import attach
-from .api import _budget, _check_batch_dim, _overrides
+from . import plan as planner
+from .api import _budget, _check_batch_dim, _check_direction, _check_order, _overrides
 from .capture import Graph
-from .errors import TargetError
+from .errors import QueryError, TargetError
+from .jets import ALL, Rows, closure, count, multi_indices, where
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+class Diagonal:
+    """The coefficient tensor ``C[i, .., i] = c[i]``, zero elsewhere (``c`` a number or a vector over the leaf)."""
+
+    def __init__(self, c=1.0):
+        self.c = c
+
+    def __repr__(self):
+        return f"Diagonal({self.c!r})"
+
+
+class RankOne:
+    """The coefficient tensor ``sum_r v_r ⊗ .. ⊗ v_r`` for vectors ``v`` of shape ``(n,)`` or ``(r, n)``.
+
+    At order ``k`` it asks for ``d^k S [v_r, .., v_r]``: a directional jet, seeded with ``v``.
+    """
+
+    def __init__(self, v: torch.Tensor):
+        if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2):
+            raise TypeError("RankOne takes a tensor of shape (n,) or (r, n), got "
+                            f"{type(v).__name__ if not isinstance(v, torch.Tensor) else list(v.shape)}")
+        self.v = v if v.dim() == 2 else v[None]
+
+    def __repr__(self):
+        return f"RankOne({list(self.v.shape)})"
+
+
+def _pattern(k: int, c, offset: int):
+    """The structure of one order's coefficient (in the plan key): rows it reads, never its values."""
+    if isinstance(c, Diagonal):
+        return "diagonal"
+    if isinstance(c, RankOne):
+        return ("rank", offset, c.v.shape[0])
+    if isinstance(c, dict):
+        rows = set()
+        for e in c:
+            e = (e,) if isinstance(e, int) else tuple(e)
+            if len(e) != k or not all(isinstance(i, int) for i in e):
+                raise QueryError(f"coefficients[{k}]: the entry {e!r} is not a multi-index of {k} ints")
+            rows.add(tuple(sorted(e)))
+        return ("rows", tuple(sorted(rows)))
+    if isinstance(c, torch.Tensor):
+        return "all"
+    raise TypeError(f"coefficients[{k}] must be a tensor of shape (n,)*{k}, xa.queries.Diagonal, "
+                    f"xa.queries.RankOne or a dict {{multi-index: number}}, got {type(c).__name__}")
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@dataclass(frozen=True)
+class Ask:
+    """The structure of a query: what its plan depends on (in the plan key); no values.
+
+    ``wanted[k - 1]`` lists the patterns of rows asked at order ``k``: ``"all"``,
+    ``"diagonal"``, ``("rows", sorted multi-indices)``, ``("rank", offset, r)``
+    (the diagonal rows of ``r`` seeded directions). ``identity``: the leaf's own
+    entries are directions; ``extra``: how many seeded directions follow them.
+    ``collapse``: the top order is kept as that many weighted sums.
+    """
+
+    name: str
+    wanted: tuple
+    identity: bool = True
+    extra: int = 0
+    collapse: int = 0
+
+    @property
+    def order(self) -> int:
+        return len(self.wanted)
+
+    def rows(self, n: int) -> Rows:
+        return _rows(self, n)
+
+
+@lru_cache(maxsize=256)
+def _rows(ask: Ask, n: int) -> Rows:
+    ni = n if ask.identity else 0
+    m = ni + ask.extra
+    wanted: dict = {}
+    for k, patterns in enumerate(ask.wanted, start=1):
+        if not patterns:
+            continue
+        if "all" in patterns and m == n:
+            wanted[k] = ALL
+            continue
+        here: set = set()
+        for pat in patterns:
+            if pat == "all":
+                here |= set(multi_indices(n, k)[0])
+            elif pat == "diagonal":
+                here |= {(i,) * k for i in range(n)}
+            elif pat == "pairs":  # (i, i, j, j): the biharmonic's rows
+                here |= {(i, i, j, j) for i in range(n) for j in range(i, n)}
+            elif pat[0] == "rows":
+                for a in pat[1]:
+                    if a[0] < 0 or a[-1] >= n:
+                        raise QueryError(f"{ask.name}: the multi-index {a} names an entry outside the leaf's "
+                                         f"{n} entries{' per sample' if n else ''} (entries are 0..{n - 1} of "
+                                         "the leaf flattened, per sample with batch_dim)")
+                here |= set(pat[1])
+            else:  # ("rank", offset, r)
+                here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
+        wanted[k] = here
+    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse)
+
+
+class Query:
+    """A query on the derivative tensor of ``source`` w.r.t. the leaf ``wrt``; its subclasses say what it asks."""
+
+    wrt: torch.Tensor
+
+    def ask(self) -> Ask:
+        raise NotImplementedError
+
+    def seeds(self, rows: Rows, n: int, dtype, device) -> dict:
+        """The values read at execution: the seeded directions ``(m, n)``, the top order's weights."""
+        return {}
+
+    def answer(self, jets: list, rows: Rows, n: int, like):
+        """The answer from the source's jets per order (rows, or the collapsed sums, first)."""
+        raise NotImplementedError
+
+
+def _directions(rank_ones, identity: bool, n: int, dtype, device) -> torch.Tensor:
+    parts = [torch.eye(n, dtype=dtype, device=device)] if identity else []
+    for c in rank_ones:
+        v = c.v.to(dtype=dtype, device=device)
+        if v.shape[1] != n:
+            raise QueryError(f"RankOne: the vectors have {v.shape[1]} entries, the leaf has {n}"
+                             f"{' per sample' if identity else ''}")
+        parts.append(v)
+    return torch.cat(parts)
+
+
+def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> torch.Tensor:
+    """``W_k`` over the rows of order ``k``: the symmetrised coefficient, ``sum`` over orderings of each row."""
+    kind = rows.kinds[k - 1]
+    at = where(rows.m, kind)
+    w = torch.zeros(count(rows.m, kind), dtype=dtype, device=device)
+    if pattern == "all":
+        c = c.to(dtype=dtype, device=device)
+        if tuple(c.shape) != (n,) * k:
+            raise QueryError(f"coefficients[{k}] has shape {list(c.shape)}; a dense coefficient of order {k} "
+                             f"is ({', '.join([str(n)] * k)}) for a leaf of {n} entries")
+        from .jets import index
+        full = torch.zeros(math.comb(n + k - 1, k), dtype=dtype, device=device)
+        full.index_add_(0, index(n, k, "full", device), c.reshape(-1))
+        if isinstance(kind, int) and rows.m == n:
+            return full
+        pos = torch.tensor([at[a] for a in multi_indices(n, k)[0]], dtype=torch.long, device=device)
+        return w.index_add_(0, pos, full)
+    if pattern == "diagonal":
+        cc = torch.as_tensor(c.c, dtype=dtype, device=device)
+        if cc.dim() > 1 or (cc.dim() == 1 and cc.shape[0] != n):
+            raise QueryError(f"coefficients[{k}]: Diagonal takes a number or a vector of {n} entries, "
+                             f"got shape {list(cc.shape)}")
+        pos = torch.tensor([at[(i,) * k] for i in range(n)], dtype=torch.long, device=device)
+        return w.index_put_((pos,), cc.expand(n).clone(), accumulate=True)
+    if pattern[0] == "rank":
+        pos = torch.tensor([at[(ni + pattern[1] + j,) * k] for j in range(pattern[2])], dtype=torch.long,
+                           device=device)
+        return w.index_fill_(0, pos, 1.0)
+    # entries {multi-index: coefficient}: each adds to its sorted row
+    for e, value in c.items():
+        e = (e,) if isinstance(e, int) else tuple(e)
+        w[at[tuple(sorted(e))]] += torch.as_tensor(value, dtype=dtype, device=device)
+    return w
+
+
+class Operator(Query):
+    """``sum_k sum C_k[i_1..i_k] d^k S / dx_(i_1) .. dx_(i_k)``: a linear differential operator, shaped like S.
+
+    ``coefficients`` maps each order ``k >= 1`` to a dense tensor ``(n,)*k``, a
+    :class:`Diagonal`, a :class:`RankOne`, or a dict ``{multi-index: number}``.
+    """
+
+    def __init__(self, wrt, coefficients: dict, name: str = "operator"):
+        if not isinstance(coefficients, dict) or not coefficients:
+            raise TypeError("coefficients must be a non-empty dict {order: coefficient}, got "
+                            f"{type(coefficients).__name__}")
+        for k in coefficients:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise QueryError(f"coefficients: the order {k!r} is not a positive int")
+        self.wrt, self.coefficients, self.name = wrt, dict(sorted(coefficients.items())), name
+        self.rank_ones = [c for c in self.coefficients.values() if isinstance(c, RankOne)]
+        offset, self.patterns = 0, {}
+        for k, c in self.coefficients.items():
+            self.patterns[k] = _pattern(k, c, offset)
+            if isinstance(c, RankOne):
+                offset += c.v.shape[0]
+        self.extra = offset
+        self.identity = any(not isinstance(c, RankOne) for c in self.coefficients.values())
+
+    def ask(self) -> Ask:
+        top = max(self.coefficients)
+        wanted = tuple((self.patterns[k],) if k in self.patterns else () for k in range(1, top + 1))
+        return Ask(self.name, wanted, self.identity, self.extra, collapse=1)
+
+    def _all_weights(self, rows, n, dtype, device) -> dict:
+        ni = n if self.identity else 0
+        return {k: _weights(k, c, self.patterns[k], rows, n, ni, dtype, device)
+                for k, c in self.coefficients.items()}
+
+    def seeds(self, rows, n, dtype, device) -> dict:
+        out = {"weights": self._all_weights(rows, n, dtype, device)[rows.order][None]}
+        if rows.seeded:
+            out["directions"] = _directions(self.rank_ones, self.identity, n, dtype, device)
+        return out
+
+    def answer(self, jets, rows, n, like):
+        total = None
+        weights = self._all_weights(rows, n, jets_dtype(jets), jets_device(jets))
+        for k, w in weights.items():
+            t = jets[k - 1]
+            if t is None:
+                continue
+            part = t[0] if k == rows.order else torch.tensordot(w.to(t.dtype), t, dims=([0], [0]))
+            total = part if total is None else total + part
+        return like(total)
+
+
+def jets_dtype(jets):
+    return next((t.dtype for t in jets if t is not None), torch.float64)
+
+
+def jets_device(jets):
+    return next((t.device for t in jets if t is not None), torch.device("cpu"))
+
+
+class Laplacian(Operator):
+    """``sum_i d^2 S / dx_i^2``, shaped like S."""
+
+    def __init__(self, wrt):
+        super().__init__(wrt, {2: Diagonal(1.0)}, name="laplacian")
+
+
+def _biharmonic_entries(n: int) -> dict:
+    return {(i, i, j, j): 1.0 for i in range(n) for j in range(n)}
+
+
+class Biharmonic(Query):
+    """``sum_(i,j) d^4 S / dx_i^2 dx_j^2``: the Laplacian of the Laplacian, shaped like S."""
+
+    def __init__(self, wrt):
+        self.wrt = wrt
+
+    def ask(self) -> Ask:
+        return Ask("biharmonic", ((), (), (), ("pairs",)), collapse=1)
+
+    def seeds(self, rows, n, dtype, device):
+        return {"weights": _weights(4, _biharmonic_entries(n), ("rows",), rows, n, n, dtype, device)[None]}
+
+    def answer(self, jets, rows, n, like):
+        return like(jets[3][0]) if jets[3] is not None else None
+
+
+class Partials(Query):
+    """Chosen entries ``d^k S / dx_(i_1) .. dx_(i_k)``, one tensor shaped like S per multi-index."""
+
+    def __init__(self, wrt, indices: Sequence):
+        if isinstance(indices, (int, tuple)) or not isinstance(indices, Sequence) or not indices:
+            raise TypeError("indices must be a non-empty list of multi-indices (tuples of entry positions), "
+                            f"got {indices!r}")
+        self.wrt, self.indices = wrt, []
+        for a in indices:
+            a = (a,) if isinstance(a, int) and not isinstance(a, bool) else a
+            if not isinstance(a, tuple) or not a or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                             for i in a):
+                raise QueryError(f"partials: {a!r} is not a multi-index (a non-empty tuple of entry positions)")
+            self.indices.append(tuple(sorted(a)))
+
+    def ask(self) -> Ask:
+        top = max(len(a) for a in self.indices)
+        wanted = tuple(tuple(("rows", (a,)) for a in sorted({a for a in self.indices if len(a) == k}))
+                       for k in range(1, top + 1))
+        return Ask("partials", wanted)
+
+    def answer(self, jets, rows, n, like):
+        out = []
+        for a in self.indices:
+            t = jets[len(a) - 1]
+            out.append(None if t is None else like(t[where(rows.m, rows.kinds[len(a) - 1])[a]]))
+        return tuple(out)
+
+
+class Directional(Query):
+    """``d^k S [v, .., v]`` for k = 1..order and each direction ``v`` (the Taylor coefficients times ``k!``)."""
+
+    def __init__(self, wrt, directions: torch.Tensor, order: int):
+        if not isinstance(directions, torch.Tensor) or directions.dim() < 1:
+            raise TypeError("directions must be a tensor: one direction shaped like (one sample of) the leaf, "
+                            "or a batch of them with the direction first")
+        self.wrt, self.order = wrt, _check_order(order)
+        self.single = directions.dim() == 1
+        self.v = directions[None] if self.single else directions.reshape(directions.shape[0], -1)
+
+    def ask(self) -> Ask:
+        m = self.v.shape[0]
+        return Ask("directional", tuple((("rank", 0, m),) for _ in range(self.order)), identity=False, extra=m)
+
+    def seeds(self, rows, n, dtype, device):
+        if self.v.shape[1] != n:
+            raise QueryError(f"directional: each direction has {self.v.shape[1]} entries, the leaf has {n} "
+                             "(per sample with batch_dim)")
+        return {"directions": self.v.to(dtype=dtype, device=device)}
+
+    def answer(self, jets, rows, n, like):
+        out = []
+        for t in jets:
+            if t is None:
+                out.append(None)
+                continue
+            t = torch.stack([like(r) for r in t])
+            out.append(t[0] if self.single else t)
+        return tuple(out)
+
+
+# --------------------------------------------------------------------------- running a query
+
+
+def _leaf(graph: Graph, wrt, what: str) -> int:
+    if not isinstance(wrt, torch.Tensor):
+        raise TypeError(f"{what}: wrt must be a torch.Tensor, got {type(wrt).__name__}")
+    i = graph.find(wrt)
+    if i is None or graph.values[i].leaf is None:
+        why = "is not a leaf of the source's graph" if i is None else "is an intermediate tensor, not a leaf"
+        raise TargetError(f"{what}: wrt (shape {list(wrt.shape)}) {why}; a query is taken w.r.t. a leaf "
+                          "that requires grad and that the source depends on")
+    return i
+
+
+def _prepare(source, wrt, what, batch_dim, configurations):
+    batch_dim = _check_batch_dim(batch_dim, source)
+    overrides = _overrides(configurations)
+    graph = Graph(source)
+    leaves = tuple(_leaf(graph, w, what) for w in wrt)
+    if batch_dim is not None and graph.source_shape[batch_dim] == 1:
+        batch_dim = None  # one sample: the whole graph's answer is that sample's
+    return graph, graph.rules(overrides), leaves, batch_dim
+
+
+def plan_query(graph: Graph, rules: dict, i: int, query: Query, batch_dim, direction: str = "auto"):
+    """The plan that answers ``query``: forward jets of its rows, or (cheaper) backprop of the whole tensor.
+
+    ``plan.prices`` holds both: ``"forward"`` (the query's rows) and ``"backward"`` (the whole
+    derivative tensor, contracted at the leaf); ``plan.full_price``, the forward jets of the whole tensor.
+    """
+    ask = query.ask()
+    forward = planner.build(graph, ask.order, rules, (i,), (), "forward", batch_dim=batch_dim, query=ask)
+    prices = {"forward": forward.flops}
+    chosen = forward
+    if direction in ("auto", "backward"):
+        backward = planner.build(graph, ask.order, rules, (i,), (), "backward", batch_dim=batch_dim)
+        prices["backward"] = backward.flops + backward.result_elements  # the contraction at the leaf
+        if direction == "backward" or prices["backward"] < prices["forward"]:
+            chosen = backward
+    import dataclasses
+    return dataclasses.replace(chosen, prices=prices)
+
+
+def _like(graph: Graph, plan, dtype):
+    """Turn one row of the source's jet (``(*S)``, or ``(B, *S')`` per sample) into the source's shape."""
+    shape = graph.source_shape
+
+    def like(t):
+        if t is None:
+            return torch.zeros(shape, dtype=dtype, device=graph.device)
+        if plan.batch is not None:
+            d = plan.batch.source_dim
+            t = t.reshape((shape[d],) + shape[:d] + shape[d + 1:]).movedim(0, d)
+        return t.reshape(shape).to(dtype)
+    return like
+
+
+def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:
+    """The whole tensor's blocks read at a query's rows, laid out like the forward jets (backward direction)."""
+    batch = plan.batch
+    n = graph.values[i].numel if batch is None else batch.numel(graph, i)
+    lead = graph.source_shape if batch is None else (batch.total,) + batch.shape(graph, 0)
+    out = []
+    for k, t in enumerate(attach.flat(graph, i, rows.order, blocks, batch), start=1):
+        kind = rows.kinds[k - 1]
+        from .jets import _rows_of
+        rows_k = _rows_of(rows.m, kind)
+        t = t.to(graph.dtype)
+        if not rows.seeded:
+            at = torch.tensor([sum(a[p] * n ** (k - 1 - p) for p in range(k)) for a in rows_k], dtype=torch.long,
+                              device=t.device)
+            r = t.reshape(t.shape[:t.dim() - k] + (n ** k,)).index_select(-1, at).movedim(-1, 0)
+        else:
+            D = seeds["directions"]
+            r = None
+            for p in range(k):  # contract one leaf position at a time with the rows' direction there
+                Dp = D.index_select(0, torch.tensor([a[p] for a in rows_k], dtype=torch.long, device=t.device))
+                if r is None:
+                    r = torch.einsum("...i,ai->a...", t.reshape(t.shape[:t.dim() - k] + (n, n ** (k - 1))
+                                                                ).transpose(-1, -2), Dp)
+                    r = r.reshape((len(rows_k),) + t.shape[:t.dim() - k] + (n ** (k - 1),))
+                else:
+                    rest = r.shape[-1] // n
+                    r = torch.einsum("a...ir,ai->a...r", r.reshape(r.shape[:-1] + (n, rest)), Dp)
+            r = r.reshape(r.shape[:-1])
+        r = r.reshape((len(rows_k),) + tuple(lead))
+        if rows.collapse and k == rows.order:
+            r = torch.tensordot(seeds["weights"].to(r.dtype), r, dims=([1], [0]))
+        out.append(r)
+    return out
+
+
+def _answer(source, query: Query, batch_dim, configurations, max_memory, direction):
+    direction = _check_direction(direction)
+    what = query.ask().name
+    graph, rules, (i,), batch_dim = _prepare(source, (query.wrt,), what, batch_dim, configurations)
+    plan = plan_query(graph, rules, i, query, batch_dim, direction)
+    batch = plan.batch
+    n = graph.values[i].numel if batch is None else batch.numel(graph, i)
+    ask = query.ask()
+    rows = ask.rows(n)
+    seeds = query.seeds(rows, n, graph.dtype, graph.device)
+    budget = _budget(max_memory, graph.device)
+    if plan.direction == "forward":
+        plan, results, _ = attach.compute(graph, ask.order, rules, (i,), (), "forward", budget, batch_dim,
+                                          query=ask, seeds=seeds)
+        jets = results[i]
+    else:
+        plan, results, _ = attach.compute(graph, ask.order, rules, (i,), (), "backward", budget, batch_dim)
+        if rows.seeded and "directions" not in seeds:
+            seeds = dict(seeds, directions=torch.eye(n, dtype=graph.dtype, device=graph.device))
+        jets = _rows_from_blocks(graph, plan, i, results[i], rows, seeds)
+    return query.answer(jets, rows, n, _like(graph, plan, source.dtype))
+
+
+# --------------------------------------------------------------------------- the public functions
+
+_ARGS = """
+        batch_dim: the source's sample dim: each sample's answer w.r.t. its own
+            entries of ``wrt`` (``u`` of shape ``(B, 1)`` from points ``x`` of shape
+            ``(B, d)``: one number per point). See :func:`xa.backward`.
+        configurations: rules swapped in for this call, as in :func:`xa.backward`.
+        max_memory: bytes, as in :func:`xa.backward`; per sample, over budget, chunks of samples.
+        direction: ``"auto"`` (the cheaper), ``"forward"`` (jets of the query's rows,
+            collapsed) or ``"backward"`` (backprop of the whole tensor, contracted at the leaf)."""
 
 
 def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
-              configurations=None, max_memory: Optional[int] = None) -> torch.Tensor:
+              configurations=None, max_memory: Optional[int] = None, direction: str = "auto") -> torch.Tensor:
     """``sum_i d^2 source / dwrt_i^2``, shaped like ``source``, in its dtype and on its device.
 
     Args:
         source: a tensor with a ``grad_fn``, of any shape.
-        wrt: a leaf that requires grad (``i`` runs over all its entries, or,
-            with ``batch_dim``, over one sample's entries).
-        batch_dim: the source's sample dim: each sample's Laplacian w.r.t. its
-            own entries of ``wrt`` (``u`` of shape ``(B, 1)`` from points ``x`` of
-            shape ``(B, d)`` gives ``(B, 1)``: ``u_x1x1 + .. + u_xdxd`` per point).
-            See :func:`xa.backward` for what the sample dim may be.
-        configurations: rules swapped in for this call, as in :func:`xa.backward`.
-        max_memory: bytes, as in :func:`xa.backward`; per sample, over budget, chunks of samples.
+        wrt: a leaf that requires grad (``i`` runs over all its entries, or, with
+            ``batch_dim``, over one sample's entries).{args}
 
     Example:
         >>> x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
         >>> u = (x ** 2).sum(1, keepdim=True)
         >>> xa.laplacian(u, x, batch_dim=0)   # 6 for every point
     """
-    batch_dim = _check_batch_dim(batch_dim, source)
-    overrides = _overrides(configurations)
-    graph = Graph(source)
-    if not isinstance(wrt, torch.Tensor):
-        raise TypeError(f"wrt must be a torch.Tensor, got {type(wrt).__name__}")
-    i = graph.find(wrt)
-    if i is None or graph.values[i].leaf is None:
-        what = "is not a leaf of the source's graph" if i is None else "is an intermediate tensor, not a leaf"
-        raise TargetError(f"laplacian: wrt (shape {list(wrt.shape)}) {what}; the Laplacian is taken w.r.t. a leaf "
-                          "that requires grad and that the source depends on")
-    if batch_dim is not None and graph.source_shape[batch_dim] == 1:
-        batch_dim = None  # one sample: the whole graph's Laplacian is that sample's
-    plan, results, _ = attach.compute(graph, 2, graph.rules(overrides), (i,), (), "forward",
-                                      _budget(max_memory, graph.device), batch_dim, query="laplacian")
-    out = results[i][0]
-    if out is None:  # the source is affine in wrt
-        return torch.zeros(graph.source_shape, dtype=source.dtype, device=source.device)
-    if plan.batch is not None:  # (B, *one sample's shape): the sample dim back in its place
-        shape = graph.source_shape
-        d = plan.batch.source_dim
-        out = out.reshape((shape[d],) + shape[:d] + shape[d + 1:]).movedim(0, d)
-    return out.reshape(graph.source_shape).to(source.dtype)
+    return _answer(source, Laplacian(wrt), batch_dim, configurations, max_memory, direction)
+
+
+def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
+               configurations=None, max_memory: Optional[int] = None, direction: str = "auto") -> torch.Tensor:
+    """``sum_(i,j) d^4 source / dwrt_i^2 dwrt_j^2`` (the Laplacian of the Laplacian), shaped like ``source``.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad.{args}
+
+    Example:
+        >>> x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+        >>> u = (x ** 4).sum(1, keepdim=True)
+        >>> xa.biharmonic(u, x, batch_dim=0)   # 48 for every point
+    """
+    return _answer(source, Biharmonic(wrt), batch_dim, configurations, max_memory, direction)
+
+
+def partials(source: torch.Tensor, wrt: torch.Tensor, indices: Sequence, batch_dim: Optional[int] = None,
+             configurations=None, max_memory: Optional[int] = None, direction: str = "auto") -> tuple:
+    """Chosen partials ``d^k source / dwrt_(i_1) .. dwrt_(i_k)``, all from one plan.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad.
+        indices: a list of multi-indices, each a tuple of entry positions in ``wrt``
+            flattened (one sample's entries with ``batch_dim``); an int ``i`` is ``(i,)``.
+            ``(1, 1)`` is ``d^2 / dwrt_1^2``, ``(0, 1, 1)`` is ``d^3 / dwrt_0 dwrt_1^2``.{args}
+
+    Returns:
+        A tuple with one tensor shaped like ``source`` per multi-index, in their order.
+
+    Example:
+        >>> pts = torch.randn(100, 3, dtype=torch.float64, requires_grad=True)   # (t, x, y) per point
+        >>> u = net(pts)                                                        # (100, 1)
+        >>> T, X, Y = 0, 1, 2
+        >>> u_t, u_xx, u_yy = xa.partials(u, pts, [(T,), (X, X), (Y, Y)], batch_dim=0)
+    """
+    return _answer(source, Partials(wrt, indices), batch_dim, configurations, max_memory, direction)
+
+
+def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients: dict,
+                          batch_dim: Optional[int] = None, configurations=None,
+                          max_memory: Optional[int] = None, direction: str = "auto") -> torch.Tensor:
+    """``sum_k sum C_k[i_1..i_k] d^k source / dwrt_(i_1) .. dwrt_(i_k)``, shaped like ``source``.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (``n`` entries, per sample with ``batch_dim``).
+        coefficients: ``{k: C_k}`` for the orders the operator has. ``C_k`` is a
+            dense tensor of shape ``(n,) * k``; :class:`xa.queries.Diagonal`\\ ``(c)``
+            (``C_k[i, .., i] = c[i]``); :class:`xa.queries.RankOne`\\ ``(v)``
+            (``sum_r v_r ⊗ .. ⊗ v_r``, a directional jet); or a dict
+            ``{multi-index: number}`` of its nonzero entries. Their values are read
+            at every call; their structure (which kind, which entries) is planned.{args}
+
+    Example:
+        >>> # u_t - 0.1 (u_xx + u_yy) for points (t, x, y)
+        >>> r = xa.differential_operator(u, pts, {1: {(0,): 1.0}, 2: {(1, 1): -0.1, (2, 2): -0.1}}, batch_dim=0)
+    """
+    return _answer(source, Operator(wrt, coefficients), batch_dim, configurations, max_memory, direction)
+
+
+def directional(source: torch.Tensor, wrt: torch.Tensor, directions: torch.Tensor, order: int,
+                batch_dim: Optional[int] = None, configurations=None, max_memory: Optional[int] = None,
+                direction: str = "auto") -> tuple:
+    """Directional jets: ``d^k source [v, .., v]`` for k = 1..order and each direction ``v``.
+
+    ``d^k source [v, .., v] / k!`` is the k-th Taylor coefficient of ``t -> source(wrt + t v)``.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (``n`` entries, per sample with ``batch_dim``).
+        directions: one direction (1-d, ``n`` entries), or ``m`` of them, ``(m, n)``
+            or ``(m, *one sample of wrt's shape)``; the same for every sample.
+        order: the highest order ``K``.{args}
+
+    Returns:
+        A tuple of ``order`` tensors: the k-th shaped like ``source`` for one
+        direction, ``(m, *source.shape)`` for ``m``.
+
+    Example:
+        >>> d1, d2, d3 = xa.directional(u, x, v, order=3)   # the first three Taylor terms, times k!
+    """
+    return _answer(source, Directional(wrt, directions, order), batch_dim, configurations, max_memory,
+                   direction)
+
+
+for _f in (laplacian, biharmonic, partials, differential_operator, directional):
+    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS)
+
+
+def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurations=None,
+          max_memory: Optional[int] = None):
+    """Mixed partials across leaves: ``d^k source / dwrt[0] .. dwrt[k-1]``.
+
+    Backprop's joint blocks of the leaves asked together (one plan serves every request).
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a sequence of leaves, repeats allowed: ``(A, B)`` is ``d^2 S / dA dB``,
+            ``(A, A, B)`` is ``d^3 S / dA^2 dB``; or a list of such sequences, all
+            computed in one plan.
+        batch_dim: the source's sample dim, as in :func:`xa.backward`.
+        configurations: rules swapped in for this call, as in :func:`xa.backward`.
+        max_memory: bytes, as in :func:`xa.backward`.
+
+    Returns:
+        For one request, ``(s, n_0, .., n_(k-1))``: xa's layout, ``s = source.numel()``,
+        ``n_j = wrt[j].numel()`` (per sample with ``batch_dim``: ``(B, s', n_0', ..)``).
+        ``.reshape(*source.shape, *A.shape, *B.shape)`` is
+        ``torch.func.hessian(f, argnums=(0, 1))(A, B)[0][1]``. For a list, a tuple of them.
+
+    Example:
+        >>> H_AB = xa.mixed(loss, (A, B))                        # (1, A.numel(), B.numel())
+        >>> H_AAB, H_AB = xa.mixed(loss, [(A, A, B), (A, B)])
+    """
+    if isinstance(wrt, torch.Tensor) or not isinstance(wrt, Sequence) or not wrt:
+        raise TypeError("wrt must be a non-empty sequence of leaves (A, B), or a list of such sequences")
+    single = all(isinstance(w, torch.Tensor) for w in wrt)
+    requests = [tuple(wrt)] if single else [tuple(w) if isinstance(w, Sequence) else w for w in wrt]
+    for r in requests:
+        if not isinstance(r, tuple) or not r or not all(isinstance(w, torch.Tensor) for w in r):
+            raise TypeError("wrt must be a non-empty sequence of leaves (A, B), or a list of such sequences; "
+                            f"got an entry {type(r).__name__}")
+    leaves_of = {}
+    for r in requests:
+        for w in r:
+            leaves_of.setdefault(id(w), w)
+    graph, rules, leaves, batch_dim = _prepare(source, tuple(leaves_of.values()), "mixed", batch_dim,
+                                               configurations)
+    value = dict(zip(leaves_of, leaves))
+    keys = [tuple(sorted(value[id(w)] for w in r)) for r in requests]
+    order = max(len(r) for r in requests)
+    plan, results, _ = attach.compute(graph, order, rules, tuple(sorted(set(leaves))), (), "backward",
+                                      _budget(max_memory, graph.device), batch_dim,
+                                      mixed=tuple(sorted(set(keys))))
+    batch = plan.batch
+    out = []
+    for r, key in zip(requests, keys):
+        t = results[("mixed", key)][0]
+        sizes = [graph.values[u].numel if batch is None else batch.numel(graph, u) for u in key]
+        lead = (graph.values[0].numel,) if batch is None else (batch.total, batch.numel(graph, 0))
+        if t is None:
+            t = torch.zeros(lead + tuple(sizes), dtype=graph.dtype, device=graph.device)
+        t = t.reshape(lead + tuple(sizes))
+        # the block's positions follow the sorted values; the request's order may differ
+        free = list(range(len(key)))
+        perm = []
+        for w in r:
+            p = next(p for p in free if key[p] == value[id(w)])
+            free.remove(p)
+            perm.append(p)
+        t = t.permute(tuple(range(len(lead))) + tuple(len(lead) + p for p in perm))
+        out.append(t.to(source.dtype).contiguous())
+    return out[0] if single else tuple(out)
