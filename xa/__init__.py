@@ -26,23 +26,23 @@ if _torch_version(_torch.__version__) < OLDEST_TORCH:
 
 import xa_ops as _xa_ops  # noqa: E402,F401  (registers the built-in rules)
 
+from . import queries  # noqa: E402
 from .api import Superset, backward  # noqa: E402
 from .errors import (  # noqa: E402
     BatchMixingError,
     GraphFreedError,
     GraphModifiedError,
     MemoryBudgetError,
+    QueryError,
     RegistryError,
     RuleError,
     SourceError,
     TargetError,
     UnsupportedOperatorError,
-    QueryError,
     XaError,
 )
 from .explain import explain  # noqa: E402
 from .factor import Factor, LabelMaker  # noqa: E402
-from . import queries  # noqa: E402
 from .queries import biharmonic, differential_operator, directional, laplacian, mixed, partials  # noqa: E402
 from .registry import register, supported  # noqa: E402
 

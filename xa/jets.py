@@ -194,8 +194,8 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
     (``'``: the sample dim left out), the sample label tied through every term;
     a shared value's jet (computed from shared leaves alone) has no sample label.
 
-    With a ``query`` (:class:`xa.queries.Ask`, whose ``rows(n)`` is a :class:`Rows`; one leaf), each order keeps the query's
-    rows only, the leaf's jet may be seeded with directions, and the top order
+    With a ``query`` (:class:`xa.queries.Ask`, whose ``rows(n)`` is a :class:`Rows`;
+    one leaf), each order keeps the query's rows only, the leaf's jet may be seeded with directions, and the top order
     may be collapsed to weighted sums; the results are the source's jets of
     every order in that layout, unexpanded (:mod:`xa.queries` reads them).
     """

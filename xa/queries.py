@@ -42,7 +42,6 @@ from .capture import Graph
 from .errors import QueryError, TargetError
 from .jets import ALL, Rows, closure, count, multi_indices, where
 
-
 # --------------------------------------------------------------------------- coefficients
 
 
