@@ -5,6 +5,7 @@
     python benchmarks/run.py --device cuda --skip-jacobian   # on a GPU (peak: torch's allocator)
     python benchmarks/run.py --only batched  # the per-sample cases (f)-(i) alone (batched.py)
     python benchmarks/run.py --only batched --plot-batch benchmarks/pinn_batch.png   # and time against B
+    python benchmarks/run.py --only queries  # the query cases (j)-(n) alone (queries.py)
 
 Every method computes the same thing as ``xa.backward(y, order)``: all
 derivatives of orders 1..N of the source with respect to each listed leaf,
@@ -22,6 +23,17 @@ the mmap threshold above, torch.func's many mid-sized allocations made its
 time on (f) about twice as long in one measurement, and a user's run has no
 such setting. They also print a
 Markdown table for the README and write it to ``results/batched.md``.
+
+Cases (j)-(n), in ``queries.py``, run after them the same way (a child
+process with the default malloc settings): the queries of issue 9 per point
+of a PINN, ``xa.laplacian`` (j: 3-64-64-64-64-1 at B = 4096; k, l:
+d-128-128-128-1 at B = 256, d = 16 and 64), ``xa.biharmonic`` (m:
+2-32-32-32-1 at B = 1024) and ``xa.partials`` for u_t, u_x, u_xx (n:
+2-64-64-64-1 at B = 4096), against torch.func's ``vmap`` of ``hessian``,
+of the fourth derivative, or three calls (the issue's references), and
+against the sum trick of jvps of the batch's gradient. For (l) the peak
+memory of each method is measured as above, in a fresh process of its own
+(``--child``). Their table goes to ``results/queries.md``.
 """
 
 from __future__ import annotations
@@ -45,9 +57,12 @@ import xa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batched  # noqa: E402  (benchmarks/batched.py: the per-sample cases f-i)
+import queries  # noqa: E402  (benchmarks/queries.py: the query cases j-n)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MMAP_MARK = "XA_BENCH_SET_MMAP_THRESHOLD"   # set when this script set MALLOC_MMAP_THRESHOLD_ itself
+TIMING_CHILDREN = ("--batched-child", "--queries-child")   # run with glibc's default malloc settings
+PEAK_TIMEOUT_S = 600.0   # seconds before one peak-memory child of the query cases is given up
 DT = torch.float64
 DEVICE = torch.device("cpu")
 
@@ -297,35 +312,50 @@ def first_call_seconds() -> float:
 
 
 def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
-    _, f, leaves, wrt, order = make_case(key)
-    t, mb, res = measure(lambda: METHODS[method](f, leaves, wrt, order), reps, budget_s)
+    if key in queries.CASES:
+        fn = queries.way(key, method)
+    else:
+        _, f, leaves, wrt, order = make_case(key)
+        fn = lambda: METHODS[method](f, leaves, wrt, order)
+    t, mb, res = measure(fn, reps, budget_s)
     torch.save({"time": t, "peak": mb, "result": res}, path)
     return 0
 
 
-def run_batched(keys, args) -> list:
-    """The per-sample cases (and the plot against B) in a child process with the default malloc settings."""
+def run_batched(keys, args, flag: str = "--batched-child") -> list:
+    """The per-sample cases (and the plot against B), or with ``flag="--queries-child"`` the query cases,
+    in a child process with the default malloc settings."""
     env = dict(os.environ)
     if env.pop(MMAP_MARK, None):
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "batched.pt"
-        cmd = [sys.executable, __file__, "--batched-child", str(out), "--cases", ",".join(keys),
+        out = Path(tmp) / "summaries.pt"
+        cmd = [sys.executable, __file__, flag, str(out), "--cases", ",".join(keys),
                "--reps", str(args.reps), "--budget", str(args.budget)]
-        if args.plot_batch:
+        if args.plot_batch and flag == "--batched-child":
             cmd += ["--plot-batch", str(args.plot_batch)]
         sys.stdout.flush()
         subprocess.run(cmd, check=True, env=env)
         return torch.load(out)
 
 
-def batched_child(path: str, args) -> int:
-    summaries = [batched.run_case(key, args.reps, args.budget) for key in args.cases.split(",") if key]
+def batched_child(path: str, args, module=batched) -> int:
+    summaries = [module.run_case(key, args.reps, args.budget) for key in args.cases.split(",") if key]
     torch.save(summaries, path)
-    if args.plot_batch:
+    if args.plot_batch and module is batched:
         print("\n(f) against B, median of 3 at most", flush=True)
         batched.plot(args.plot_batch, args.budget)
     return 0
+
+
+def query_peaks(s) -> None:
+    """Peak memory of each method of a query case, each in a fresh process: ``s["peak"] = {method: MB}``."""
+    print(f"\n{s['title']}: peak memory, one call after a warm-up, each method in a fresh process", flush=True)
+    s["peak"] = {}
+    for method in queries.methods(s["key"]):
+        t, mb, _ = measure_isolated(s["key"], method, 1, math.inf, PEAK_TIMEOUT_S)
+        s["peak"][method] = t if isinstance(t, str) else mb
+        print(f"  {method:<55} {t if isinstance(t, str) else fmt_mb(mb)}", flush=True)
 
 
 def max_error(got: dict, ref: dict) -> float:
@@ -333,14 +363,17 @@ def max_error(got: dict, ref: dict) -> float:
 
 
 def fmt_mb(mb):
+    if isinstance(mb, str):   # why it was not measured
+        return mb
     return "n/a" if mb is None else f"{max(mb, 0.0):.0f} MB"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="a,b,c,d,e," + ",".join(batched.CASES))
-    ap.add_argument("--only", choices=["batched"],
-                    help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0)")
+    ap.add_argument("--cases", default="a,b,c,d,e," + ",".join(batched.CASES) + "," + ",".join(queries.CASES))
+    ap.add_argument("--only", choices=["batched", "queries"],
+                    help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0); "
+                    "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...)")
     ap.add_argument("--plot-batch", type=Path, metavar="PNG",
                     help="also time case (f) against B = " + ", ".join(map(str, batched.PLOT_SIZES))
                     + " and plot it there (a CSV beside it; the PNG needs matplotlib)")
@@ -351,6 +384,7 @@ def main(argv=None) -> int:
                     help="seconds before the jacobian(vectorize) baseline of one case is given up")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--batched-child", help=argparse.SUPPRESS)
+    ap.add_argument("--queries-child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu", help="where the cases run (jacobian only on the CPU)")
@@ -361,9 +395,12 @@ def main(argv=None) -> int:
         return child(*args.child, args.reps, args.budget)
     if args.batched_child:
         return batched_child(args.batched_child, args)
-    if args.only == "batched":
-        args.cases = ",".join(batched.CASES)
+    if args.queries_child:
+        return batched_child(args.queries_child, args, queries)
+    if args.only:
+        args.cases = ",".join({"batched": batched, "queries": queries}[args.only].CASES)
     batched_keys = [key for key in args.cases.split(",") if key in batched.CASES]
+    query_keys = [key for key in args.cases.split(",") if key in queries.CASES]
     rows = []
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{os.cpu_count()} CPUs"
     header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -371,7 +408,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
     print(f"first xa.backward in a fresh process (import excluded): {first_call_seconds():.3f} s", flush=True)
     for key in args.cases.split(","):
-        if key in batched.CASES:
+        if key in batched.CASES or key in queries.CASES:
             continue
         title, f, leaves, wrt, order = make_case(key)
         results = {}
@@ -404,17 +441,26 @@ def main(argv=None) -> int:
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append(("d", title, "write result once", t_write, t_write / ref_t, None, 0.0))
         del results
-    summaries = []
-    if batched_keys and DEVICE.type != "cpu":
-        print(f"\n({', '.join(batched_keys)}) skipped: the per-sample cases run on the CPU only", flush=True)
-    elif batched_keys or args.plot_batch:
-        summaries = run_batched(batched_keys, args)
-    for s in summaries:
+    summaries, query_summaries = [], []
+    if (batched_keys or query_keys) and DEVICE.type != "cpu":
+        print(f"\n({', '.join(batched_keys + query_keys)}) skipped: the per-sample and query cases run on the "
+              "CPU only", flush=True)
+    else:
+        if batched_keys or args.plot_batch:
+            summaries = run_batched(batched_keys, args)
+        if query_keys:
+            query_summaries = run_batched(query_keys, args, "--queries-child")
+    for s in query_summaries:
+        if s["key"] in queries.PEAK:
+            query_peaks(s)
+    for s in summaries + query_summaries:
+        peak = s.get("peak", {})
         for name, t in s["ways"].items():
-            rows.append((s["key"], s["title"], f"torch.func {name}", t, t / s["func"], None, s["way_errs"][name]))
+            rows.append((s["key"], s["title"], f"torch.func {name}", t, t / s["func"], peak.get(name),
+                         s["way_errs"][name]))
         xa_t = s["xa"]
-        rows.append((s["key"], s["title"], "xa", xa_t, None if isinstance(xa_t, str) else xa_t / s["func"], None,
-                     s["err"]))
+        rows.append((s["key"], s["title"], "xa", xa_t, None if isinstance(xa_t, str) else xa_t / s["func"],
+                     peak.get("xa"), s["err"]))
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"<!-- {header} -->", "", "| case | method | median time | ratio to torch.func | peak memory | "
              "max abs error vs torch.func |", "|---|---|---|---|---|---|"]
@@ -430,6 +476,10 @@ def main(argv=None) -> int:
         md = batched.markdown(summaries)
         (args.out / "batched.md").write_text(f"# Per-sample derivatives (batch_dim=0)\n\n{header}\n\n" + md)
         print(f"\nPer-sample cases, for the README:\n\n{md}\nwrote {args.out / 'batched.md'}")
+    if query_summaries:
+        md = queries.markdown(query_summaries)
+        (args.out / "queries.md").write_text(f"# Queries per point (batch_dim=0)\n\n{header}\n\n" + md)
+        print(f"\nQuery cases, for the README:\n\n{md}\nwrote {args.out / 'queries.md'}")
     if args.plot_orders and "b" in args.cases.split(","):
         plot_pinn(args.plot_orders, args)
     return 0
@@ -471,7 +521,7 @@ if __name__ == "__main__":
     # Large blocks go straight to mmap, so freed memory leaves the process and
     # each call's peak is measured from a clean resident set.
     if (os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux")
-            and "--batched-child" not in sys.argv):
+            and not any(flag in sys.argv for flag in TIMING_CHILDREN)):
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.environ[MMAP_MARK] = "1"
         os.execv(sys.executable, [sys.executable, *sys.argv])

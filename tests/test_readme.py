@@ -50,4 +50,37 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
             want = vmap(lambda p, pde=pde: torch.func.hessian(lambda z: pde(z)[0])(p).trace())(P.detach())
             got = scope["residual"] - torch.sin(P[:, :1])
             assert torch.allclose(got.flatten(), want, atol=1e-10, rtol=0)
+        if "heat_residual" in scope:  # the queries example: every query against torch.func, per point
+            _check_queries(scope)
     assert "xa plan" in capsys.readouterr().out
+
+
+def _check_queries(scope):
+    from torch.func import hessian, jvp
+
+    heat, TXY, pde, P = scope["heat"], scope["TXY"], scope["pde"], scope["P"]
+    h = lambda p: heat(p)[0]  # noqa: E731
+    g = lambda p: pde(p)[0]  # noqa: E731
+    D1 = vmap(jacrev(h))(TXY.detach())
+    D2 = vmap(hessian(h))(TXY.detach())
+    D4 = vmap(jacfwd(jacfwd(hessian(h))))(TXY.detach())
+
+    def same(got, want):
+        assert torch.allclose(got.flatten(), want.flatten(), atol=1e-10, rtol=0)
+
+    same(scope["w_t"], D1[:, 0])
+    same(scope["w_xx"], D2[:, 1, 1])
+    same(scope["w_yy"], D2[:, 2, 2])
+    same(scope["w_xxyy"], D4[:, 1, 1, 2, 2])
+    same(scope["heat_residual"], D1[:, 0] - 0.1 * (D2[:, 1, 1] + D2[:, 2, 2]))
+    E4 = vmap(jacfwd(jacfwd(hessian(g))))(P.detach())
+    same(scope["bi"], torch.einsum("biijj->b", E4))
+    for k, got in enumerate(scope["taylor"], start=1):
+        for m, v in enumerate(scope["d"]):
+            f = g
+            for _ in range(k):  # d^k g [v, .., v] by nested jvp
+                f = (lambda f: lambda p: jvp(f, (p,), (v,))[1])(f)
+            same(got[m], vmap(f)(P.detach()))
+    A, B = scope["A"], scope["B"]
+    f = lambda A, B: torch.tanh(A @ torch.ones(3, dtype=torch.float64) * B).sum()  # noqa: E731
+    same(scope["H_AB"], hessian(f, argnums=(0, 1))(A.detach(), B.detach())[0][1])

@@ -88,9 +88,9 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 # block, unless it shares memory with an operand (a block read, a saved tensor).
                 if _shares_memory(result, operands):
                     result = result.clone()
+                # kept in the layout the contraction gave (a matmul may give it transposed): a later
+                # term that adds into it makes it contiguous first (_view), a read reshapes it
                 block = result.reshape(plan.block_shapes[term.target])
-                if block.data_ptr() != result.data_ptr() or not block.is_contiguous():
-                    block = block.contiguous()
                 if coef != 1.0:
                     block.mul_(coef)
                 blocks[term.target] = block
@@ -141,10 +141,13 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
 
 
 def _view(term, blocks, plan, dtype, device) -> torch.Tensor:
-    """The target block (zeros if this is its first term) seen through the term's output labels."""
+    """The target block (zeros if this is its first term), contiguous, seen through the term's output labels."""
     target = blocks.get(term.target)
     if target is None:
         target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
+        blocks[term.target] = target
+    elif not target.is_contiguous():  # the first term's layout: the view's strides are row-major
+        target = target.contiguous()
         blocks[term.target] = target
     return target.as_strided(term.view_sizes, term.view_strides)
 

@@ -14,7 +14,7 @@ from .plan import Plan
 
 def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor] = None,
             configurations=None, direction: str = "auto", file: Optional[TextIO] = None,
-            batch_dim: Optional[int] = None) -> Plan:
+            batch_dim: Optional[int] = None, query=None) -> Plan:
     """Print the captured graph and the plan of ``xa.backward(source, order, target)``.
 
     Nothing is computed: the graph is read and planned (or the plan is taken
@@ -31,6 +31,10 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         file: where to print (default ``sys.stdout``).
         batch_dim: as in :func:`xa.backward`: the plan per sample, with the
             sample dim of every value and the cost per sample.
+        query: a query (:mod:`xa.queries`: ``Laplacian(x)``, ``Partials(x, indices)``,
+            ``Operator(x, coefficients)``, ``Biharmonic(x)``, ``Directional(x, v, order)``):
+            the plan that answers it (``order`` and ``target`` are the query's), the rows
+            it keeps per order, and its FLOPs against building the whole tensor.
 
     Returns:
         The :class:`~xa.plan.Plan`, for programs: ``plan.flops``,
@@ -42,10 +46,17 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
         >>> plan = xa.explain(torch.tanh(x).sum(), order=2)
     """
-    graph, plan = plan_for(source, order, target, configurations, direction, batch_dim)
     out = file if file is not None else sys.stdout
     w = out.write
+    if query is not None:
+        from .queries import explain_query
+        graph, plan, lines = explain_query(source, query, configurations, direction, batch_dim)
+    else:
+        graph, plan = plan_for(source, order, target, configurations, direction, batch_dim)
+        lines = []
     w(f"xa plan: order {plan.order}, source #0 of shape {list(graph.source_shape)}, {graph.dtype}, {graph.device}\n")
+    for line in lines:
+        w(line + "\n")
     wanted = set(plan.results)
     batch = plan.batch
     folded = {graph.values[c].inputs[slot]: c for c, slots in plan.folds.items() for slot in slots}
@@ -108,8 +119,12 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
 
 
 def _operand(ref, shape) -> str:
-    if isinstance(ref[0], str):
+    if ref[0] == "onehot":
         return f"the leaf's identity jet at position {ref[3]} of each row {list(shape)}"
+    if ref[0] == "seed":
+        return f"the query's directions at position {ref[3]} of each row {list(shape)}"
+    if ref[0] == "weights":
+        return f"the query's weights, summing the top order's rows {list(shape)}"
     slots, _ = ref
     return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
 

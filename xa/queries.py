@@ -405,6 +405,38 @@ def plan_query(graph: Graph, rules: dict, i: int, query: Query, batch_dim, direc
     return dataclasses.replace(chosen, prices=prices)
 
 
+def explain_query(source, query: Query, configurations, direction, batch_dim) -> tuple:
+    """``(graph, plan, lines)`` for :func:`xa.explain`: the query's plan, its rows, its price against the whole."""
+    if not isinstance(query, Query):
+        raise TypeError(f"query must be one of xa.queries' queries (Laplacian, Partials, Operator, Biharmonic, "
+                        f"Directional), got {type(query).__name__}")
+    direction = _check_direction(direction)
+    ask = query.ask()
+    graph, rules, (i,), batch_dim = _prepare(source, (query.wrt,), ask.name, batch_dim, configurations)
+    plan = plan_query(graph, rules, i, query, batch_dim, direction)
+    batch = plan.batch
+    n = graph.values[i].numel if batch is None else batch.numel(graph, i)
+    rows = ask.rows(n)
+    whole = planner.build(graph, ask.order, rules, (i,), (), "forward", batch_dim=batch_dim)
+    backward = plan.prices.get("backward")
+    per = " per sample" if batch is not None else ""
+    lines = [f"query: {ask.name} of the source w.r.t. leaf #{i} ({n} entries{per}), order {ask.order}, "
+             f"answered by {plan.direction} {'jets of its rows' if plan.direction == 'forward' else 'backprop'}"]
+    dirs = f"{rows.m} seeded directions" if rows.seeded else f"the leaf's {rows.m} entries"
+    kept = []
+    for k, kind in enumerate(rows.kinds, start=1):
+        note = f" summed into {rows.collapse} on the fly (collapsed)" if rows.collapse and k == rows.order else ""
+        kept.append(f"order {k}: {count(rows.m, kind)} of {math.comb(rows.m + k - 1, k)}{note}")
+    lines.append(f"rows kept (sorted multi-indices over {dirs}): " + "; ".join(kept))
+    full = min(whole.flops, backward if backward is not None else whole.flops)
+    lines.append(f"FLOPs: forward (the query's rows) {plan.prices['forward']:.4g}"
+                 + (f", backward (the whole tensor, contracted at the leaf) {backward:.4g}" if backward else "")
+                 + f"; the whole derivative tensor by forward jets: {whole.flops:.4g}; "
+                 f"this plan: {plan.flops:.4g} ({full / max(plan.flops, 1):.3g}x fewer than the whole tensor's "
+                 "cheaper plan)")
+    return graph, plan, lines
+
+
 def _like(graph: Graph, plan, dtype):
     """Turn one row of the source's jet (``(*S)``, or ``(B, *S')`` per sample) into the source's shape."""
     shape = graph.source_shape

@@ -62,9 +62,16 @@ def polynomial_in_result(g: tuple) -> Callable:
     def deriv(ctx, k):
         y = ctx.saved("result")
         coeffs = poly(k)
-        acc = y * 0 + coeffs[-1]
-        for c in reversed(coeffs[:-1]):
-            acc = acc * y + c
+        if len(coeffs) == 1:
+            return torch.full_like(y, coeffs[0])
+        # Horner's scheme in place on one fresh tensor, skipping zero coefficients (1 - y^2: two passes)
+        acc = y * coeffs[-1]
+        for c in reversed(coeffs[1:-1]):
+            if c:
+                acc.add_(c)
+            acc.mul_(y)
+        if coeffs[0]:
+            acc.add_(coeffs[0])
         return acc
 
     return deriv
