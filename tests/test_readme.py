@@ -55,8 +55,13 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
     assert "xa plan" in capsys.readouterr().out
 
 
+def _along(f, v):
+    """``p -> d f(p) [v]``: one more order of a directional derivative."""
+    return lambda p: torch.func.jvp(f, (p,), (v,))[1]
+
+
 def _check_queries(scope):
-    from torch.func import hessian, jvp
+    from torch.func import hessian
 
     heat, TXY, pde, P = scope["heat"], scope["TXY"], scope["pde"], scope["P"]
     h = lambda p: heat(p)[0]  # noqa: E731
@@ -79,7 +84,7 @@ def _check_queries(scope):
         for m, v in enumerate(scope["d"]):
             f = g
             for _ in range(k):  # d^k g [v, .., v] by nested jvp
-                f = (lambda f: lambda p: jvp(f, (p,), (v,))[1])(f)
+                f = _along(f, v)
             same(got[m], vmap(f)(P.detach()))
     A, B = scope["A"], scope["B"]
     f = lambda A, B: torch.tanh(A @ torch.ones(3, dtype=torch.float64) * B).sum()  # noqa: E731
