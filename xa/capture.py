@@ -283,9 +283,13 @@ class Graph:
     def signature(self) -> tuple:
         """Everything a plan depends on from the graph: names, shapes, wiring, saved shapes and numbers.
 
-        A custom Function's ctx attributes are in it too: its rule may read them.
+        A custom Function's ctx attributes are in it too: its rule may read them. Computed once:
+        the graph is a snapshot taken at capture.
         """
-        return (
+        cached = self.__dict__.get("_signature")
+        if cached is not None:
+            return cached
+        self._signature = (
             self.dtype,
             str(self.device),
             tuple(
@@ -295,3 +299,4 @@ class Graph:
                 for v in self.values
             ),
         )
+        return self._signature
