@@ -110,7 +110,7 @@ def closure(m: int, wanted: dict) -> tuple:
     return tuple(reversed(kinds))
 
 
-def _rows_of(n: int, kind) -> tuple:
+def rows_of(n: int, kind) -> tuple:
     """The rows of one order: every sorted multi-index of order ``kind`` (an int), or the rows ``kind`` lists."""
     return multi_indices(n, kind)[0] if isinstance(kind, int) else kind
 
@@ -134,7 +134,7 @@ def _index_cpu(n: int, k, block, lower=None) -> torch.Tensor:
         return torch.tensor([at[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long,
                             device="cpu")
     at = where(n, len(block) if lower is None else lower)
-    return torch.tensor([at[tuple(a[p] for p in block)] for a in _rows_of(n, k)], dtype=torch.long, device="cpu")
+    return torch.tensor([at[tuple(a[p] for p in block)] for a in rows_of(n, k)], dtype=torch.long, device="cpu")
 
 
 @lru_cache(maxsize=1024)
@@ -163,7 +163,7 @@ def onehot(n: int, k, pos: int, dtype, device) -> torch.Tensor:
     key = ("onehot", n, k, pos, dtype, str(device))
     hit = _ON_DEVICE.get(key)
     if hit is None:
-        rows_k = _rows_of(n, k)
+        rows_k = rows_of(n, k)
         at = torch.tensor([a[pos] for a in rows_k], dtype=torch.long, device="cpu")
         hit = torch.zeros(len(rows_k), n, dtype=dtype, device="cpu").scatter_(1, at[:, None], 1.0).to(device)
         _ON_DEVICE[key] = hit

@@ -28,6 +28,7 @@ joint blocks (:mod:`xa.backprop`), kept for the leaves asked together.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,7 +41,7 @@ from . import plan as planner
 from .api import _budget, _check_batch_dim, _check_direction, _check_order, _overrides
 from .capture import Graph
 from .errors import QueryError, TargetError
-from .jets import ALL, Rows, closure, count, multi_indices, where
+from .jets import ALL, Rows, closure, count, index, multi_indices, rows_of, where
 
 # --------------------------------------------------------------------------- coefficients
 
@@ -189,7 +190,6 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
         if tuple(c.shape) != (n,) * k:
             raise QueryError(f"coefficients[{k}] has shape {list(c.shape)}; a dense coefficient of order {k} "
                              f"is ({', '.join([str(n)] * k)}) for a leaf of {n} entries")
-        from .jets import index
         full = torch.zeros(math.comb(n + k - 1, k), dtype=dtype, device=device)
         full.index_add_(0, index(n, k, "full", device), c.reshape(-1))
         if isinstance(kind, int) and rows.m == n:
@@ -401,7 +401,6 @@ def plan_query(graph: Graph, rules: dict, i: int, query: Query, batch_dim, direc
         prices["backward"] = backward.flops + backward.result_elements  # the contraction at the leaf
         if direction == "backward" or prices["backward"] < prices["forward"]:
             chosen = backward
-    import dataclasses
     return dataclasses.replace(chosen, prices=prices)
 
 
@@ -459,26 +458,22 @@ def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:
     out = []
     for k, t in enumerate(attach.flat(graph, i, rows.order, blocks, batch), start=1):
         kind = rows.kinds[k - 1]
-        from .jets import _rows_of
-        rows_k = _rows_of(rows.m, kind)
+        rows_k = rows_of(rows.m, kind)
         t = t.to(graph.dtype)
         if not rows.seeded:
             at = torch.tensor([sum(a[p] * n ** (k - 1 - p) for p in range(k)) for a in rows_k], dtype=torch.long,
                               device=t.device)
             r = t.reshape(t.shape[:t.dim() - k] + (n ** k,)).index_select(-1, at).movedim(-1, 0)
-        else:
-            D = seeds["directions"]
-            r = None
-            for p in range(k):  # contract one leaf position at a time with the rows' direction there
-                Dp = D.index_select(0, torch.tensor([a[p] for a in rows_k], dtype=torch.long, device=t.device))
-                if r is None:
-                    r = torch.einsum("...i,ai->a...", t.reshape(t.shape[:t.dim() - k] + (n, n ** (k - 1))
-                                                                ).transpose(-1, -2), Dp)
-                    r = r.reshape((len(rows_k),) + t.shape[:t.dim() - k] + (n ** (k - 1),))
+        else:  # d^k S [d_(a_1), .., d_(a_k)]: contract one leaf position at a time with each row's direction
+            size = math.prod(t.shape[:t.dim() - k])
+            r = t.reshape(size, n, n ** (k - 1))
+            for p in range(k):
+                at = torch.tensor([a[p] for a in rows_k], dtype=torch.long, device=t.device)
+                Dp = seeds["directions"].index_select(0, at)
+                if p == 0:
+                    r = torch.einsum("lir,ai->alr", r, Dp)
                 else:
-                    rest = r.shape[-1] // n
-                    r = torch.einsum("a...ir,ai->a...r", r.reshape(r.shape[:-1] + (n, rest)), Dp)
-            r = r.reshape(r.shape[:-1])
+                    r = torch.einsum("alir,ai->alr", r.reshape(len(rows_k), size, n, -1), Dp)
         r = r.reshape((len(rows_k),) + tuple(lead))
         if rows.collapse and k == rows.order:
             r = torch.tensordot(seeds["weights"].to(r.dtype), r, dims=([1], [0]))
