@@ -55,16 +55,20 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
             node = NodeFactors(step, rule, graph.ctx(step.value, planning=False))
             if factors is not None:
                 factors[number] = node
+        gathered: dict = {}  # this step's reads at sub-multi-indices, shared by its terms (xa.jets)
         for term in step.terms:
             operands = []
             for n, (key, view) in enumerate(term.sources):
                 gather = None if term.gathers is None else term.gathers[n]
                 if gather is None:
                     operands.append(blocks[key].reshape(view))
-                else:
-                    axis, before, spec = gather
+                    continue
+                axis, before, spec, number = gather
+                operand = gathered.get(number)
+                if operand is None:
                     source = blocks[key].reshape(view[:axis] + (before,) + view[axis + 1:])
-                    operands.append(source.index_select(axis, jets.index(*spec[:3], device, spec[3])))
+                    operand = gathered[number] = source.index_select(axis, jets.index(*spec[:3], device, spec[3]))
+                operands.append(operand)
             for n, ref in enumerate(term.operands):
                 if isinstance(ref[0], str):  # a constant: the leaf's identity jet read at a[pos], a query's values
                     operands.append(jets.constant(ref, seeds, dtype, device).reshape(term.shapes[len(operands)]))

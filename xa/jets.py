@@ -266,8 +266,27 @@ def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch) -> list:
             if target in jets[y].values():
                 shapes[target] = _jet_shape(graph, batch, y, rows_, k)
         factor.finish(step)
+        _share_gathers(step)
         steps.append(step)
     return steps
+
+
+def _share_gathers(step: Step) -> None:
+    """Number the step's distinct reads at sub-multi-indices: terms that read the same rows share one copy.
+
+    An order-4 step reads ``J_x[2]`` at positions ``(0, 1)`` in several set partitions;
+    each distinct (block, shape, rows) is gathered once per step, ``(axis, rows before, spec, id)``.
+    """
+    seen: dict = {}
+    for term in step.terms:
+        if term.gathers is None:
+            continue
+        shared = []
+        for (key, shape), g in zip(term.sources, term.gathers):
+            if g is not None:
+                g = seen.setdefault((key, tuple(shape), g), g + (len(seen),))
+            shared.append(g)
+        term.gathers = tuple(shared)
 
 
 def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):

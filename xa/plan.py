@@ -162,6 +162,7 @@ def peak(plan: Plan) -> int:
     peak = current
     for step in plan.steps:
         factors = step.factor_elements + step.workspace
+        gathered: set = set()  # the step's reads at sub-multi-indices live until it ends (shared by its terms)
         for term in step.terms:
             result = math.prod(term.result_shape)
             inter = int(term.info.largest_intermediate) if term.info is not None else 0
@@ -169,10 +170,11 @@ def peak(plan: Plan) -> int:
             if first:
                 live[term.target] = math.prod(plan.block_shapes[term.target])
                 current += live[term.target]
-            if term.gathers is not None:  # sources read at sub-multi-indices are copies
-                scratch = sum(math.prod(shape) for (_, shape), g in zip(term.sources, term.gathers) if g is not None)
-            else:
-                scratch = 0
+            for (_, shape), g in zip(term.sources, term.gathers or ()):
+                if g is not None and g[3] not in gathered:
+                    gathered.add(g[3])
+                    factors += math.prod(shape)
+            scratch = 0
             if term.broadcast is not None:
                 scratch += term.broadcast_scratch
             elif first and term.full:
