@@ -86,7 +86,7 @@ def _found(plan, blocks, keys) -> list:
     """The result blocks of ``keys``, forward jets expanded from their sorted rows (``None`` where zero)."""
     out = []
     for key in keys:
-        t = blocks.pop(key, None)
+        t = blocks.get(key)  # (not popped: a mixed request of one leaf reads a pure block too)
         if t is not None and key in plan.expand:
             t = jets.expand(t, plan.expand[key])
         out.append(t)

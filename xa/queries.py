@@ -298,7 +298,7 @@ class Biharmonic(Query):
         return {"weights": _weights(4, _biharmonic_entries(n), ("rows",), rows, n, n, dtype, device)[None]}
 
     def answer(self, jets, rows, n, like):
-        return like(jets[3][0]) if jets[3] is not None else None
+        return like(None if jets[3] is None else jets[3][0])
 
 
 class Partials(Query):
@@ -326,7 +326,7 @@ class Partials(Query):
         out = []
         for a in self.indices:
             t = jets[len(a) - 1]
-            out.append(None if t is None else like(t[where(rows.m, rows.kinds[len(a) - 1])[a]]))
+            out.append(like(None if t is None else t[where(rows.m, rows.kinds[len(a) - 1])[a]]))
         return tuple(out)
 
 
@@ -335,8 +335,8 @@ class Directional(Query):
 
     def __init__(self, wrt, directions: torch.Tensor, order: int):
         if not isinstance(directions, torch.Tensor) or directions.dim() < 1:
-            raise TypeError("directions must be a tensor: one direction shaped like (one sample of) the leaf, "
-                            "or a batch of them with the direction first")
+            raise TypeError("directions must be a tensor: one direction, 1-d with the leaf's n entries (one "
+                            "sample's with batch_dim), or m of them, (m, n) or (m, *one sample's shape)")
         self.wrt, self.order = wrt, _check_order(order)
         self.single = directions.dim() == 1
         self.v = directions[None] if self.single else directions.reshape(directions.shape[0], -1)
@@ -353,11 +353,9 @@ class Directional(Query):
 
     def answer(self, jets, rows, n, like):
         out = []
+        m = self.v.shape[0]
         for t in jets:
-            if t is None:
-                out.append(None)
-                continue
-            t = torch.stack([like(r) for r in t])
+            t = torch.stack([like(None if t is None else t[r]) for r in range(m)])
             out.append(t[0] if self.single else t)
         return tuple(out)
 
@@ -660,6 +658,8 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
     for r in requests:
         for w in r:
             leaves_of.setdefault(id(w), w)
+    checked = _check_batch_dim(batch_dim, source)
+    one_sample = checked is not None and source.shape[checked] == 1
     graph, rules, leaves, batch_dim = _prepare(source, tuple(leaves_of.values()), "mixed", batch_dim,
                                                configurations)
     value = dict(zip(leaves_of, leaves))
@@ -674,6 +674,8 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
         t = results[("mixed", key)][0]
         sizes = [graph.values[u].numel if batch is None else batch.numel(graph, u) for u in key]
         lead = (graph.values[0].numel,) if batch is None else (batch.total, batch.numel(graph, 0))
+        if one_sample:  # one sample: planned whole, laid out per sample as xa.backward does
+            lead = (1,) + lead
         if t is None:
             t = torch.zeros(lead + tuple(sizes), dtype=graph.dtype, device=graph.device)
         t = t.reshape(lead + tuple(sizes))

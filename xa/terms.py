@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import opt_einsum as oe
+import torch
 
 from .capture import Graph
 from .errors import RuleError
@@ -113,11 +114,46 @@ def contraction(equation: str, shapes: tuple) -> tuple:
     if hit is None:
         path_searches += 1
         path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
-        hit = (info, oe.contract_expression(equation, *shapes, optimize=path))
+        hit = (info, _Tensordot.of(equation) or oe.contract_expression(equation, *shapes, optimize=path))
         _PATHS[key] = hit
         if len(_PATHS) > _PATH_CACHE_SIZE:
             _PATHS.popitem(last=False)
     return hit
+
+
+class _Tensordot:
+    """A two-operand contraction whose output is one operand's free labels then the other's, each in order.
+
+    ``torch.tensordot`` in that operand order gives it contiguous; opt_einsum
+    multiplies the operands the other way round and hands back a transposed
+    view (a linear layer's jet would come out ``(c, a, b)`` in memory, and
+    every later pass over it would stride).
+    """
+
+    def __init__(self, dims: tuple, swap: bool):
+        self.dims, self.swap = dims, swap
+
+    def __call__(self, a, b, backend=None):
+        return torch.tensordot(b, a, dims=self.dims) if self.swap else torch.tensordot(a, b, dims=self.dims)
+
+    @classmethod
+    def of(cls, equation: str):
+        inputs, out = equation.split("->")
+        parts = inputs.split(",")
+        if len(parts) != 2:
+            return None
+        a, b = parts
+        shared = [c for c in a if c in b]
+        if any(len(set(t)) != len(t) for t in (a, b, out)) or any(c in out for c in shared):
+            return None
+        free_a, free_b = [c for c in a if c not in b], [c for c in b if c not in a]
+        if sorted(free_a + free_b) != sorted(out):
+            return None
+        if list(out) == free_a + free_b:
+            return cls(([a.index(c) for c in shared], [b.index(c) for c in shared]), False)
+        if list(out) == free_b + free_a:
+            return cls(([b.index(c) for c in shared], [a.index(c) for c in shared]), True)
+        return None
 
 
 class TermLabels:
