@@ -124,3 +124,38 @@ def test_laplacian_errors():
     with pytest.raises(xa.BatchMixingError):
         xa.laplacian(u - u.mean(), x, batch_dim=0)
     assert not hasattr(x, "xgrad")
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: xa.queries.Laplacian(x),
+    lambda x: xa.queries.Partials(x, [(0,), (1, 1), (0, 1, 1)]),
+    lambda x: xa.queries.Biharmonic(x),
+    lambda x: xa.queries.Directional(x, torch.ones(2, 2, dtype=torch.float64, device=DEVICE), 3),
+    lambda x: xa.queries.Operator(x, {1: torch.ones(2, dtype=torch.float64, device=DEVICE),
+                                      2: xa.queries.Diagonal(2.0)}),
+])
+def test_explain_shows_the_plan_that_runs(make, capsys):
+    x = torch.randn(6, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    u = pinn([2, 8, 1])(x)
+    query = make(x)
+    shown = xa.explain(u, query=query, batch_dim=0)
+    out = capsys.readouterr().out
+    assert "query:" in out and "fewer than the whole tensor" in out
+    assert ("rows kept" in out) == (shown.direction == "forward")
+    ran = []
+    real = execute.run
+    with patch.object(execute, "run", lambda *a, **k: ran.append(a[0]) or real(*a, **k)):
+        xa.queries._answer(u, query, 0, None, None, "auto")
+    assert len(ran) == 1 and ran[0].direction == shown.direction and ran[0].flops == shown.flops
+    assert [len(s.terms) for s in ran[0].steps] == [len(s.terms) for s in shown.steps]
+
+
+def test_explain_mixed(capsys):
+    A = torch.randn(3, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    B = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    S = torch.tanh(torch.ones(3, dtype=torch.float64, device=DEVICE) @ A * B).sum()
+    plan = xa.explain(S, query=xa.queries.Mixed((A, B)))
+    assert "mixed partials" in capsys.readouterr().out
+    assert plan.direction == "backward" and any(isinstance(k, tuple) and k[0] == "mixed" for k in plan.results)
+    with pytest.raises(TypeError, match="query"):
+        xa.explain(S, query="laplacian")

@@ -32,7 +32,8 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         batch_dim: as in :func:`xa.backward`: the plan per sample, with the
             sample dim of every value and the cost per sample.
         query: a query (:mod:`xa.queries`: ``Laplacian(x)``, ``Partials(x, indices)``,
-            ``Operator(x, coefficients)``, ``Biharmonic(x)``, ``Directional(x, v, order)``):
+            ``Operator(x, coefficients)``, ``Biharmonic(x)``, ``Directional(x, v, order)``,
+            ``Mixed((A, B))``):
             the plan that answers it (``order`` and ``target`` are the query's), the rows
             it keeps per order, and its FLOPs against building the whole tensor.
 
@@ -78,7 +79,10 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
           f"{sample}\n")
     prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))
     w(f"direction: {plan.direction} (FLOPs of each: {prices})\n")
-    if batch is not None and plan.direction == "forward":
+    if plan.query is not None and plan.direction == "forward":
+        w("blocks: jet(L, #v, k) = d^k #v / dL^k along the query's directions, one row per multi-index it "
+          "keeps at order k (above; the top order collapsed to its weighted sums), shaped (rows, [b], *#v.shape)\n")
+    elif batch is not None and plan.direction == "forward":
         w("blocks: jet(L, #v, k) = d^k #v_b / dL_b^k per sample b, one row per sorted multi-index of L's "
           "entries, shaped (C(n+k-1, k), b, *#v.shape'), n = L.numel()', ' = one sample (a shared value or "
           "leaf: all of it, and no b for a shared value)\n")

@@ -406,7 +406,9 @@ def explain_query(source, query: Query, configurations, direction, batch_dim) ->
     """``(graph, plan, lines)`` for :func:`xa.explain`: the query's plan, its rows, its price against the whole."""
     if not isinstance(query, Query):
         raise TypeError(f"query must be one of xa.queries' queries (Laplacian, Partials, Operator, Biharmonic, "
-                        f"Directional), got {type(query).__name__}")
+                        f"Directional, Mixed), got {type(query).__name__}")
+    if isinstance(query, Mixed):
+        return _explain_mixed(source, query, configurations, batch_dim)
     direction = _check_direction(direction)
     ask = query.ask()
     graph, rules, (i,), batch_dim = _prepare(source, (query.wrt,), ask.name, batch_dim, configurations)
@@ -646,27 +648,13 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
         >>> H_AB = xa.mixed(loss, (A, B))                        # (1, A.numel(), B.numel())
         >>> H_AAB, H_AB = xa.mixed(loss, [(A, A, B), (A, B)])
     """
-    if isinstance(wrt, torch.Tensor) or not isinstance(wrt, Sequence) or not wrt:
-        raise TypeError("wrt must be a non-empty sequence of leaves (A, B), or a list of such sequences")
-    single = all(isinstance(w, torch.Tensor) for w in wrt)
-    requests = [tuple(wrt)] if single else [tuple(w) if isinstance(w, Sequence) else w for w in wrt]
-    for r in requests:
-        if not isinstance(r, tuple) or not r or not all(isinstance(w, torch.Tensor) for w in r):
-            raise TypeError("wrt must be a non-empty sequence of leaves (A, B), or a list of such sequences; "
-                            f"got an entry {type(r).__name__}")
-    leaves_of = {}
-    for r in requests:
-        for w in r:
-            leaves_of.setdefault(id(w), w)
+    query = Mixed(wrt)
+    requests = query.requests
     checked = _check_batch_dim(batch_dim, source)
     one_sample = checked is not None and source.shape[checked] == 1
-    graph, rules, leaves, batch_dim = _prepare(source, tuple(leaves_of.values()), "mixed", batch_dim,
-                                               configurations)
-    value = dict(zip(leaves_of, leaves))
-    keys = [tuple(sorted(value[id(w)] for w in r)) for r in requests]
-    order = max(len(r) for r in requests)
-    plan, results, _ = attach.compute(graph, order, rules, tuple(sorted(set(leaves))), (), "backward",
-                                      _budget(max_memory, graph.device), batch_dim,
+    graph, rules, value, keys, batch_dim = _mixed_setup(source, query, batch_dim, configurations)
+    plan, results, _ = attach.compute(graph, max(len(k) for k in keys), rules, tuple(sorted(set(value.values()))),
+                                      (), "backward", _budget(max_memory, graph.device), batch_dim,
                                       mixed=tuple(sorted(set(keys))))
     batch = plan.batch
     out = []
@@ -688,4 +676,36 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
             perm.append(p)
         t = t.permute(tuple(range(len(lead))) + tuple(len(lead) + p for p in perm))
         out.append(t.to(source.dtype).contiguous())
-    return out[0] if single else tuple(out)
+    return out[0] if query.single else tuple(out)
+
+
+class Mixed(Query):
+    """Mixed partials across leaves, ``d^k S / dwrt[0] .. dwrt[k-1]``: backprop's joint blocks (:func:`mixed`)."""
+
+    def __init__(self, wrt):
+        if isinstance(wrt, torch.Tensor) or not isinstance(wrt, Sequence) or not wrt:
+            raise TypeError("wrt must be a non-empty sequence of leaves (A, B), or a list of such sequences")
+        self.single = all(isinstance(w, torch.Tensor) for w in wrt)
+        self.requests = [tuple(wrt)] if self.single else [tuple(w) if isinstance(w, Sequence) else w for w in wrt]
+        for r in self.requests:
+            if not isinstance(r, tuple) or not r or not all(isinstance(w, torch.Tensor) for w in r):
+                raise TypeError("wrt must be a non-empty sequence of leaves (A, B), or a list of such sequences; "
+                                f"got an entry {type(r).__name__}")
+        self.leaves = list({id(w): w for r in self.requests for w in r}.values())
+
+
+def _mixed_setup(source, query: Mixed, batch_dim, configurations):
+    """``(graph, rules, value index of each leaf by id, sorted block key of each request, batch_dim)``."""
+    graph, rules, leaves, batch_dim = _prepare(source, tuple(query.leaves), "mixed", batch_dim, configurations)
+    value = {id(w): i for w, i in zip(query.leaves, leaves)}
+    keys = [tuple(sorted(value[id(w)] for w in r)) for r in query.requests]
+    return graph, rules, value, keys, batch_dim
+
+
+def _explain_mixed(source, query: Mixed, configurations, batch_dim) -> tuple:
+    graph, rules, value, keys, batch_dim = _mixed_setup(source, query, batch_dim, configurations)
+    plan = planner.build(graph, max(len(k) for k in keys), rules, tuple(sorted(set(value.values()))), (),
+                         "backward", batch_dim=batch_dim, mixed=tuple(sorted(set(keys))))
+    asked = ", ".join("d^{} S / {}".format(len(k), " ".join(f"d#{u}" for u in k)) for k in keys)
+    return graph, plan, [f"query: mixed partials {asked}, answered by backprop; the joint blocks of leaves "
+                         f"{sorted(set(value.values()))} are kept (block (a, b) = d^2 S / d#a d#b)"]
