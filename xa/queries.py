@@ -172,7 +172,7 @@ class Query:
 def _directions(rank_ones, identity: bool, n: int, dtype, device) -> torch.Tensor:
     parts = [torch.eye(n, dtype=dtype, device=device)] if identity else []
     for c in rank_ones:
-        v = c.v.to(dtype=dtype, device=device)
+        v = c.v.detach().to(dtype=dtype, device=device)
         if v.shape[1] != n:
             raise QueryError(f"RankOne: the vectors have {v.shape[1]} entries, the leaf has {n}"
                              f"{' per sample' if identity else ''}")
@@ -186,7 +186,7 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
     at = where(rows.m, kind)
     w = torch.zeros(count(rows.m, kind), dtype=dtype, device=device)
     if pattern == "all":
-        c = c.to(dtype=dtype, device=device)
+        c = c.detach().to(dtype=dtype, device=device)
         if tuple(c.shape) != (n,) * k:
             raise QueryError(f"coefficients[{k}] has shape {list(c.shape)}; a dense coefficient of order {k} "
                              f"is ({', '.join([str(n)] * k)}) for a leaf of {n} entries")
@@ -197,7 +197,7 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
         pos = torch.tensor([at[a] for a in multi_indices(n, k)[0]], dtype=torch.long, device=device)
         return w.index_add_(0, pos, full)
     if pattern == "diagonal":
-        cc = torch.as_tensor(c.c, dtype=dtype, device=device)
+        cc = torch.as_tensor(c.c, dtype=dtype, device=device).detach()
         if cc.dim() > 1 or (cc.dim() == 1 and cc.shape[0] != n):
             raise QueryError(f"coefficients[{k}]: Diagonal takes a number or a vector of {n} entries, "
                              f"got shape {list(cc.shape)}")
@@ -210,7 +210,7 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
     # entries {multi-index: coefficient}: each adds to its sorted row
     for e, value in c.items():
         e = (e,) if isinstance(e, int) else tuple(e)
-        w[at[tuple(sorted(e))]] += torch.as_tensor(value, dtype=dtype, device=device)
+        w[at[tuple(sorted(e))]] += torch.as_tensor(value, dtype=dtype, device=device).detach()
     return w
 
 
@@ -349,7 +349,7 @@ class Directional(Query):
         if self.v.shape[1] != n:
             raise QueryError(f"directional: each direction has {self.v.shape[1]} entries, the leaf has {n} "
                              "(per sample with batch_dim)")
-        return {"directions": self.v.to(dtype=dtype, device=device)}
+        return {"directions": self.v.detach().to(dtype=dtype, device=device)}
 
     def answer(self, jets, rows, n, like):
         out = []
