@@ -186,7 +186,7 @@ def constant(ref: tuple, seeds: dict | None, dtype, device) -> torch.Tensor:
 
 
 def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None,
-                  query: Rows | None = None) -> tuple:
+                  query=None) -> tuple:
     """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
 
     ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
@@ -195,9 +195,10 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
     a shared value's jet (computed from shared leaves alone) has no sample label.
 
     With a ``query`` (:class:`xa.queries.Ask`, whose ``rows(n)`` is a :class:`Rows`;
-    one leaf), each order keeps the query's rows only, the leaf's jet may be seeded with directions, and the top order
-    may be collapsed to weighted sums; the results are the source's jets of
-    every order in that layout, unexpanded (:mod:`xa.queries` reads them).
+    one leaf), each order keeps the query's rows only, the leaf's jet may be
+    seeded with directions, and the top order may be collapsed to weighted
+    sums; the results are the source's jets of every order in that layout,
+    unexpanded (:mod:`xa.queries` reads them).
     """
     steps, shapes, results, expansions = [], {}, {}, {}
     for leaf in leaves:

@@ -43,6 +43,9 @@ from .capture import Graph
 from .errors import QueryError, TargetError
 from .jets import ALL, Rows, closure, count, index, multi_indices, rows_of, where
 
+__all__ = ["laplacian", "biharmonic", "partials", "differential_operator", "directional", "mixed", "Laplacian",
+           "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Diagonal", "RankOne", "Query"]
+
 # --------------------------------------------------------------------------- coefficients
 
 
@@ -143,8 +146,8 @@ def _rows(ask: Ask, n: int) -> Rows:
                 for a in pat[1]:
                     if a[0] < 0 or a[-1] >= n:
                         raise QueryError(f"{ask.name}: the multi-index {a} names an entry outside the leaf's "
-                                         f"{n} entries{' per sample' if n else ''} (entries are 0..{n - 1} of "
-                                         "the leaf flattened, per sample with batch_dim)")
+                                         f"{n} entries (entries are 0..{n - 1} of the leaf flattened, one "
+                                         "sample's with batch_dim)")
                 here |= set(pat[1])
             else:  # ("rank", offset, r)
                 here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
