@@ -209,7 +209,7 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled):
     out = lead + list(a)
     for pos in range(len(target)):
         out.extend(out_of_pos[pos])
-    term = compile_term(lab, sources, operands, factors, out, target)
+    term = compile_term(lab, sources, operands, factors, out, target, unit_sums=True)
     if sampled is not None:
         term.views = tuple(views)
     return term

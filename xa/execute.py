@@ -77,6 +77,9 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 operand = node[slots].operands[k][0].to(dtype)
                 if term.views is not None and term.views[n] is not None:
                     operand = _sample_view(operand, term.views[n], plan.batch, first)
+                shape = term.shapes[len(operands)]
+                if operand.dim() != len(shape):  # a label of size one left out (compile_term's unit_sums)
+                    operand = operand.reshape(shape)
                 operands.append(operand)
             coef = node.coef(term)
             target = blocks.get(term.target)

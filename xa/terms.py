@@ -309,7 +309,7 @@ class NodeFactors:
         return c
 
 
-def compile_term(lab, sources, operands, factors, out, target) -> Term:
+def compile_term(lab, sources, operands, factors, out, target, unit_sums: bool = False) -> Term:
     """The einsum and the strided view that add one term into its target block.
 
     Args:
@@ -321,8 +321,17 @@ def compile_term(lab, sources, operands, factors, out, target) -> Term:
         out: the labels of the target block, in its row-major order;
             repeats walk a diagonal, labels no operand has are broadcast.
         target: the key of the block the term adds into.
+        unit_sums: drop the labels of size one that the term sums (``F.linear`` on a
+            vector sums over ``addmm``'s row of one), so that a term that sums nothing
+            else is a broadcast product written straight into its block; every operand
+            is then read through ``term.shapes``.
     """
     sizes = lab.sizes
+    if unit_sums:
+        unit = {i for _, labels in list(sources) + list(operands) for i in labels if sizes[i] == 1 and i not in out}
+        if unit:
+            sources = [(key, tuple(i for i in labels if i not in unit)) for key, labels in sources]
+            operands = [(ref, tuple(i for i in labels if i not in unit)) for ref, labels in operands]
     operand_labels = [labels for _, labels in sources] + [labels for _, labels in operands]
     # Row-major strides of the target block seen through the output labels;
     # a label repeated in the output walks the diagonal (strides add up).
