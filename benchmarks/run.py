@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 from torch.func import jacfwd, jacrev
 
@@ -123,21 +124,35 @@ def _mlp(W1, b1, W2, b2, W3, b3, x):
     return torch.softmax(W3 @ torch.tanh(W2 @ torch.tanh(W1 @ x + b1) + b2) + b3, dim=0)
 
 
-def case_c(gen):
+def _mlp_linear(W1, b1, W2, b2, W3, b3, x):
+    """The same MLP spelled with ``F.linear``, as ``nn.Linear`` runs it (view, addmm, view; the weight's ``t``)."""
+    h = torch.tanh(F.linear(torch.tanh(F.linear(x, W1, b1)), W2, b2))
+    return torch.softmax(F.linear(h, W3, b3), dim=0)
+
+
+def _mlp_case(gen, title, wrt, order, net=_mlp):
     ps = _mlp_params(gen)
     x = torch.randn(8, generator=gen, dtype=DT)
     names = ["W1", "b1", "W2", "b2", "W3", "b3"]
-    leaves = dict(zip(names, ps))
-    return ("(c) MLP 8-32-32-4 + softmax, order 2, all six parameters",
-            lambda *p: _mlp(*p, x), leaves, names, 2)
+    return title, lambda *p: net(*p, x), dict(zip(names, ps)), wrt or names, order
+
+
+def case_c(gen):
+    return _mlp_case(gen, "(c) MLP 8-32-32-4 + softmax, order 2, all six parameters", None, 2)
+
+
+def case_c2(gen):
+    return _mlp_case(gen, "(c2) MLP 8-32-32-4 + softmax spelled F.linear, order 2, all six parameters", None, 2,
+                     _mlp_linear)
 
 
 def case_d(gen):
-    ps = _mlp_params(gen)
-    x = torch.randn(8, generator=gen, dtype=DT)
-    names = ["W1", "b1", "W2", "b2", "W3", "b3"]
-    leaves = dict(zip(names, ps))
-    return "(d) MLP 8-32-32-4 + softmax, order 3, w.r.t. W1 only", lambda *p: _mlp(*p, x), leaves, ["W1"], 3
+    return _mlp_case(gen, "(d) MLP 8-32-32-4 + softmax, order 3, w.r.t. W1 only", ["W1"], 3)
+
+
+def case_d2(gen):
+    return _mlp_case(gen, "(d2) MLP 8-32-32-4 + softmax spelled F.linear, order 3, w.r.t. W1 only", ["W1"], 3,
+                     _mlp_linear)
 
 
 def case_e(gen):
@@ -150,7 +165,7 @@ def case_e(gen):
     return "(e) residual x + tanh(B tanh(A x)), x in R^16, order 3, w.r.t. x and A", f, leaves, ["x", "A"], 3
 
 
-CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e}
+CASES = {"a": case_a, "b": case_b, "c": case_c, "c2": case_c2, "d": case_d, "d2": case_d2, "e": case_e}
 
 # ------------------------------------------------------------------ the methods
 
@@ -370,7 +385,7 @@ def fmt_mb(mb):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="a,b,c,d,e," + ",".join(batched.CASES) + "," + ",".join(queries.CASES))
+    ap.add_argument("--cases", default="a,b,c,c2,d,d2,e," + ",".join(batched.CASES) + "," + ",".join(queries.CASES))
     ap.add_argument("--only", choices=["batched", "queries"],
                     help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0); "
                     "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...)")
@@ -433,13 +448,13 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  {method:<20} {t:9.4f} s  {t / ref_t:6.2f}x torch.func  peak {fmt_mb(mb):>8}  "
                   f"max err {err:.1e}", flush=True)
-        if key == "d":
+        if key in ("d", "d2"):
             shape = (4,) + (256,) * 3
             t_write, _, _ = measure(lambda shape=shape: torch.ones(shape, dtype=DT, device=DEVICE), args.reps,
                                     args.budget)
             xa_t = results["xa"][0]
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
-            rows.append(("d", title, "write result once", t_write, t_write / ref_t, None, 0.0))
+            rows.append((key, title, "write result once", t_write, t_write / ref_t, None, 0.0))
         del results
     summaries, query_summaries = [], []
     if (batched_keys or query_keys) and DEVICE.type != "cpu":
