@@ -384,3 +384,29 @@ def test_rule_without_multi_output_is_refused_for_other_outputs():
     plain = linear(lambda ctx, lab: (lab.dims(ctx.out_shape),) * 2)
     with pytest.raises(xa.UnsupportedOperatorError, match="output 1"):
         xa.backward(y, order=1, configurations={"SplitBackward0": plain})
+
+
+def test_views_hand_their_blocks_on_and_retained_partials_stay_right():
+    """A view's blocks are its input's (no copy); a retained view's partials are still its own, unchanged."""
+    x = leaf(6)
+    W = leaf(2, 3, seed=1)
+    v = x.view(2, 3)                     # a view, retained: its snapshot must not be the aliased block
+    h = torch.tanh(v * W).reshape(-1)    # a reshape of a fresh value: its blocks alias, nobody keeps them
+    y = torch.softmax(h * h.flip(0), dim=0)
+    sup = xa.Superset.construct(y).retain_partials([v, h]).backward(order=3)
+    f_v = lambda z: torch.softmax((torch.tanh(z * W.detach()).reshape(-1)) * torch.tanh(z * W.detach()).reshape(-1)
+                                  .flip(0), dim=0)  # noqa: E731
+    want = torch_partials(f_v, [v.detach()], 3)[0]
+    for got, ref in zip(sup.operator_partials(v), want):
+        assert torch.allclose(got, ref.reshape(got.shape), atol=1e-10, rtol=0)
+    f_h = lambda z: torch.softmax(z * z.flip(0), dim=0)  # noqa: E731
+    for got, ref in zip(sup.operator_partials(h), torch_partials(f_h, [h.detach()], 3)[0]):
+        assert torch.allclose(got, ref.reshape(got.shape), atol=1e-10, rtol=0)
+    f_x = lambda z: f_v(z.view(2, 3))  # noqa: E731
+    want_x = torch_partials(f_x, [x.detach()], 3)[0]
+    for got, ref in zip(x.xgrad, want_x):
+        assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+    plain = xa.backward(y, order=3)  # nothing retained: the views' blocks are handed on, not copied
+    assert any(t.alias for s in plain.plan.steps if s.name == "ViewBackward0" for t in s.terms)
+    for got, ref in zip(x.xgrad, want_x):
+        assert torch.allclose(got, ref, atol=1e-10, rtol=0)

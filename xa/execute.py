@@ -93,7 +93,7 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
             if target is None and term.full and term.expr is not None:
                 # The first contribution covers the whole block in its order: it becomes the
                 # block, unless it shares memory with an operand (a block read, a saved tensor).
-                if _shares_memory(result, operands):
+                if not term.alias and _shares_memory(result, operands):
                     result = result.clone()
                 # kept in the layout the contraction gave (a matmul may give it transposed): a later
                 # term that adds into it makes it contiguous first (_view), a read reshapes it
@@ -131,6 +131,10 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
     small = None
     for p in parts:
         small = p if small is None else small * p
+    if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
+        block = big.reshape(plan.block_shapes[term.target])
+        blocks[term.target] = block.mul_(coef) if coef != 1.0 else block
+        return
     if target is None and term.full:
         block = torch.empty(plan.block_shapes[term.target], dtype=dtype, device=device)
         view = block.view(term.view_sizes)

@@ -139,11 +139,30 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     plan.query = query
     plan.mixed = mixed
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
+    _mark_aliases(plan)
     plan.peak_elements = peak(plan)
     _PLANS[key] = plan
     if len(_PLANS) > _CACHE_SIZE:
         _PLANS.popitem(last=False)
     return plan
+
+
+def _mark_aliases(plan: Plan) -> None:
+    """Mark the terms that may hand their source block on as their target (a view, a reshape): no copy.
+
+    Only a block this step retires, that no later term of the step reads, in a step
+    whose blocks are not kept for the user (a retained snapshot must never change).
+    """
+    for step in plan.steps:
+        if step.snapshot:
+            continue
+        retired = set(step.retire)
+        for n, term in enumerate(step.terms):
+            if len(term.sources) != 1 or term.operands or (term.gathers and term.gathers[0] is not None):
+                continue
+            key = term.sources[0][0]
+            if key in retired and all(k != key for later in step.terms[n + 1:] for k, _ in later.sources):
+                term.alias = True
 
 
 def peak(plan: Plan) -> int:

@@ -76,6 +76,9 @@ class Term:
     # Forward jets (xa.jets): per source, None or (axis, rows before, index spec) -- the
     # source is read at each target row's sub-multi-index, one index_select.
     gathers: Any = None
+    # A relabelling of one block that dies with this step and that no later term of the step
+    # reads: its target may be that block itself, not a copy (set by the planner).
+    alias: bool = False
 
     @property
     def flops(self) -> int:
