@@ -61,7 +61,8 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
             for n, (key, view) in enumerate(term.sources):
                 gather = None if term.gathers is None else term.gathers[n]
                 if gather is None:
-                    operands.append(blocks[key].reshape(view))
+                    block = blocks[key]
+                    operands.append(block if block.shape == view else block.reshape(view))
                     continue
                 axis, before, spec, number = gather
                 operand = gathered.get(number)
@@ -125,8 +126,10 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
     a block that it covers whole, ``block = big * (coef * small)`` written
     straight into fresh memory: the block is never zeroed nor copied.
     """
-    parts = sorted((op.permute(perm).reshape(shape) for op, (perm, shape) in zip(operands, term.broadcast)),
-                   key=lambda t: t.numel())
+    parts = []
+    for n, perm, shape in term.broadcast:  # smallest first
+        op = operands[n] if perm is None else operands[n].permute(perm)
+        parts.append(op if op.shape == shape else op.reshape(shape))
     big = parts.pop()
     small = None
     for p in parts:

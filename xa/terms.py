@@ -63,9 +63,9 @@ class Term:
     view_strides: tuple
     result_shape: tuple
     full: bool = False  # the result covers the whole target, in its order: it can become the block
-    # When no label is summed the term is a broadcast product: each operand's
-    # (permutation, view shape) lining it up with the target view's labels,
-    # and the size of the product of all but its largest operand.
+    # When no label is summed the term is a broadcast product: for each operand, smallest first,
+    # (its position, the permutation lining it up with the target view's labels or None,
+    # its view shape), and the size of the product of all but its largest operand.
     broadcast: Any = None
     broadcast_scratch: int = 0
     info: Any = None
@@ -375,11 +375,13 @@ def compile_term(lab, sources, operands, factors, out, target, unit_sums: bool =
     )
     if operand_labels and all(len(set(ls)) == len(ls) and set(ls) <= set(unique) for ls in operand_labels):
         where = {label: n for n, label in enumerate(unique)}
-        term.broadcast = tuple(
-            (tuple(sorted(range(len(ls)), key=lambda d, ls=ls: where[ls[d]])),
-             tuple(sizes[u] if u in ls else 1 for u in unique))
-            for ls in operand_labels
-        )
+        lined = []
+        for n, ls in enumerate(operand_labels):
+            perm = tuple(sorted(range(len(ls)), key=lambda d, ls=ls: where[ls[d]]))
+            lined.append((n, None if perm == tuple(range(len(ls))) else perm,
+                          tuple(sizes[u] if u in ls else 1 for u in unique)))
+        # smallest first, as execution multiplies them (stable: the planned order decides ties)
+        term.broadcast = tuple(sorted(lined, key=lambda t: math.prod(t[2])))
         by_size = sorted(operand_labels, key=lambda ls: math.prod(sizes[u] for u in ls))[:-1]
         small = {u for ls in by_size for u in ls}
         term.broadcast_scratch = math.prod(sizes[u] for u in small) if by_size else 0
