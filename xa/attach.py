@@ -154,6 +154,7 @@ MIN_TILE = 32
 # Each tile walks every term in Python again (tens of microseconds each): a tile keeps at least
 # this many FLOPs per term, so that a plan of many small terms (order 4 at width 32) is not tiled.
 TILE_TERM_FLOPS = 1e6
+TILE_FACTOR_BYTES = 64 * 2**20  # a plan whose factors (made once, kept across tiles) are larger is not tiled
 
 
 def _tile(plan, graph) -> int:
@@ -162,7 +163,7 @@ def _tile(plan, graph) -> int:
     if batch is None or graph.device.type != "cpu" or plan.peak_bytes <= TILE_BYTES:
         return 0
     factors = sum(step.factor_elements for step in plan.steps) * plan.itemsize
-    if factors > TILE_BYTES * 4:  # the factors are kept for every tile: not when they are large
+    if factors > TILE_FACTOR_BYTES:  # the factors are kept for every tile: not when they are large
         return 0
     if plan.result_elements * plan.itemsize * 2 > plan.peak_bytes:  # mostly results: a tile saves no pass
         return 0
