@@ -167,8 +167,8 @@ class Query:
         """The values read at execution: the seeded directions ``(m, n)``, the top order's weights."""
         return {}
 
-    def answer(self, jets: list, rows: Rows, n: int, like):
-        """The answer from the source's jets per order (rows, or the collapsed sums, first)."""
+    def answer(self, jets: list, rows: Rows, n: int, like, seeds: dict):
+        """The answer from the source's jets per order (rows, or the collapsed sums, first) and :meth:`seeds`."""
         raise NotImplementedError
 
 
@@ -211,10 +211,14 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
                            device=device)
         return w.index_fill_(0, pos, 1.0)
     # entries {multi-index: coefficient}: each adds to its sorted row
-    for e, value in c.items():
-        e = (e,) if isinstance(e, int) else tuple(e)
-        w[at[tuple(sorted(e))]] += torch.as_tensor(value, dtype=dtype, device=device).detach()
-    return w
+    pos = torch.tensor([at[tuple(sorted((e,) if isinstance(e, int) else e))] for e in c], dtype=torch.long,
+                       device=device)
+    values = list(c.values())
+    if all(isinstance(v, (int, float)) for v in values):
+        values = torch.tensor(values, dtype=dtype, device=device)
+    else:
+        values = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).detach().reshape(()) for v in values])
+    return w.index_add_(0, pos, values)
 
 
 class Operator(Query):
@@ -246,21 +250,19 @@ class Operator(Query):
         wanted = tuple((self.patterns[k],) if k in self.patterns else () for k in range(1, top + 1))
         return Ask(self.name, wanted, self.identity, self.extra, collapse=1)
 
-    def _all_weights(self, rows, n, dtype, device) -> dict:
-        ni = n if self.identity else 0
-        return {k: _weights(k, c, self.patterns[k], rows, n, ni, dtype, device)
-                for k, c in self.coefficients.items()}
-
     def seeds(self, rows, n, dtype, device) -> dict:
-        out = {"weights": self._all_weights(rows, n, dtype, device)[rows.order][None]}
+        """Every order's weights (``"orders"``, summed at the end), the top order's as ``"weights"``."""
+        ni = n if self.identity else 0
+        orders = {k: _weights(k, c, self.patterns[k], rows, n, ni, dtype, device)
+                  for k, c in self.coefficients.items()}
+        out = {"weights": orders[rows.order][None], "orders": orders}
         if rows.seeded:
             out["directions"] = _directions(self.rank_ones, self.identity, n, dtype, device)
         return out
 
-    def answer(self, jets, rows, n, like):
+    def answer(self, jets, rows, n, like, seeds):
         total = None
-        weights = self._all_weights(rows, n, jets_dtype(jets), jets_device(jets))
-        for k, w in weights.items():
+        for k, w in seeds["orders"].items():
             t = jets[k - 1]
             if t is None:
                 continue
@@ -269,23 +271,11 @@ class Operator(Query):
         return like(total)
 
 
-def jets_dtype(jets):
-    return next((t.dtype for t in jets if t is not None), torch.float64)
-
-
-def jets_device(jets):
-    return next((t.device for t in jets if t is not None), torch.device("cpu"))
-
-
 class Laplacian(Operator):
     """``sum_i d^2 S / dx_i^2``, shaped like S."""
 
     def __init__(self, wrt):
         super().__init__(wrt, {2: Diagonal(1.0)}, name="laplacian")
-
-
-def _biharmonic_entries(n: int) -> dict:
-    return {(i, i, j, j): 1.0 for i in range(n) for j in range(n)}
 
 
 class Biharmonic(Query):
@@ -298,9 +288,11 @@ class Biharmonic(Query):
         return Ask("biharmonic", ((), (), (), ("pairs",)), collapse=1)
 
     def seeds(self, rows, n, dtype, device):
-        return {"weights": _weights(4, _biharmonic_entries(n), ("rows",), rows, n, n, dtype, device)[None]}
+        # the top order keeps exactly the rows (i, i, j, j), i <= j: u_iijj is summed once for i = j, twice else
+        weights = [1.0 if a[0] == a[3] else 2.0 for a in rows_of(rows.m, rows.kinds[3])]
+        return {"weights": torch.tensor([weights], dtype=dtype, device=device)}
 
-    def answer(self, jets, rows, n, like):
+    def answer(self, jets, rows, n, like, seeds):
         return like(None if jets[3] is None else jets[3][0])
 
 
@@ -325,7 +317,7 @@ class Partials(Query):
                        for k in range(1, top + 1))
         return Ask("partials", wanted)
 
-    def answer(self, jets, rows, n, like):
+    def answer(self, jets, rows, n, like, seeds):
         out = []
         for a in self.indices:
             t = jets[len(a) - 1]
@@ -354,7 +346,7 @@ class Directional(Query):
                              "(per sample with batch_dim)")
         return {"directions": self.v.detach().to(dtype=dtype, device=device)}
 
-    def answer(self, jets, rows, n, like):
+    def answer(self, jets, rows, n, like, seeds):
         out = []
         m = self.v.shape[0]
         for t in jets:
@@ -501,10 +493,8 @@ def _answer(source, query: Query, batch_dim, configurations, max_memory, directi
         jets = results[i]
     else:
         plan, results, _ = attach.compute(graph, ask.order, rules, (i,), (), "backward", budget, batch_dim)
-        if rows.seeded and "directions" not in seeds:
-            seeds = dict(seeds, directions=torch.eye(n, dtype=graph.dtype, device=graph.device))
         jets = _rows_from_blocks(graph, plan, i, results[i], rows, seeds)
-    return query.answer(jets, rows, n, _like(graph, plan, source.dtype))
+    return query.answer(jets, rows, n, _like(graph, plan, source.dtype), seeds)
 
 
 # --------------------------------------------------------------------------- the public functions
