@@ -298,10 +298,19 @@ def plot(path: Path, budget_s: float, sizes=PLOT_SIZES) -> None:
         series["torch.func"].append(func)
         print(f"  B = {B:5d}: xa {xa_t:.4f} s, torch.func {func:.4f} s, ratio {xa_t / func:.2f}  "
               f"(xa's first call, which plans: {xa_first:.3f} s)", flush=True)
-    path = Path(path)
+    save_series(Path(path), "B", list(sizes), series, "(f) PINN 3-64-64-64-64-1, orders 1-4 per point",
+                "B (points)", log2_x=True)
+
+
+def save_series(path: Path, xname: str, xs: list, series: dict, title: str, xlabel: str,
+                log2_x: bool = False) -> str:
+    """Times per method against ``xs``: a CSV beside ``path`` and, with matplotlib, a PNG at ``path``.
+
+    Returns the CSV's text. ``log2_x``: both axes logarithmic, ``xs`` as powers of two; else only the times.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    csv = "B," + ",".join(series) + "\n" + "".join(
-        f"{B}," + ",".join(f"{series[m][i]:.5f}" for m in series) + "\n" for i, B in enumerate(sizes))
+    csv = f"{xname}," + ",".join(series) + "\n" + "".join(
+        f"{x}," + ",".join(f"{series[m][i]:.5f}" for m in series) + "\n" for i, x in enumerate(xs))
     path.with_suffix(".csv").write_text(csv)
     print(f"wrote {path.with_suffix('.csv')}")
     try:
@@ -311,17 +320,18 @@ def plot(path: Path, budget_s: float, sizes=PLOT_SIZES) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no PNG, the CSV only")
-        return
+        return csv
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, ts in series.items():
-        ax.loglog(sizes, ts, marker="o", label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(sizes), [str(B) for B in sizes])
-    ax.set_xlabel("B (points)")
+        (ax.loglog if log2_x else ax.semilogy)(xs, ts, marker="o", label=method)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(xs), [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("seconds (median)")
-    ax.set_title("(f) PINN 3-64-64-64-64-1, orders 1-4 per point")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
-
+    return csv

@@ -508,28 +508,8 @@ def plot_pinn(max_order: int, args) -> None:
             t, _, _ = measure(lambda m=method, f=f, leaves=leaves, wrt=wrt, order=order:
                               METHODS[m](f, leaves, wrt, order), 3, args.budget / 4)
             series[method].append(t)
-    csv = "order," + ",".join(series) + "\n" + "".join(
-        f"{o}," + ",".join(f"{series[m][i]:.5f}" for m in series) + "\n" for i, o in enumerate(orders))
-    (args.out / "pinn_time_vs_order.csv").write_text(csv)
-    print(csv)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): wrote the CSV only")
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, ts in series.items():
-        ax.semilogy(orders, ts, marker="o", label=method)
-    ax.set_xlabel("order")
-    ax.set_ylabel("seconds (median)")
-    ax.set_title("(b) PINN 3-64-64-64-64-1, derivatives w.r.t. x")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "pinn_time_vs_order.png", dpi=120)
-    print(f"wrote {args.out / 'pinn_time_vs_order.png'}")
+    print(batched.save_series(args.out / "pinn_time_vs_order.png", "order", orders, series,
+                              "(b) PINN 3-64-64-64-64-1, derivatives w.r.t. x", "order"))
 
 
 if __name__ == "__main__":

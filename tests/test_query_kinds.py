@@ -110,6 +110,15 @@ def program(data, order, max_ops=5):
     return f, leaves, xs, f(*xs)
 
 
+def program_and_leaf(data, order=None):
+    """:func:`program` at a drawn order (1..4) or ``order``, and the leaf asked about:
+    ``(order, f, leaves, xs, y, i)``."""
+    if order is None:
+        order = data.draw(st.integers(1, 4), label="order")
+    f, leaves, xs, y = program(data, order)
+    return order, f, leaves, xs, y, data.draw(st.integers(0, len(xs) - 1), label="leaf")
+
+
 def coefficient(kind, k, n, gen, keys=()):
     """``(what xa takes, its dense tensor (n,)*k)`` for a coefficient of order ``k``, values drawn from ``gen``.
 
@@ -181,9 +190,7 @@ def coefficients_of(structure, n, gen):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_random_program_partials(direction, data):
-    order = data.draw(st.integers(1, 4), label="order")
-    f, leaves, xs, y = program(data, order)
-    i = data.draw(st.integers(0, len(xs) - 1), label="leaf")
+    order, f, leaves, xs, y, i = program_and_leaf(data)
     n = xs[i].numel()
     multi = st.integers(1, order).flatmap(lambda k: st.tuples(*[st.integers(0, n - 1)] * k))
     indices = data.draw(st.lists(multi, min_size=1, max_size=4), label="indices")
@@ -200,9 +207,7 @@ def test_random_program_partials(direction, data):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_random_program_operator(direction, data):
-    order = data.draw(st.integers(1, 4), label="order")
-    f, leaves, xs, y = program(data, order)
-    i = data.draw(st.integers(0, len(xs) - 1), label="leaf")
+    order, f, leaves, xs, y, i = program_and_leaf(data)
     n = xs[i].numel()
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), label="coefficient seed"))
     structure = draw_structure(data, order, n)
@@ -221,9 +226,7 @@ def test_random_program_operator(direction, data):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data())
 def test_random_program_directional(direction, data):
-    order = data.draw(st.integers(1, 4), label="order")
-    f, leaves, xs, y = program(data, order)
-    i = data.draw(st.integers(0, len(xs) - 1), label="leaf")
+    order, f, leaves, xs, y, i = program_and_leaf(data)
     x = xs[i]
     n = x.numel()
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), label="direction seed"))
@@ -247,8 +250,7 @@ def test_random_program_directional(direction, data):
 @settings(max_examples=30, **SETTINGS)
 @given(data=st.data())
 def test_random_program_biharmonic(direction, data):
-    f, leaves, xs, y = program(data, 4)
-    i = data.draw(st.integers(0, len(xs) - 1), label="leaf")
+    _, f, leaves, xs, y, i = program_and_leaf(data, 4)
     D = derivatives(one_leaf(f, leaves, i), leaves[i], 4)
     close(xa.biharmonic(y, xs[i], direction=direction), biharmonic_of(D[3], y.shape), "biharmonic")
 
