@@ -110,7 +110,7 @@ path_searches = 0  # how many times opt_einsum was asked for a path (tests read 
 
 
 def contraction(equation: str, shapes: tuple) -> tuple:
-    """``(PathInfo, ContractExpression)`` for an einsum over operands of these shapes, cached."""
+    """``(PathInfo, a callable running opt_einsum's path step by step, :class:`_Path`)``, cached."""
     global path_searches
     key = (equation, shapes)
     hit = _PATHS.get(key)
