@@ -16,6 +16,13 @@ its own nested call. Times are medians; peak memory is the growth of the
 process's resident set during one call (Linux: VmHWM, reset before each);
 the error is the largest absolute difference from torch.func's result.
 
+The MLP of (c) is measured in three spellings: ``W @ x + b`` (c), ``F.linear``
+(c2) and ``nn.Linear`` modules called through ``torch.func.functional_call``
+(c3); (o) and (p) are issue 10's softmax cases, ``(softmax(x) * c).sum()`` at
+n = 30, order 4 and n = 300, order 2 (softmax is a composite of exp, sum and
+division: ``xa/composite.py``). ``benchmarks/gpu.sh`` runs the CUDA tests and
+these cases on a GPU.
+
 Cases (f)-(i), in ``batched.py``, are per-sample derivatives
 (``xa.backward(u, order, batch_dim=0)``) against torch.func only, timed in a
 child process with glibc's default malloc settings (no peak memory): with
@@ -165,7 +172,49 @@ def case_e(gen):
     return "(e) residual x + tanh(B tanh(A x)), x in R^16, order 3, w.r.t. x and A", f, leaves, ["x", "A"], 3
 
 
-CASES = {"a": case_a, "b": case_b, "c": case_c, "c2": case_c2, "d": case_d, "d2": case_d2, "e": case_e}
+def _softmax_case(gen, n, order, letter):
+    c = torch.randn(n, generator=gen, dtype=DT)
+    leaves = {"x": torch.randn(n, generator=gen, dtype=DT)}
+
+    def f(x):
+        return (torch.softmax(x, dim=0) * c).sum()
+
+    return f"({letter}) (softmax(x) * c).sum(), n = {n}, order {order}, w.r.t. x", f, leaves, ["x"], order
+
+
+def case_o(gen):
+    return _softmax_case(gen, 30, 4, "o")
+
+
+def case_p(gen):
+    return _softmax_case(gen, 300, 2, "p")
+
+
+class _Net(torch.nn.Module):
+    """The MLP of (c) as users write it: ``nn.Linear`` layers 8-32-32-4, tanh, softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = torch.nn.Linear(8, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return torch.softmax(self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x))))), dim=0)
+
+
+def case_c3(gen):
+    net = _Net().to(DT)
+    names = ["l1.weight", "l1.bias", "l2.weight", "l2.bias", "l3.weight", "l3.bias"]
+    x = torch.randn(8, generator=gen, dtype=DT)
+    params = dict(zip(names, _mlp_params(gen)))
+
+    def f(*p):  # the module called with these tensors as its parameters (torch.func needs them as inputs)
+        return torch.func.functional_call(net, dict(zip(names, p)), (x,))
+
+    return "(c3) the same MLP as nn.Linear modules, order 2, all six parameters", f, params, names, 2
+
+
+CASES = {"a": case_a, "b": case_b, "c": case_c, "c2": case_c2, "c3": case_c3, "d": case_d, "d2": case_d2,
+         "e": case_e, "o": case_o, "p": case_p}  # in the order of the README's table
 
 # ------------------------------------------------------------------ the methods
 
@@ -385,7 +434,7 @@ def fmt_mb(mb):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="a,b,c,c2,d,d2,e," + ",".join(batched.CASES) + "," + ",".join(queries.CASES))
+    ap.add_argument("--cases", default=",".join([*CASES, *batched.CASES, *queries.CASES]))
     ap.add_argument("--only", choices=["batched", "queries"],
                     help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0); "
                     "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...)")

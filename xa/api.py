@@ -197,7 +197,7 @@ class Superset:
         graph = Graph(self.source)
         requested, retained = self._request(graph, target)
         budget = _budget(max_memory, graph.device)
-        rules = graph.rules(overrides)
+        rules = graph.rules(overrides, order)
         planned, layout = _samples(graph, batch_dim)
         plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget, planned)
         if layout == "plan":
@@ -295,5 +295,5 @@ def plan_for(source: torch.Tensor, order: int, target=None, configurations=None,
     graph = Graph(source)
     requested, retained = Superset(source)._request(graph, target)
     planned, _ = _samples(graph, batch_dim)
-    return graph, planner.build(graph, order, graph.rules(overrides), requested, retained, direction,
+    return graph, planner.build(graph, order, graph.rules(overrides, order), requested, retained, direction,
                                 batch_dim=planned)

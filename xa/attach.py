@@ -99,6 +99,9 @@ def _run(plan, graph, rules, retained, seeds=None) -> tuple:
     return results, {i: kept.get(i) or results.get(i) for i in retained}
 
 
+CHUNK_SLACK = 0.9
+
+
 def _run_in_chunks(graph, order, rules, requested, retained, budget, whole):
     """Backprop over chunks of source rows sized to the budget."""
     s = graph.values[0].numel
@@ -122,9 +125,12 @@ def _run_in_chunks(graph, order, rules, requested, retained, budget, whole):
             f"{also}, over max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, "
             "a lower order, or fewer source entries"
         )
-    rows = max(1, min(s, int((budget - result_bytes) // max(one_row - result_bytes, 1))))
+    # Chunks are sized to a tenth under the budget: running chunk after chunk leaves the allocator
+    # holding a few small pieces the model does not count (measured: 5 MB over 42 MB of chunk).
+    usable = max(CHUNK_SLACK * budget, one_row)
+    rows = max(1, min(s, int((usable - result_bytes) // max(one_row - result_bytes, 1))))
     plan, total = need(rows)
-    while total > budget and rows > 1:
+    while total > usable and rows > 1:
         rows = max(1, rows // 2)
         plan, total = need(rows)
     dtype, device = graph.dtype, graph.device

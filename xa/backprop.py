@@ -105,12 +105,12 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
         snapshot = y in retained
         if v.leaf is not None or not (reach[y] - {y}):
             if snapshot:
-                steps.append(Step(y, v.name, snapshot=True))
+                steps.append(Step(y, v.title, snapshot=True))
             continue
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
         factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
         sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
-        step = Step(y, v.name, snapshot=snapshot)
+        step = Step(y, v.title, snapshot=snapshot)
         for m in holding:
             for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None, sampled):
                 if term.target not in live:

@@ -222,7 +222,7 @@ def analyze(graph: Graph, rules: dict, source_dim: int) -> Batching:
             continue
         rule = graph.rule(y, rules)
         ctx = graph.ctx(y, planning=True)
-        here = f"{v.name} at {v.where(graph)}"
+        here = f"{v.title} at {v.where(graph)}"
         for t, x in enumerate(v.inputs):
             if x is None:
                 continue
@@ -270,7 +270,7 @@ def _merge(graph, dims, seen_by, x, e, here) -> None:
     if dims[x] == e:
         return
     xv = graph.values[x]
-    what = "a leaf" if xv.leaf is not None else f"the output of {xv.name}"
+    what = "a leaf" if xv.leaf is not None else f"the output of {xv.title}"
 
     def how(d):
         return "as one value shared by all samples" if d is None else "per sample"
@@ -302,7 +302,7 @@ class BatchFactors:
         f = self.factors(slots)
         graph, batch, y = self.graph, self.batch, self.y
         v = graph.values[y]
-        here = f"{v.name} at {v.where(graph)}"
+        here = f"{v.title} at {v.where(graph)}"
         p = None
         if batch.at[y] is not None:
             f, p = split_port(f, ("out",), batch.at[y], batch.total, here)

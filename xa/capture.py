@@ -41,6 +41,13 @@ class Value:
     output: int = 0
     # A torch.autograd.Function's own ctx attributes (ctx.p = ...), which its rule may read.
     attrs: dict = field(default_factory=dict)
+    # A piece of a composite node (xa.composite): what it is, for messages ("SoftmaxBackward0 (exp)").
+    label: str = ""
+
+    @property
+    def title(self) -> str:
+        """The node's name as messages show it: a composite's piece says whose and what it is."""
+        return self.label or self.name
 
     @property
     def numel(self) -> int:
@@ -53,7 +60,7 @@ class Value:
         """The chain of nodes from the source down to this one."""
         chain, v = [], self
         while v is not None:
-            chain.append(f"{v.name}{list(v.shape)}")
+            chain.append(f"{v.title}{list(v.shape)}")
             v = graph.values[v.parent] if v.parent is not None else None
         return " <- ".join(reversed(chain))
 
@@ -243,13 +250,23 @@ class Graph:
             if v.leaf is not None:
                 if v.leaf is tensor:
                     return v.index
-            elif tensor.grad_fn is v.fn and tensor.output_nr == v.output:
+            elif v.fn is not None and tensor.grad_fn is v.fn and tensor.output_nr == v.output:
                 return v.index
         return None
 
-    def rules(self, overrides: dict) -> dict:
-        """The rule of every node name in the graph (``None`` where there is none), overrides first."""
-        return {v.name: overrides.get(v.name) or lookup(v.name) for v in self.values if v.leaf is None}
+    def rules(self, overrides: dict, order: int | None = None) -> dict:
+        """The rule of every node name in the graph (``None`` where there is none), overrides first.
+
+        A node whose rule is a composite (softmax, layer_norm: :mod:`xa.composite`) is
+        replaced here, in this graph, by its pieces, whose rules are then in the dict too
+        (at ``order``, only where its dense factors would be large).
+        """
+        from .composite import expand
+
+        rules = {v.name: overrides.get(v.name) or lookup(v.name) for v in self.values if v.leaf is None}
+        if expand(self, rules, order):
+            rules = {v.name: overrides.get(v.name) or lookup(v.name) for v in self.values if v.leaf is None}
+        return rules
 
     def rule(self, i: int, rules: dict):
         """The rule that describes value ``i``; a typed error where there is none."""
@@ -295,7 +312,7 @@ class Graph:
             tuple(
                 (v.name, v.output, v.shape, v.inputs, v.leaf is not None,
                  tuple(sorted((k, _signature_of(x)) for k, x in v.saved.items())),
-                 _signature_of(v.attrs) if v.attrs else ())
+                 _signature_of(v.attrs) if v.attrs else (), v.label)
                 for v in self.values
             ),
         )

@@ -16,6 +16,7 @@ import torch
 
 from . import fold, jets
 from .capture import Graph
+from .factor import broadcast_shapes
 from .plan import Plan
 from .terms import NodeFactors
 
@@ -131,9 +132,18 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
         op = operands[n] if perm is None else operands[n].permute(perm)
         parts.append(op if op.shape == shape else op.reshape(shape))
     big = parts.pop()
+    # the small operands' product is the term's one scratch tensor (plan.peak counts it): the
+    # coefficient goes onto the smallest of them, and each further factor multiplies in place
     small = None
     for p in parts:
-        small = p if small is None else small * p
+        if small is None:
+            small = p * coef if coef != 1.0 else p
+            coef = 1.0
+        elif small.shape == broadcast_shapes(small.shape, p.shape) and small._base is None \
+                and not any(small is q for q in operands):
+            small.mul_(p)
+        else:
+            small = small * p
     if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
         block = big.reshape(plan.block_shapes[term.target])
         blocks[term.target] = block.mul_(coef) if coef != 1.0 else block
@@ -144,14 +154,14 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
         if small is None:
             torch.mul(big, coef, out=view)
         else:
-            torch.mul(big, small * coef if coef != 1.0 else small, out=view)
+            torch.mul(big, small, out=view)
         blocks[term.target] = block
         return
     view = _view(term, blocks, plan, dtype, device)
     if small is None:
         view.add_(big, alpha=coef)
     else:
-        view.addcmul_(big, small, value=coef)
+        view.addcmul_(big, small)
 
 
 def _view(term, blocks, plan, dtype, device) -> torch.Tensor:

@@ -67,7 +67,7 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     w("graph (values in capture order, #0 the source; * = partials requested):\n")
     for v in graph.values:
         kind = "leaf" if v.leaf is not None else "node"
-        name = "AccumulateGrad" if v.leaf is not None else v.name
+        name = "AccumulateGrad" if v.leaf is not None else v.title
         mark = " *" if v.index in wanted else ""
         ins = ", ".join("const" if i is None else f"#{i}" for i in v.inputs)
         sample = ""

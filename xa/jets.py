@@ -249,7 +249,7 @@ def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch) -> list:
         slots = [s for s, i in enumerate(inputs) if i is not None]
         factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
         sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
-        step = Step(y, v.name)
+        step = Step(y, v.title)
         jets[y] = {}
         for k in range(1, rows_.order + 1):
             target = jet_key(leaf, y, k)
@@ -326,7 +326,7 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         constants.append((("weights",), (omega, alpha)))  # sum the rows with the query's weights
     head = [omega] if q else [alpha]
     out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
-    term = compile_term(lab, sources, operands + constants, [slots], out, target)
+    term = compile_term(lab, sources, operands + constants, [slots], out, target, unit_sums=True, keep=(alpha,))
     term.gathers = tuple(gathers)  # the constants follow the factor refs in term.operands
     if sampled is not None:
         term.views = tuple(operand_views(f, operands, ps)) + (None,) * len(constants)

@@ -170,9 +170,9 @@ def peak(plan: Plan) -> int:
 
     Follows the executor: a target block is allocated at its first term and
     lives until its step retires it (results until the end). An einsum term
-    holds its result or opt_einsum's largest intermediate, whichever is
-    larger (the last intermediate is the result); a first term that covers
-    its block whole becomes the block. A broadcast product holds only the
+    holds its result, and with a path of several steps opt_einsum's largest
+    intermediate beside it; a first term that covers its block whole
+    becomes the block. A broadcast product holds only the
     product of its smaller operands. A step's factors are all alive while
     it runs, with what their rules allocate to build them.
     """
@@ -193,13 +193,14 @@ def peak(plan: Plan) -> int:
                 if g is not None and g[3] not in gathered:
                     gathered.add(g[3])
                     factors += math.prod(shape)
-            scratch = 0
+            # a path of several pairwise steps holds its last intermediate while it writes the result
+            multi = term.info is not None and len(term.info.path) > 1
             if term.broadcast is not None:
-                scratch += term.broadcast_scratch
+                scratch = term.broadcast_scratch
             elif first and term.full:
-                scratch += inter if inter > result else 0
+                scratch = inter if inter > result or multi else 0
             else:
-                scratch += max(result, inter)
+                scratch = result + inter if multi else max(result, inter)
             peak = max(peak, current + factors + scratch)
         for key in step.retire:
             current -= live.pop(key, 0)

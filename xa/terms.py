@@ -240,7 +240,7 @@ def structure(factor: Factor) -> tuple:
 
 def _check_factor(factor: Factor, graph: Graph, y: int, slots: tuple, inputs: tuple) -> None:
     v = graph.values[y]
-    where = f"the rule for {v.name} (slots {slots})"
+    where = f"the rule for {v.title} (slots {slots})"
     if not isinstance(factor, Factor):
         raise RuleError(f"{where} returned {type(factor).__name__}, expected xa.Factor or None")
     if len(factor.ins) != len(slots):
@@ -312,7 +312,7 @@ class NodeFactors:
         return c
 
 
-def compile_term(lab, sources, operands, factors, out, target, unit_sums: bool = False) -> Term:
+def compile_term(lab, sources, operands, factors, out, target, unit_sums: bool = False, keep: tuple = ()) -> Term:
     """The einsum and the strided view that add one term into its target block.
 
     Args:
@@ -327,11 +327,13 @@ def compile_term(lab, sources, operands, factors, out, target, unit_sums: bool =
         unit_sums: drop the labels of size one that the term sums (``F.linear`` on a
             vector sums over ``addmm``'s row of one), so that a term that sums nothing
             else is a broadcast product written straight into its block; every operand
-            is then read through ``term.shapes``.
+            is then read through ``term.shapes``. Labels in ``keep`` stay (a jet's rows,
+            which a gather reads along).
     """
     sizes = lab.sizes
     if unit_sums:
-        unit = {i for _, labels in list(sources) + list(operands) for i in labels if sizes[i] == 1 and i not in out}
+        unit = {i for _, labels in list(sources) + list(operands) for i in labels
+                if sizes[i] == 1 and i not in out and i not in keep}
         if unit:
             sources = [(key, tuple(i for i in labels if i not in unit)) for key, labels in sources]
             operands = [(ref, tuple(i for i in labels if i not in unit)) for ref, labels in operands]

@@ -32,6 +32,7 @@ import math
 import torch
 from torch.func import jacfwd, vmap
 
+from xa.composite import Piece
 from xa.factor import LabelMaker
 from xa.registry import register
 
@@ -121,7 +122,91 @@ def _recovered_eps(ctx, groups):
     return (rstd ** -2 - groups.reshape(rstd.shape[0], -1).var(-1, unbiased=False)).mean()
 
 
-register("NativeLayerNormBackward0", _affine_rule(_layer_layout, _recovered_eps))
+# ---------------------------------------------------------------- as composites (xa.composite)
+
+
+def _pieces(ctx, work, reduced, channel):
+    """``xhat = (x - mean) * rsqrt(var + eps)`` over ``reduced`` dims of the input seen as ``work``, then ``* w + b``.
+
+    ``rsqrt``'s derivatives are read from torch's saved ``rstd`` (``result2``), so eps is never needed;
+    ``channel`` is the shape the weight and bias are viewed as to broadcast against the input.
+    """
+    if ctx.in_shapes[0] is None:  # only the affine part needs grad: the dense rule's T_0 = xhat does
+        return None
+    x = ctx.saved("input").detach().to(ctx.dtype)
+    shape, work, reduced = tuple(x.shape), tuple(work), tuple(reduced)
+    pieces = []
+
+    def add(name, out, inputs, saved, what):
+        pieces.append(Piece(name, tuple(out), inputs, saved, what))
+        return ("piece", len(pieces) - 1)
+
+    src = ("in", 0)
+    xw = x.reshape(work)
+    if work != shape:
+        src = add("ViewBackward0", work, (src,), {}, "grouped")
+    mean = xw.mean(reduced, keepdim=True)
+    d_value = xw - mean
+    m = add("MeanBackward1", mean.shape, (src,), {"dim": reduced, "keepdim": True}, "mean")
+    d = add("SubBackward0", work, (src, m), {"alpha": 1}, "x - mean")
+    q = add("PowBackward0", work, (d,), {"self": d_value, "exponent": 2.0}, "square")
+    v = add("MeanBackward1", mean.shape, (q,), {"dim": reduced, "keepdim": True}, "variance")
+    r_value = ctx.saved("result2").detach().to(ctx.dtype).reshape(mean.shape)
+    r = add("RsqrtBackward0", mean.shape, (v,), {"result": r_value}, "rsqrt(var + eps)")
+    h_value = d_value * r_value
+    h = add("MulBackward0", work, (d, r), {"self": d_value, "other": r_value}, "normalized")
+    if work != shape:
+        h, h_value = add("ViewBackward0", shape, (h,), {}, "ungrouped"), h_value.reshape(shape)
+    # torch saves the weight whenever there is one (its input gradient needs it), never batch or
+    # group norm's bias: a bias is known by its slot alone, and a constant one changes no derivative
+    for slot, name in ((1, "weight"), (2, "bias")):
+        grad = len(ctx.in_shapes) > slot and ctx.in_shapes[slot] is not None
+        if not (grad or (slot == 1 and ctx.has(name))):
+            continue
+        p = ("in", slot) if grad else None
+        if grad and tuple(ctx.in_shapes[slot]) != tuple(channel):
+            p = add("ViewBackward0", channel, (p,), {}, f"{name} per channel")
+        if slot == 1:
+            w = ctx.saved(name).detach().to(ctx.dtype).reshape(channel)
+            h = add("MulBackward0", shape, (h, p), {"self": h_value, "other": w}, "* weight")
+        else:
+            h = add("AddBackward0", shape, (h, p), {"alpha": 1}, "+ bias")
+    return pieces
+
+
+def _layer_pieces(ctx):
+    shape = ctx.in_shapes[0] or ()
+    k = len(ctx.saved("normalized_shape"))
+    return _pieces(ctx, shape, range(len(shape) - k, len(shape)), shape[len(shape) - k:])
+
+
+def _group_pieces(ctx):
+    n, c, hw, groups = (int(ctx.saved(a)) for a in ("N", "C", "HxW", "group"))
+    shape = ctx.in_shapes[0] or ()
+    return _pieces(ctx, (n, groups, c // groups * hw), (2,), (c,) + (1,) * (len(shape) - 2))
+
+
+def _batch_pieces(ctx):
+    if not ctx.saved("training"):  # eval: affine in x, one structured factor
+        return None
+    shape = ctx.in_shapes[0] or ()
+    return _pieces(ctx, shape, [0] + list(range(2, len(shape))), (shape[1],) + (1,) * (len(shape) - 2))
+
+
+def _group_entries(layout_of):
+    """``dense_entries``: the input's entries times a group's size to the order."""
+
+    def entries(ctx, order):
+        layout = layout_of(ctx)
+        return math.prod(layout.group) * math.prod(layout.within) ** (order + 1)
+
+    return entries
+
+
+_layer_norm = _affine_rule(_layer_layout, _recovered_eps)
+_layer_norm.composite = _layer_pieces
+_layer_norm.dense_entries = _group_entries(_layer_layout)
+register("NativeLayerNormBackward0", _layer_norm)
 
 # ---------------------------------------------------------------- group_norm
 
@@ -133,7 +218,10 @@ def _group_layout(ctx):
                    lambda g, w: g + w, lambda g, w: (g[1], w[0]), (groups, c // groups))
 
 
-register("NativeGroupNormBackward0", _affine_rule(_group_layout, _recovered_eps))
+_group_norm = _affine_rule(_group_layout, _recovered_eps)
+_group_norm.composite = _group_pieces
+_group_norm.dense_entries = _group_entries(_group_layout)
+register("NativeGroupNormBackward0", _group_norm)
 
 # ---------------------------------------------------------------- batch_norm
 
@@ -182,5 +270,7 @@ def _batch_norm(ctx, slots):
     return lab.factor(port, [port], operands)
 
 
+_batch_norm.composite = _batch_pieces
+_batch_norm.dense_entries = _group_entries(_batch_layout)
 register("NativeBatchNormBackward0", _batch_norm)
 register("CudnnBatchNormBackward0", _batch_norm)  # CUDA: the same saved names, eps as epsilon (Functions.h)

@@ -38,6 +38,7 @@ from functools import lru_cache
 
 import torch
 
+from xa.composite import Piece
 from xa.factor import LabelMaker, normalize_dim, planned
 from xa.registry import register
 
@@ -159,6 +160,81 @@ def _prod_dim(ctx, slots):
     return _prod(ctx, slots, normalize_dim(ctx.saved("dim"), len(ctx.in_shapes[0])))
 
 
+# ---------------------------------------------------------------- as composites (xa.composite)
+#
+# softmax(x) = e / sum(e) with e = exp(x - c) for any constant c; with c = logsumexp(x),
+# e is softmax's saved result itself and the sum is one: the pieces' saved values cost nothing.
+
+
+def _ones(t, dims):
+    shape = list(t.shape)
+    for d in dims:
+        shape[d] = 1
+    return torch.ones(shape, dtype=t.dtype, device=t.device)
+
+
+def _softmax_pieces(ctx):
+    """``e = exp(x - c)``, ``s = sum(e, dim)``, ``y = e / s`` (0-d: kept whole, a constant)."""
+    y = ctx.saved("result")
+    if y.dim() == 0:
+        return None
+    d = normalize_dim(ctx.saved("dim"), y.dim())
+    s = _ones(y, (d,))
+    return [
+        Piece("ExpBackward0", y.shape, (("in", 0),), {"result": y}, "exp"),
+        Piece("SumBackward1", s.shape, (("piece", 0),), {"dim": (d,), "keepdim": True}, "sum"),
+        Piece("DivBackward0", y.shape, (("piece", 0), ("piece", 1)), {"self": y, "other": s}, "divide"),
+    ]
+
+
+def _log_softmax_pieces(ctx):
+    """``e = exp(x - c)``, ``s = sum(e, dim)``, ``y = x - log(s)``."""
+    y = ctx.saved("result")
+    if y.dim() == 0:
+        return None
+    d = normalize_dim(ctx.saved("dim"), y.dim())
+    s = _ones(y, (d,))
+    return [
+        Piece("ExpBackward0", y.shape, (("in", 0),), {"result": torch.exp(y)}, "exp"),
+        Piece("SumBackward1", s.shape, (("piece", 0),), {"dim": (d,), "keepdim": True}, "sum"),
+        Piece("LogBackward0", s.shape, (("piece", 1),), {"self": s}, "log"),
+        Piece("SubBackward0", y.shape, (("in", 0), ("piece", 2)), {"alpha": 1}, "x - log"),
+    ]
+
+
+def _logsumexp_pieces(ctx):
+    """``e = exp(x - c)``, ``y = log(sum(e, dims))``."""
+    x, result = ctx.saved("self"), ctx.saved("result")
+    if x.dim() == 0:
+        return None
+    along = _Along(ctx, ctx.saved("dim"))
+    keepdim = bool(ctx.saved("keepdim"))
+    kept = result if keepdim else result.reshape([1 if d in along.reduced else n for d, n in enumerate(x.shape)])
+    s = torch.ones(result.shape, dtype=result.dtype, device=result.device)
+    return [
+        Piece("ExpBackward0", x.shape, (("in", 0),), {"result": torch.exp(x - kept)}, "exp"),
+        Piece("SumBackward1", s.shape, (("piece", 0),), {"dim": tuple(along.reduced), "keepdim": keepdim}, "sum"),
+        Piece("LogBackward0", s.shape, (("piece", 1),), {"self": s}, "log"),
+    ]
+
+
+def _along_entries(dims_of):
+    """``dense_entries``: the input's entries times the reduced run's size to the order."""
+
+    def entries(ctx, order):
+        shape = ctx.in_shapes[0] or ctx.out_shape
+        n = math.prod(shape[d] for d in {normalize_dim(d, len(shape)) for d in dims_of(ctx)}) if shape else 1
+        return math.prod(shape) * n ** order
+
+    return entries
+
+
+def _one_dim(ctx):
+    return (ctx.saved("dim"),)
+
+
+softmax.composite = _softmax_pieces
+softmax.dense_entries = _along_entries(_one_dim)
 register("SoftmaxBackward0", softmax)
 register("ProdBackward0", _prod)
 register("ProdBackward1", _prod_dim)
@@ -236,6 +312,10 @@ def _log_softmax(ctx, slots):
     return lab.factor(along.port(bl, i), [along.port(bl, j)], [(operand, bl + i + j)])
 
 
+_logsumexp.composite = _logsumexp_pieces
+_logsumexp.dense_entries = _along_entries(lambda ctx: ctx.saved("dim") or range(len(ctx.in_shapes[0] or ())))
+_log_softmax.composite = _log_softmax_pieces
+_log_softmax.dense_entries = _along_entries(_one_dim)
 register("LogsumexpBackward0", _logsumexp)
 register("LogSoftmaxBackward0", _log_softmax)
 
