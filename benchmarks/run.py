@@ -350,8 +350,11 @@ def measure_isolated(key: str, method: str, reps: int, budget_s: float, timeout_
         except subprocess.TimeoutExpired:
             return f"gave up after {timeout_s:.0f} s", None, None
         except subprocess.CalledProcessError as err:
-            oom = "can't allocate memory" in err.stderr or "out of memory" in err.stderr.lower()
-            return ("out of memory" if oom else "failed: " + err.stderr.strip().splitlines()[-1]), None, None
+            # the kernel's out-of-memory killer ends the child with SIGKILL and no message
+            oom = (err.returncode == -9 or "can't allocate memory" in err.stderr
+                   or "out of memory" in err.stderr.lower())
+            last = err.stderr.strip().splitlines()[-1:] or [f"exit status {err.returncode}"]
+            return ("out of memory" if oom else "failed: " + last[0]), None, None
         saved = torch.load(out)
         return saved["time"], saved["peak"], saved["result"]
 

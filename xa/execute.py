@@ -134,16 +134,16 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
     big = parts.pop()
     # the small operands' product is the term's one scratch tensor (plan.peak counts it): the
     # coefficient goes onto the smallest of them, and each further factor multiplies in place
-    small = None
-    for p in parts:
-        if small is None:
-            small = p * coef if coef != 1.0 else p
-            coef = 1.0
-        elif small.shape == broadcast_shapes(small.shape, p.shape) and small._base is None \
-                and not any(small is q for q in operands):
-            small.mul_(p)
-        else:
-            small = small * p
+    small, fresh = None, False
+    if parts:
+        small = parts[0]
+        if coef != 1.0:
+            small, fresh, coef = small * coef, True, 1.0
+        for p in parts[1:]:
+            if fresh and small.shape == broadcast_shapes(small.shape, p.shape):
+                small.mul_(p)
+            else:
+                small, fresh = small * p, True
     if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
         block = big.reshape(plan.block_shapes[term.target])
         blocks[term.target] = block.mul_(coef) if coef != 1.0 else block
