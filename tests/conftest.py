@@ -1,6 +1,7 @@
 """Report the largest error against torch seen in the run (float64, relative to max(1, |ref|))."""
 
 import os
+import sys
 
 import reference
 import torch
@@ -14,4 +15,14 @@ def pytest_terminal_summary(terminalreporter):
     if worst["where"]:
         terminalreporter.write_line(
             f"largest float64 error against torch.func: {worst['error']:.2e} ({worst['where']})"
+        )
+    summary = getattr(sys.modules.get("test_opinfo"), "SUMMARY", None)
+    if summary:
+        counts: dict = {}
+        for status, _ in summary.values():
+            counts[status] = counts.get(status, 0) + 1
+        counted = sum(counts.get(s, 0) for s in ("handled", "refused", "wrong", "crash"))
+        terminalreporter.write_line(
+            f"OpInfo sweep (orders 1-3, both directions): handled {counts.get('handled', 0)} of {counted} ops "
+            f"({100 * counts.get('handled', 0) / max(counted, 1):.0f}%); outcomes {dict(sorted(counts.items()))}"
         )

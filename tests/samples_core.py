@@ -102,6 +102,12 @@ CASES = [
     ("sum all", lambda x: x.tanh().sum(), [(2, 3)], 5),
     ("torch.sum dim", lambda x: torch.sum(x.tanh(), dim=1), [(2, 3)], 4),
     ("sum dims keepdim", lambda x: x.tanh().sum((0, 2), keepdim=True) * x.sum(-1, keepdim=True), [(2, 2, 3)], 3),
+    # -- casts (issue 11): a copy; the derivative is the cast back, the identity in the graph's dtype
+    ("Tensor.to copy", lambda x: x.to(torch.float64, copy=True).tanh() * x, [(3,)], 3),
+    ("Tensor.to device", lambda x: torch.sin(x).to(device=x.device, copy=True).sum(), [(2, 3)], 3),
+    ("aten._to_copy", lambda x: torch.ops.aten._to_copy(x.sigmoid()) * x, [(3,)], 3),
+    ("aten sub.Scalar", lambda x: torch.ops.aten.sub.Scalar(x, 2.0) * x, [(3,)], 3),
+    ("Tensor.fill_ on a clone", lambda x: x.clone().fill_(2.0) * x + x.clone().fill_(1.0), [(3,)], 3),
+    ("torch.fill", lambda x: torch.fill(x, 2.0) * x.sin(), [(3,)], 3),
+
 ]
-
-

@@ -32,6 +32,11 @@ MASK_ROW = torch.tensor([[True], [False], [True]])  # broadcasts against x of sh
 NARROW_COPY_RECORDED = torch.narrow_copy(torch.zeros(2, requires_grad=True), 0, 0, 1).grad_fn.name() != (
     "torch::autograd::NotImplemented")
 
+_, UNPOOL2 = F.max_pool2d(torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64),
+                         2, return_indices=True)
+_, UNPOOL3 = F.max_pool3d(torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(6),
+                                      dtype=torch.float64), 2, return_indices=True)
+
 CASES = [
     # -- cat: CatBackward0
     ("torch.cat", lambda a, b: torch.cat([a, b]).tanh(), [(2, 3), (3, 3)], 4),
@@ -146,4 +151,8 @@ CASES = [
      lambda w: (F.embedding(TOKENS, w.flip(0)).masked_select(TOKENS.unsqueeze(-1) > 1)
                 * w.roll(1).take(FLAT)[0]).tanh(),
      [(5, 3)], 3),
+    # -- max_unpool: entries written at the indices of a max_pool of a constant (issue 11)
+    ("F.max_unpool2d", lambda x: F.max_unpool2d(x, UNPOOL2, 2).tanh(), [(1, 2, 2, 2)], 3),
+    ("F.max_unpool3d", lambda x: F.max_unpool3d(x, UNPOOL3, 2) * 2.0, [(1, 1, 2, 2, 2)], 3),
+
 ]

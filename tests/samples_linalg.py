@@ -21,4 +21,18 @@ CASES = [
     ("torch.trace wide", lambda a: torch.trace(a).sin() * a.sum(), [(2, 3)], 3),
     ("bmm", lambda a, b: torch.bmm(a, b).tanh(), [(2, 2, 3), (2, 3, 2)], 3),
     ("batched broadcast matmul", lambda a, b: torch.matmul(a, b).tanh(), [(3, 2, 3), (3, 2)], 3),
+    # -- triangles, diagonal embeddings, cumulative sums (issue 11)
+    ("torch.tril", lambda a: torch.tril(a).tanh() * a, [(3, 3)], 3),
+    ("Tensor.tril diagonal", lambda a: a.tril(-1).sin(), [(2, 3, 4)], 3),
+    ("torch.triu diagonal", lambda a: torch.triu(a, 1).tanh() * a, [(3, 4)], 3),
+    ("Tensor.triu", lambda a: (a @ a).triu().exp().sum(), [(3, 3)], 3),
+    ("torch.diag_embed", lambda a: torch.diag_embed(a).tanh() * a.sum(), [(2, 3)], 3),
+    ("diag_embed offset dims", lambda a: torch.diag_embed(a, offset=-1, dim1=0, dim2=2).sin(), [(2, 3)], 3),
+    ("torch.diag vector", lambda a: torch.diag(a.tanh(), 1) @ torch.diag(a, 1), [(3,)], 4),
+    ("torch.diagflat", lambda a: torch.diagflat(a).sigmoid(), [(2, 2)], 3),
+    ("torch.cumsum", lambda a: torch.cumsum(a, 1).tanh(), [(2, 3)], 4),
+    ("Tensor.cumsum neg dim", lambda a: a.cumsum(-1) * a, [(2, 2, 3)], 3),
+    ("cumsum 0-d", lambda a: a.sum().cumsum(0).sin(), [(3,)], 3),
+    ("torch.addbmm", lambda c, b1, b2: torch.addbmm(c, b1, b2, beta=0.5, alpha=2.0).tanh(),
+     [(3, 2), (2, 3, 4), (2, 4, 2)], 3),
 ]

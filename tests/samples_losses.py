@@ -137,4 +137,10 @@ CASES = [
      lambda x, q: F.cross_entropy(x, q, label_smoothing=0.2, reduction="sum"), [(2, 3), (2, 3)], 3),
     ("nn.CrossEntropyLoss probabilities 1d", lambda x: nn.CrossEntropyLoss(label_smoothing=0.1)(x, Q34[0]),
      [(4,)], 4),
+    # -- huber_loss: torch has no forward-mode derivative of its backward, so torch.func stops at order 1
+    # here; test_huber_high_orders in test_operators.py checks orders 2-4 against delta * smooth_l1
+    ("F.huber_loss", lambda x: F.huber_loss(2 * x.tanh(), T34), [(3, 4)], 1),
+    ("F.huber_loss delta sum target grad", lambda x, t: F.huber_loss(x, t, reduction="sum", delta=0.5),
+     [(2, 3), (2, 3)], 1),
+    ("nn.HuberLoss none", lambda x: nn.HuberLoss(reduction="none", delta=2.0)(3 * x, T23), [(2, 3)], 1),
 ]

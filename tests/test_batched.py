@@ -1123,3 +1123,21 @@ def test_random_batched_mlp(data, order):
 def _report_worst():
     yield
     print(f"\nlargest error against torch.func in tests/test_batched.py (random graphs): {WORST[0]:.3e}")
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_a_value_reached_only_through_zero_derivatives_is_a_constant(direction):
+    """``3 * x`` feeds only ``floor``, whose derivatives are zero: it is left out, not taken as shared."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return torch.floor(3 * x) * x + x.clone().fill_(1.0)
+
+    xa.backward(torch.func.vmap(f)(x), 3, batch_dim=0, direction=direction)
+    g, want = f, []
+    for k in range(3):
+        g = torch.func.jacrev(g) if k == 0 else torch.func.jacfwd(g)
+        want.append(torch.func.vmap(g)(x.detach()))
+    for k in range(3):
+        assert x.xgrad[k].shape == (2, 3) + (3,) * (k + 1)
+        assert torch.allclose(x.xgrad[k], want[k].reshape(x.xgrad[k].shape), atol=1e-12)

@@ -25,10 +25,13 @@ TOL = 1e-9
 LOOPED = "vmap has no batching rule here and runs a loop over samples joined by stack: not a batched graph"
 NOT_BATCHED = {
     "lazy clone": LOOPED,
+    "F.max_unpool2d": LOOPED,
+    "F.max_unpool3d": LOOPED,
     "torch.take": LOOPED,
     "Tensor.take": LOOPED,
     "pad flip roll fan-out": LOOPED,
     "embedding masked_select fan-out": LOOPED,
+    "torch.diagflat": LOOPED,
     "torch.column_stack": "vmap cannot run column_stack (no batching rule, no fallback)",
     "index_select 0-d index": "vmap of index_select with a 0-d index gives another shape than the per-sample op",
     "torch.masked_select": "a data-dependent selection over the flattened batch: the sample dim does not pass "

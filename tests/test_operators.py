@@ -68,6 +68,7 @@ COVERED_BY_OWN_TESTS = {
     "SqueezeBackward3": "test_in_place_squeeze_and_unsqueeze",
     "SqueezeBackward4": "test_in_place_squeeze_and_unsqueeze",
     "SqueezeBackward5": "test_in_place_squeeze_and_unsqueeze",
+    "HardsigmoidBackward0": "test_hardsigmoid_slope_is_exact",
 }
 
 
@@ -94,7 +95,8 @@ def test_gpu_only_nodes_share_the_cpu_rule():
 def test_own_tests_reach_their_nodes():
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     graphs = [torch.native_dropout(x, 0.5, True)[0],
-              (x * 1.0).unsqueeze_(0).squeeze_(0).unsqueeze_(1).squeeze_((1,)).unsqueeze_(0).squeeze_()]
+              (x * 1.0).unsqueeze_(0).squeeze_(0).unsqueeze_(1).squeeze_((1,)).unsqueeze_(0).squeeze_(),
+              F.hardsigmoid(x)]
     reached = {v.name for y in graphs for v in Graph(y).values}
     assert set(COVERED_BY_OWN_TESTS) <= reached
     assert all(callable(globals()[test]) for test in COVERED_BY_OWN_TESTS.values())
@@ -133,3 +135,78 @@ def test_in_place_squeeze_and_unsqueeze():
     ref = torch_partials(lambda z: z.tanh(), [x], 3)[0]
     for k in range(3):
         assert torch.allclose(x.xgrad[k], ref[k], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("spelling", ["F.hardsigmoid", "nn.Hardsigmoid", "batched"])
+def test_hardsigmoid_slope_is_exact(spelling):
+    # torch's own derivative of hardsigmoid is the slope 1/6 rounded to float32 (off by 3e-8 relative in
+    # float64, and torch.func has no forward-mode derivative of it past the first order): the reference is
+    # the same function written as relu6(x + 3) / 6, whose derivatives torch gets exact.
+    from reference import torch_partials
+
+    gen = torch.Generator().manual_seed(11)
+    x = 3 * torch.randn(2, 6, generator=gen, dtype=torch.float64)  # every piece is hit
+
+    def f(z):
+        h = F.hardsigmoid(z) if spelling != "nn.Hardsigmoid" else nn.Hardsigmoid()(z)
+        return h * z.sin()
+
+    def ref(z):
+        return F.relu6(z + 3.0) / 6.0 * z.sin()
+
+    for direction in ("backward", "forward"):
+        leaf = x.clone().requires_grad_(True)
+        if spelling == "batched":
+            xa.backward(torch.func.vmap(f)(leaf), 3, batch_dim=0, direction=direction)
+            want = [torch.stack([torch_partials(ref, [x[b]], 3)[0][k] for b in range(2)]) for k in range(3)]
+        else:
+            xa.backward(f(leaf), 3, direction=direction)
+            want = torch_partials(ref, [x], 3)[0]
+        for k in range(3):
+            assert torch.allclose(leaf.xgrad[k], want[k], atol=1e-12, rtol=0), (direction, k + 1)
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_glu_high_orders(dim):
+    # torch.func cannot take glu past order 2 (no forward-mode derivative of glu_jvp): the reference is
+    # the same function written out, a * sigmoid(b) with a, b the halves along dim.
+    from reference import torch_partials
+
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def ref(z):
+        a, b = z.chunk(2, dim)
+        return a * torch.sigmoid(b) * z.sum()
+
+    for direction in ("backward", "forward"):
+        leaf = x.clone().requires_grad_(True)
+        xa.backward(F.glu(leaf, dim) * leaf.sum(), 4, direction=direction)
+        want = torch_partials(ref, [x], 4)[0]
+        for k in range(4):
+            scale = max(1.0, want[k].abs().max().item())
+            assert (leaf.xgrad[k] - want[k]).abs().max().item() / scale <= 1e-9, (direction, k + 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_huber_high_orders(reduction):
+    # torch has no forward-mode derivative of huber_loss_backward, so torch.func cannot check it past the
+    # first order: the reference is the same loss written as delta * smooth_l1_loss(beta=delta).
+    from reference import torch_partials
+
+    gen = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 2, 3, generator=gen, dtype=torch.float64)  # |x - t| on both sides of delta
+    delta = 0.75
+
+    def f(z, huber):
+        a, b = 2 * z.tanh(), t.sin() * z
+        if huber:
+            return F.huber_loss(a, b, reduction=reduction, delta=delta) * z.sum()
+        return delta * F.smooth_l1_loss(a, b, reduction=reduction, beta=delta) * z.sum()
+
+    want = torch_partials(lambda z: f(z, False), [x], 4)[0]
+    for direction in ("backward", "forward"):
+        leaf = x.clone().requires_grad_(True)
+        xa.backward(f(leaf, True), 4, direction=direction)
+        for k in range(4):
+            scale = max(1.0, want[k].abs().max().item())
+            assert (leaf.xgrad[k] - want[k]).abs().max().item() / scale <= 1e-9, (direction, k + 1)

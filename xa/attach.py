@@ -13,6 +13,8 @@ seeded with those rows of the identity gives those rows of every result.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import execute, jets
@@ -20,17 +22,31 @@ from . import plan as planner
 from .capture import Graph
 from .errors import MemoryBudgetError
 
+_MEMINFO = {"at": -1.0, "bytes": None}  # /proc/meminfo, read at most every MEMINFO_S seconds
+MEMINFO_S = 0.5
+
 
 def available_memory(device: torch.device) -> float | None:
-    """The default budget: 80% of a GPU's free memory, half of what the system has available."""
+    """The default budget: 80% of a GPU's free memory, half of what the system has available.
+
+    The system's figure is read again after ``MEMINFO_S`` seconds, not on every call of a loop.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return 0.8 * free
+    now = time.monotonic()
+    if now - _MEMINFO["at"] > MEMINFO_S:
+        _MEMINFO.update(at=now, bytes=_meminfo_available())
+    found = _MEMINFO["bytes"]
+    return None if found is None else 0.5 * found
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return 0.5 * int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None

@@ -59,6 +59,9 @@ class Batching:
     total: int
     at: tuple
     size: int
+    # values every path from which to the source has a zero first derivative (x in floor(x) * y):
+    # constants for differentiation, left out of every plan (their sample dim cannot be known)
+    dead: frozenset = frozenset()
 
     def chunk(self, size: int) -> "Batching":
         return replace(self, size=size)
@@ -237,7 +240,8 @@ def analyze(graph: Graph, rules: dict, source_dim: int) -> Batching:
                 else:
                     _check_untied(f, p, graph.values[x], v, dims[y], total, here, t)
             _merge(graph, dims, seen_by, x, e, here)
-    return Batching(source_dim, total, tuple(None if d is UNSET else d for d in dims), total)
+    dead = frozenset(i for i, d in enumerate(dims) if d is UNSET and graph.values[i].leaf is None)
+    return Batching(source_dim, total, tuple(None if d is UNSET else d for d in dims), total, dead)
 
 
 def _check_untied(f: Factor, p: int, x, y, pre: int, total: int, here: str, t: int) -> None:

@@ -11,6 +11,7 @@ those errors surface here, before anything is planned or computed.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -86,6 +87,8 @@ class NodeCtx:
         self.device = torch.device("cpu") if planning else graph.device
         self._saved = value.saved
         self.node = value.fn  # torch's node itself: a custom Function's ctx attributes live here
+        # the leaf tensor feeding each input slot, or None (the generic fallback reads a leaf's point there)
+        self.leaves = tuple(None if i is None else graph.values[i].leaf for i in value.inputs)
         self.output = value.output  # which of the node's outputs this value is
 
     def saved(self, name: str) -> Any:
@@ -111,12 +114,21 @@ class NodeCtx:
         return self._saved.get(name) is not None
 
 
+_SAVED_NAMES: dict = {}  # node class -> its _saved_* attribute names (fixed per class; dir() is slow)
+
+
+def _saved_names(fn) -> tuple:
+    kind = type(fn)
+    names = _SAVED_NAMES.get(kind)
+    if names is None:
+        names = _SAVED_NAMES[kind] = tuple(a for a in dir(fn) if a.startswith("_saved_"))
+    return names
+
+
 def _read_saved(fn, where) -> dict:
     """Every ``_saved_*`` attribute of ``fn``; ``where()`` names its place for error messages."""
     saved = {}
-    for attr in dir(fn):
-        if not attr.startswith("_saved_"):
-            continue
+    for attr in _saved_names(fn):
         try:
             item = getattr(fn, attr)
         except RuntimeError as err:
@@ -262,10 +274,21 @@ class Graph:
         (at ``order``, only where its dense factors would be large).
         """
         from .composite import expand
+        from .fallback import fallback_rule
 
-        rules = {v.name: overrides.get(v.name) or lookup(v.name) for v in self.values if v.leaf is None}
+        def resolve():  # a custom Function's node is named after the user's class: never an ATen op
+            return {v.name: overrides.get(v.name) or lookup(v.name)
+                    or (None if v.fn is not None and _is_custom(v.fn) else fallback_rule(v.name))
+                    for v in self.values if v.leaf is None}
+
+        rules = resolve()
         if expand(self, rules, order):
-            rules = {v.name: overrides.get(v.name) or lookup(v.name) for v in self.values if v.leaf is None}
+            rules = resolve()
+        for n, v in enumerate(self.values):
+            through = getattr(rules.get(v.name), "fallback", None)
+            if through is not None and v.leaf is None and not v.label:  # explain marks its dense factors
+                self.values[n] = dataclasses.replace(v, label=f"{v.name} (fallback: dense, aten::{through})")
+                self.__dict__.pop("_signature", None)
         return rules
 
     def rule(self, i: int, rules: dict):

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .capture import Value
+from .registry import lookup
 
 
 @dataclass
@@ -66,8 +67,11 @@ def expand(graph, rules: dict, order: int | None = None) -> bool:
     are small stays whole. The choice is made on shapes alone, and the graph's signature shows it.
     """
     changed = False
-    for v in list(graph.values):
-        rule = rules.get(v.name)
+    n = 0
+    while n < len(graph.values):  # pieces appended here are expanded in turn (dist's norm)
+        v = graph.values[n]
+        n += 1
+        rule = rules.get(v.name) or (lookup(v.name) if v.fn is None else None)
         composite = getattr(rule, "composite", None)
         if composite is None or v.leaf is not None or v.output != 0:
             continue

@@ -16,7 +16,6 @@ import torch
 
 from . import fold, jets
 from .capture import Graph
-from .factor import broadcast_shapes
 from .plan import Plan
 from .terms import NodeFactors
 
@@ -132,18 +131,14 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
         op = operands[n] if perm is None else operands[n].permute(perm)
         parts.append(op if op.shape == shape else op.reshape(shape))
     big = parts.pop()
-    # the small operands' product is the term's one scratch tensor (plan.peak counts it): the
-    # coefficient goes onto the smallest of them, and each further factor multiplies in place
-    small, fresh = None, False
+    # the small operands' product is the term's scratch (plan.peak counts it)
+    small = None
     if parts:
         small = parts[0]
-        if coef != 1.0:
-            small, fresh, coef = small * coef, True, 1.0
+        if coef != 1.0:  # onto the smallest operand: no pass over anything larger
+            small, coef = small * coef, 1.0
         for p in parts[1:]:
-            if fresh and small.shape == broadcast_shapes(small.shape, p.shape):
-                small.mul_(p)
-            else:
-                small, fresh = small * p, True
+            small = small * p
     if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
         block = big.reshape(plan.block_shapes[term.target])
         blocks[term.target] = block.mul_(coef) if coef != 1.0 else block

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations, combinations_with_replacement, product
 
+import numpy as np
 import torch
 
 from .batch import BatchFactors, Batching, operand_views
@@ -48,10 +49,19 @@ def jet_key(leaf: int, value: int, k: int) -> tuple:
 
 
 @lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def multi_indices(n: int, k: int) -> tuple:
     """The sorted multi-indices of order ``k`` over ``n`` entries, in order, and their positions."""
     rows = tuple(combinations_with_replacement(range(n), k))
     return rows, {row: r for r, row in enumerate(rows)}
+
+
+@lru_cache(maxsize=64)
+def _row_array(n: int, kind) -> np.ndarray:
+    """The rows of one order as an ``(R, k)`` int64 array."""
+    found = rows_of(n, kind)
+    k = kind if isinstance(kind, int) else len(kind[0]) if kind else 0
+    return np.array(found, dtype=np.int64).reshape(len(found), k)
 
 
 def rows(n: int, k: int) -> int:
@@ -133,13 +143,24 @@ def _index_cpu(n: int, k, block, lower=None) -> torch.Tensor:
         _, at = multi_indices(n, k)
         return torch.tensor([at[tuple(sorted(t))] for t in product(range(n), repeat=k)], dtype=torch.long,
                             device="cpu")
-    at = where(n, len(block) if lower is None else lower)
+    lower = len(block) if lower is None else lower
+    j = len(block)
+    if n ** max(j, 1) < 2**62:
+        # sorted rows of one length are in lexicographic order: as base-n numbers they increase,
+        # so each sub-row's position is a binary search among the lower rows' numbers
+        weights = n ** np.arange(j - 1, -1, -1, dtype=np.int64)
+        keys = _row_array(n, k)[:, list(block)] @ weights
+        lower_keys = _row_array(n, lower) @ weights
+        return torch.from_numpy(np.searchsorted(lower_keys, keys).astype(np.int64))
+    at = where(n, lower)
     return torch.tensor([at[tuple(a[p] for p in block)] for a in rows_of(n, k)], dtype=torch.long, device="cpu")
 
 
 @lru_cache(maxsize=1024)
 def _reads_in_order(n: int, k, block: tuple, lower=None) -> bool:
     """Reading the rows of ``lower`` at ``block`` of each row of ``k`` is every row once, in order."""
+    if count(n, k) != count(n, len(block) if lower is None else lower):
+        return False
     return _index_cpu(n, k, block, lower).tolist() == list(range(count(n, len(block) if lower is None else lower)))
 
 
@@ -230,15 +251,16 @@ def _jet_shape(graph, batch, v, rows_: Rows, k) -> tuple:
     return head + lead + batch.shape(graph, v)
 
 
-def _depends_on(graph: Graph, leaf: int) -> list:
+def _depends_on(graph: Graph, leaf: int, dead=()) -> list:
+    """Per value, whether it depends on ``leaf`` through values that are not ``dead`` (xa.batch)."""
     reach = [False] * len(graph.values)
     for i in reversed(graph.order):
-        reach[i] = i == leaf or any(j is not None and reach[j] for j in graph.values[i].inputs)
+        reach[i] = i == leaf or (i not in dead and any(j is not None and reach[j] for j in graph.values[i].inputs))
     return reach
 
 
 def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch) -> list:
-    reach = _depends_on(graph, leaf)
+    reach = _depends_on(graph, leaf, () if batch is None else batch.dead)
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
     steps = []
     for y in reversed(graph.order):

@@ -54,7 +54,11 @@ def unregister(name: str) -> Rule:
 
 
 def lookup(name: str) -> Optional[Rule]:
-    return _RULES.get(name)
+    """The rule for ``name``; a ``*_copy`` node (``view_copy``, recorded by functionalized code) is its view's."""
+    rule = _RULES.get(name)
+    if rule is None and name.endswith("_copy"):
+        rule = _RULES.get(name[: -len("_copy")])
+    return rule
 
 
 def supported() -> list[str]:

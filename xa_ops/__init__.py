@@ -4,17 +4,18 @@ Rules are grouped by family -- the shape their derivatives share -- so the
 first guess for an operator is the right file:
 
 * ``elementwise``: pointwise math and activations, one input or two
-  broadcast ones (tanh, tan, exp, log, sin, pow, div, gelu, relu, clamp, where).
+  broadcast ones (tanh, tan, exp, log, sin, pow, div, gelu, relu, clamp, where, atan, maximum, lerp,
+  addcmul, hypot, glu).
 * ``linear``: relabelling linear maps (view, permute, expand, sum, mean,
-  diagonal, trace, add, sub, neg, masked_fill, dropout).
+  diagonal, trace, add, sub, neg, masked_fill, dropout, casts, tril, triu, diag_embed, cumsum).
 * ``indexing``: selections and joins (select, slice, gather, index, cat,
   stack, repeat, pad, flip, roll, embedding, take, split, unbind).
 * ``bilinear``: products (mul, mm, mv, dot, bmm, addmm, baddbmm).
 * ``reductions``: operators dense along a dim (softmax, log_softmax,
-  logsumexp, prod, max, min, amax, amin).
+  logsumexp, prod, max, min, amax, amin, var, std, vector norms).
 * ``convolution``: convolutions and pooling; ``normalization``: layer,
   group and batch norm; ``attention``: scaled_dot_product_attention;
-  ``losses``: mse, smooth_l1, bce, nll.
+  ``losses``: mse, smooth_l1, huber, bce, nll.
 
 ``families`` holds the helpers the rules are built from.
 """

@@ -43,3 +43,4 @@ def beta_plus_alpha_product(spec: str, saved: tuple):
 
 register("AddmmBackward0", beta_plus_alpha_product("ik,kj->ij", ("mat1", "mat2")))
 register("BaddbmmBackward0", beta_plus_alpha_product("bik,bkj->bij", ("batch1", "batch2")))
+register("AddbmmBackward0", beta_plus_alpha_product("bik,bkj->ij", ("batch1", "batch2")))  # the sum over b

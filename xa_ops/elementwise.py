@@ -15,14 +15,17 @@ hardtanh, clamp, where, prelu) have the derivatives of the active piece, as
 torch's: the slope where the piece is linear, zero beyond.
 """
 
+import itertools
 import math
 
 import numpy as np
 import torch
 
+from xa.errors import UnsupportedOperatorError
+from xa.factor import LabelMaker, normalize_dim
 from xa.registry import register
 
-from .families import elementwise, elementwise2, polynomial_in_result, taylor
+from .families import elementwise, elementwise2, elementwise_n, polynomial_in_result, taylor, taylor_partial
 
 # ---------------------------------------------------------------- tanh, sigmoid, relu
 
@@ -208,3 +211,307 @@ def _where(ctx, i, j):
 
 register("PreluKernelBackward0", elementwise2(_prelu))
 register("WhereBackward0", elementwise2(_where))
+
+# ---------------------------------------------------------------- hyperbolic, inverse trigonometric, special functions
+
+
+def _log_base(base: float):
+    """``log_b(x)``: ``(-1)^(k-1) (k-1)! x^-k / ln b``."""
+    return lambda ctx, k: (-1) ** (k - 1) * math.factorial(k - 1) * ctx.saved("self") ** -k / math.log(base)
+
+
+def _logit(ctx, k):
+    """``log(x / (1 - x))``: ``(k-1)! ((-1)^(k-1) x^-k + (1 - x)^-k)``; with eps, torch clamps x to
+    ``[eps, 1 - eps]`` first, so every derivative is zero outside (both ends inside, as torch's)."""
+    x = ctx.saved("self")
+    value = math.factorial(k - 1) * ((-1) ** (k - 1) * x**-k + (1.0 - x) ** -k)
+    if ctx.has("eps"):
+        eps = float(ctx.saved("eps"))
+        value = torch.where((x < eps) | (x > 1.0 - eps), torch.zeros((), dtype=value.dtype, device=x.device), value)
+    return value
+
+
+def _hardswish(ctx, k):
+    """``x relu6(x + 3) / 6``; torch's pieces: ``x / 3 + 1/2`` on ``[-3, 3]``, then ``1/3`` inside ``(-3, 3)``."""
+    x = ctx.saved("self")
+    if k == 1:
+        one, zero = torch.ones((), dtype=x.dtype, device=x.device), torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(x < -3.0, zero, torch.where(x <= 3.0, x / 3.0 + 0.5, one))
+    if k == 2:
+        return ((x > -3.0) & (x < 3.0)).to(ctx.dtype) / 3.0
+    return None
+
+
+def _mask(inside):
+    """A first derivative that is the 0/1 ``inside(ctx, x)`` times a constant, zero beyond: piecewise linear ops."""
+    return lambda ctx, k: inside(ctx, ctx.saved("self")).to(ctx.dtype) if k == 1 else None
+
+
+def _shrunk(ctx, x):
+    lambd = float(ctx.saved("lambd"))
+    return (x > lambd) | (x < -lambd)
+
+
+def _zero(ctx, k):
+    # floor, ceil, round, trunc, sign: piecewise constant. sgn of a complex input is not.
+    if ctx.has("self") and ctx.saved("self").is_complex():
+        raise UnsupportedOperatorError(f"{ctx.name}: sgn of a complex tensor is not supported")
+    return None
+
+
+register("SinhBackward0", elementwise(lambda ctx, k: (torch.cosh if k % 2 else torch.sinh)(ctx.saved("self"))))
+register("CoshBackward0", elementwise(lambda ctx, k: (torch.sinh if k % 2 else torch.cosh)(ctx.saved("self"))))
+register("AtanBackward0", elementwise(taylor(lambda ctx, x: torch.atan(x))))
+register("AsinBackward0", elementwise(taylor(lambda ctx, x: torch.asin(x))))
+register("AcosBackward0", elementwise(taylor(lambda ctx, x: torch.acos(x))))
+register("AsinhBackward0", elementwise(taylor(lambda ctx, x: torch.asinh(x))))
+register("AcoshBackward0", elementwise(taylor(lambda ctx, x: torch.acosh(x))))
+register("AtanhBackward0", elementwise(taylor(lambda ctx, x: torch.atanh(x))))
+register("ErfcBackward0", elementwise(taylor(lambda ctx, x: torch.erfc(x))))
+register("ErfinvBackward0", elementwise(taylor(lambda ctx, x: torch.erfinv(x))))
+register("SincBackward0", elementwise(taylor(lambda ctx, x: torch.sinc(x))))
+register("Log10Backward0", elementwise(_log_base(10.0)))
+register("LogitBackward0", elementwise(_logit))
+# lgamma' = digamma = polygamma(0), polygamma(n)' = polygamma(n + 1)
+register("LgammaBackward0", elementwise(lambda ctx, k: torch.special.polygamma(k - 1, ctx.saved("self"))))
+register("DigammaBackward0", elementwise(lambda ctx, k: torch.special.polygamma(k, ctx.saved("self"))))
+register("PolygammaBackward0", elementwise(
+    lambda ctx, k: torch.special.polygamma(int(ctx.saved("n")) + k, ctx.saved("self"))))
+register("HardswishBackward0", elementwise(_hardswish))
+register("HardsigmoidBackward0", elementwise(  # relu6(x + 3) / 6: torch's slope 1/6 inside (-3, 3)
+    lambda ctx, k: ((ctx.saved("self") > -3.0) & (ctx.saved("self") < 3.0)).to(ctx.dtype) / 6.0 if k == 1 else None))
+register("ThresholdBackward0", elementwise(_mask(lambda ctx, x: x > float(ctx.saved("threshold")))))
+register("HardshrinkBackward0", elementwise(_mask(_shrunk)))
+register("SoftshrinkBackward0", elementwise(_mask(_shrunk)))
+register("NanToNumBackward0", elementwise(_mask(lambda ctx, x: torch.isfinite(x))))
+for _name in ("SgnBackward0", "SignBackward0", "FloorBackward0", "CeilBackward0", "TruncBackward0",
+              "RoundBackward0", "RoundBackward1"):
+    register(_name, elementwise(_zero))
+
+# ---------------------------------------------------------------- two and three inputs
+
+
+def _selection(x_loses, y_loses):
+    """maximum / minimum (and fmax / fmin, the same formula): the one-hot of the selected input,
+    a tie split evenly as torch does; every higher order is zero."""
+
+    def deriv(ctx, i, j):
+        if i + j > 1:
+            return None
+        x, y = ctx.saved("self"), ctx.saved("other")
+        share = torch.where(x == y, 0.5, 1.0).to(ctx.dtype)
+        return share * ~(x_loses(x, y) if i else y_loses(x, y))
+
+    return deriv
+
+
+def _xlogy(ctx, i, j):
+    """``x log y``: ``log y`` (torch: 0 where ``x == 0`` and ``y <= 0``), then ``d^j/dy^j log y`` times ``x`` or 1."""
+    if i > 1:
+        return None
+    x, y = ctx.saved("self"), ctx.saved("other")
+    if j == 0:
+        return torch.xlogy(torch.ones((), dtype=y.dtype, device=y.device), y).masked_fill((x == 0) & (y <= 0), 0.0)
+    log_j = (-1) ** (j - 1) * math.factorial(j - 1) * y**-j
+    return log_j if i else x * log_j
+
+
+def _xlogy_number(ctx, k):
+    """``c log y``, ``c`` a number: only ``y`` (slot 0) is an input."""
+    c, y = float(ctx.saved("self")), ctx.saved("other")
+    return c * (-1) ** (k - 1) * math.factorial(k - 1) * y**-k
+
+
+def _xlogy_number_other(ctx, k):
+    """``x log c``, ``c`` a number: linear; torch's slope is 0 where ``x == 0`` unless ``c > 0``."""
+    if k > 1:
+        return None
+    x, c = ctx.saved("self"), float(ctx.saved("other"))
+    slope = torch.xlogy(torch.ones_like(x), torch.tensor(c, dtype=x.dtype, device=x.device))
+    return slope if c > 0 else slope.masked_fill(x == 0, 0.0)
+
+
+_SIGMOID = polynomial_in_result((0.0, 1.0, -1.0))  # s' = s - s^2
+
+
+def _sigmoid_derivative(z, m: int):
+    """``s^(m)(z)`` of the sigmoid ``s``, as the polynomial in ``s`` of :func:`polynomial_in_result`."""
+    return torch.sigmoid(z) if m == 0 else _SIGMOID(_Result(torch.sigmoid(z)), m)
+
+
+class _Result:
+    """A stand-in ctx whose saved result is ``y``."""
+
+    def __init__(self, y):
+        self.y = y
+
+    def saved(self, name):
+        return self.y
+
+
+def _logaddexp(scale: float):
+    """``log_b(b^x + b^y) = y + sp(u ln b) / ln b``, ``u = x - y``, ``sp`` the softplus, ``scale = ln b``:
+    ``d^i/dx^i d^j/dy^j = (-1)^j scale^(i+j-1) s^(i+j-1)(u scale)``, plus 1 for ``d/dy``."""
+
+    def deriv(ctx, i, j):
+        u = (ctx.saved("self") - ctx.saved("other")) * scale
+        value = (-1) ** j * scale ** (i + j - 1) * _sigmoid_derivative(u, i + j - 1)
+        return value + 1.0 if (i, j) == (0, 1) else value
+
+    return deriv
+
+
+def _lerp(ctx, counts):
+    """``x + w (e - x)``: ``1 - w``, ``w``, ``e - x``; ``d^2/dx dw = -1``, ``d^2/de dw = 1``."""
+    nx, ne, nw = counts
+    if nw > 1 or nx + ne > 1:
+        return None
+    one = torch.ones((), dtype=ctx.dtype, device=ctx.device)
+    if nw == 0:
+        w = ctx.saved("weight")
+        return 1.0 - w if nx else w
+    if nx + ne == 0:
+        return ctx.saved("end") - ctx.saved("self")
+    return -one if nx else one
+
+
+def _value(ctx):
+    value = ctx.saved("value")
+    if isinstance(value, complex):
+        raise UnsupportedOperatorError(f"{ctx.name}: a complex value= is not supported")
+    return float(value)
+
+
+def _addcmul(ctx, counts):
+    """``x + v t1 t2``."""
+    nx, n1, n2 = counts
+    if nx:
+        return torch.ones((), dtype=ctx.dtype, device=ctx.device) if counts == (1, 0, 0) else None
+    if n1 > 1 or n2 > 1:
+        return None
+    v = _value(ctx)
+    if n1 and n2:
+        return torch.full((), v, dtype=ctx.dtype, device=ctx.device)
+    return v * ctx.saved("tensor2" if n1 else "tensor1")
+
+
+def _addcdiv(ctx, counts):
+    """``x + v t1 / t2``: ``d^j/dt2^j t2^-1 = (-1)^j j! t2^-(j+1)``, times ``v`` and ``t1`` or 1."""
+    nx, n1, n2 = counts
+    if nx:
+        return torch.ones((), dtype=ctx.dtype, device=ctx.device) if counts == (1, 0, 0) else None
+    if n1 > 1:
+        return None
+    inv = _value(ctx) * (-1) ** n2 * math.factorial(n2) * ctx.saved("tensor2") ** -(n2 + 1)
+    return inv if n1 else ctx.saved("tensor1") * inv
+
+
+def _clamp_tensors(ctx, counts):
+    """``clamp(x, lo, hi)`` with tensor bounds (either may be absent): the one-hot of the piece torch picks,
+    ties split evenly as torch does: ``x`` on a bound shares with it, unless ``lo == hi`` (then ``x`` takes
+    it all); with ``lo > hi`` the result is ``hi``."""
+    if sum(counts) > 1:
+        return None
+    slot = counts.index(1)
+    x = ctx.saved("self")
+    lo = ctx.saved("min") if ctx.has("min") else None
+    hi = ctx.saved("max") if ctx.has("max") else None
+    dtype = ctx.dtype
+    if hi is None or lo is None:
+        bound = lo if hi is None else hi
+        below, above = (x > bound, x < bound) if hi is None else (x < bound, x > bound)
+        tie = (x == bound).to(dtype) * 0.5
+        return (below if slot == 0 else above).to(dtype) + tie
+    ordered, equal, crossed = lo < hi, lo == hi, lo > hi
+    at_lo, at_hi = (x == lo).to(dtype), (x == hi).to(dtype)
+    if slot == 0:
+        share = torch.where(equal, torch.ones((), dtype=dtype, device=x.device), 1.0 - 0.5 * at_lo - 0.5 * at_hi)
+        return ((lo <= x) & (x <= hi)).to(dtype) * share
+    if slot == 1:
+        return (~crossed).to(dtype) * ((x < lo).to(dtype) + 0.5 * at_lo * ordered)
+    return crossed.to(dtype) + (~crossed).to(dtype) * ((x > hi).to(dtype) + 0.5 * at_hi * ordered)
+
+
+def _clamp_bound(name):
+    """clamp_min / clamp_max with a tensor bound: ``clamp`` with one bound."""
+
+    def deriv(ctx, i, j):
+        if i + j > 1:
+            return None
+        counts = (i, j, 0) if name == "min" else (i, 0, j)
+        return _clamp_tensors(ctx, counts)
+
+    return deriv
+
+
+def _copysign(ctx, i, j):
+    """``|x| sign(y)``: ``result / x`` in ``x`` (0 where ``x == 0``, as torch's), zero in ``y`` (torch's)."""
+    if i != 1 or j:
+        return None
+    x, y = ctx.saved("self"), ctx.saved("result")
+    return torch.where(x == 0, torch.zeros((), dtype=y.dtype, device=y.device), y / x)
+
+
+def _fmod(rounding):
+    """``x - y q`` with ``q`` the rounded quotient, piecewise constant: ``1`` in ``x``, ``-q`` in ``y``."""
+
+    def deriv(ctx, i, j):
+        if i + j > 1:
+            return None
+        if i:
+            return torch.ones((), dtype=ctx.dtype, device=ctx.device)
+        return -torch.div(ctx.saved("self"), ctx.saved("other"), rounding_mode=rounding)
+
+    return deriv
+
+
+register("MaximumBackward0", elementwise2(_selection(lambda x, y: x < y, lambda x, y: x > y)))
+register("FmaxBackward0", elementwise2(_selection(lambda x, y: x < y, lambda x, y: x > y)))
+register("MinimumBackward0", elementwise2(_selection(lambda x, y: x > y, lambda x, y: x < y)))
+register("FminBackward0", elementwise2(_selection(lambda x, y: x > y, lambda x, y: x < y)))
+register("XlogyBackward0", elementwise2(_xlogy))
+register("XlogyBackward1", elementwise(_xlogy_number))
+register("XlogyBackward2", elementwise(_xlogy_number_other))
+register("LogaddexpBackward0", elementwise2(_logaddexp(1.0)))
+register("Logaddexp2Backward0", elementwise2(_logaddexp(math.log(2.0))))
+register("LerpBackward1", elementwise_n(_lerp))
+register("AddcmulBackward0", elementwise_n(_addcmul))
+register("AddcdivBackward0", elementwise_n(_addcdiv))
+register("ClampBackward0", elementwise_n(_clamp_tensors))
+register("ClampMinBackward1", elementwise2(_clamp_bound("min")))
+register("ClampMaxBackward1", elementwise2(_clamp_bound("max")))
+register("CopysignBackward0", elementwise2(_copysign))
+register("CopysignBackward1", elementwise2(_copysign))
+register("FmodBackward1", elementwise2(_fmod("trunc")))
+register("RemainderBackward1", elementwise2(_fmod("floor")))
+register("HypotBackward0", elementwise2(taylor_partial(lambda ctx, x, y: torch.hypot(x, y), ("self", "other"))))
+register("Atan2Backward0", elementwise2(taylor_partial(lambda ctx, x, y: torch.atan2(x, y), ("self", "other"))))
+
+# ---------------------------------------------------------------- glu
+
+
+def _glu(ctx, slots):
+    """``y = a s(b)`` with ``(a, b)`` the halves of ``x`` along ``dim`` and ``s`` the sigmoid.
+
+    Each x port splits ``dim`` into a label of size 2 (which half) and the output's label along it, so
+    the derivative is one operand over the output's labels and the k half labels:
+    ``a s^(k)(b)`` with every index in ``b``, ``s^(k-1)(b)`` with one in ``a``, zero with two.
+    """
+    k = len(slots)
+    x = ctx.saved("self").detach().to(ctx.dtype)
+    d = normalize_dim(ctx.saved("dim"), x.dim())
+    h = x.shape[d] // 2
+    a, b = x.narrow(d, 0, h), x.narrow(d, h, h)
+    by_count = [a * _sigmoid_derivative(b, k), _sigmoid_derivative(b, k - 1)]  # indices in a: none, one
+    zero = torch.zeros_like(a)
+    entries = [by_count[halves.count(0)] if halves.count(0) < 2 else zero
+               for halves in itertools.product((0, 1), repeat=k)]
+    derivative = torch.stack(entries, -1).reshape(*a.shape, *([2] * k))
+    lab = LabelMaker()
+    y = lab.dims(a.shape)
+    halves = lab.dims([2] * k)
+    ports = [y[:d] + (t, y[d]) + y[d + 1:] for t in halves]
+    return lab.factor(y, ports, [(derivative, y + halves)])
+
+
+register("GluBackward0", _glu)

@@ -9,7 +9,10 @@
 * :func:`taylor` -- ``f^(k)`` of any elementwise function written with
   torch ops, by nesting forward-mode ``jvp`` k times (gelu, softplus, ...).
 * :func:`elementwise2` -- ``y = f(x0, x1)`` entrywise with broadcasting
-  (div, pow): the rule gives the mixed partial ``d^(i+j) f / dx0^i dx1^j``.
+  (div, pow): the rule gives the mixed partial ``d^(i+j) f / dx0^i dx1^j``;
+  :func:`elementwise_n` the same for any number of inputs (lerp, addcmul),
+  and :func:`taylor_partial` any such partial of a torch expression of
+  ``f`` by nested forward-mode ``jvp`` (atan2, hypot).
 * :func:`linear_map` -- every linear operator (views, sums, indexing,
   pooling, dropout): a relabelling of the ports plus 0/1 operands where it
   is not one, and a coefficient; every order >= 2 is zero. :func:`linear`
@@ -109,6 +112,60 @@ def elementwise2(deriv: Callable) -> Callable:
         return lab.factor(y, ports, [(value.expand(ctx.out_shape), y)])
 
     return rule
+
+
+def elementwise_n(deriv: Callable) -> Callable:
+    """Rule for ``y = f(x0, .., x_(m-1))`` entrywise with broadcasting.
+
+    ``deriv(ctx, counts)`` is the mixed partial ``d^|counts| f / dx0^counts[0] .. dx_(m-1)^counts[m-1]``
+    (a tensor that broadcasts to ``y``), or ``None`` where it is zero.
+    """
+
+    def rule(ctx, slots):
+        value = deriv(ctx, tuple(slots.count(s) for s in range(len(ctx.in_shapes))))
+        if value is None:
+            return None
+        lab = LabelMaker()
+        y = lab.dims(ctx.out_shape)
+        ports = [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[s]) for s in slots]
+        return lab.factor(y, ports, [(value.expand(ctx.out_shape), y)])
+
+    return rule
+
+
+def taylor_partial(fn: Callable, saved: tuple) -> Callable:
+    """``deriv(ctx, *counts)`` for ``y = fn(ctx, x0, x1, ..)`` entrywise, the ``x`` the saved inputs named ``saved``.
+
+    The inputs are broadcast to ``y``; the partial is nested forward-mode ``jvp``, ``counts[t]`` times
+    along input ``t`` (each a unit tangent): exact to rounding, ``2^k`` evaluations of ``fn``. Use with
+    :func:`elementwise2` (``deriv(ctx, i, j)``) or, through ``lambda ctx, c: deriv(ctx, *c)``,
+    :func:`elementwise_n`.
+    """
+
+    def deriv(ctx, *counts):
+        def build():
+            xs = [ctx.saved(n).detach().to(ctx.dtype).expand(ctx.out_shape).contiguous() for n in saved]
+            g = lambda *zs: fn(ctx, *zs)
+            for t, count in enumerate(counts):
+                for _ in range(count):
+                    g = _along(g, t)
+            return g(*xs)
+
+        return planned(ctx, ctx.out_shape, build)
+
+    return deriv
+
+
+def _along(h: Callable, t: int) -> Callable:
+    """``z -> d/ds h(z with z[t] + s)``: one unit forward-mode derivative along input ``t``."""
+
+    def g(*zs):
+        def along(z):
+            return h(*zs[:t], z, *zs[t + 1:])
+
+        return jvp(along, (zs[t],), (torch.ones_like(zs[t]),))[1]
+
+    return g
 
 
 # ---------------------------------------------------------------- linear

@@ -97,20 +97,22 @@ register("NarrowCopyBackward0", linear_map(_narrow_copy))
 
 
 def _index_select(ctx, lab, slot):
-    shape = ctx.in_shapes[0]
+    shape = ctx.in_shapes[0] or (1,)  # a 0-d input is read as one entry (a port of size one)
+    out_shape = ctx.out_shape or (1,)
     d = normalize_dim(ctx.saved("dim"), len(shape))
     x = lab.dims(shape)
-    y = x[:d] + (lab.new(ctx.out_shape[d]),) + x[d + 1:]
+    y = x[:d] + (lab.new(out_shape[d]),) + x[d + 1:]
     s = _one_hot(ctx.saved("index").reshape(-1), shape[d], ctx)  # a 0-d index keeps a dim of size one
     return y, x, [(s, (y[d], x[d]))]
 
 
 def _gather(ctx, lab, slot):
-    shape = ctx.in_shapes[0]
+    shape = ctx.in_shapes[0] or (1,)  # a 0-d input (and index) is read as one entry
+    out_shape = ctx.out_shape or (1,)
     d = normalize_dim(ctx.saved("dim"), len(shape))
-    y = lab.dims(ctx.out_shape)
+    y = lab.dims(out_shape)
     x, operands = [], []
-    for k, (n, m) in enumerate(zip(shape, ctx.out_shape)):
+    for k, (n, m) in enumerate(zip(shape, out_shape)):
         if k == d:
             x.append(lab.new(n))
         elif n == m:
@@ -118,8 +120,23 @@ def _gather(ctx, lab, slot):
         else:  # the index is shorter than x here: y reads x's first m entries
             x.append(lab.new(n))
             operands.append((_one_hot(torch.arange(m, device=ctx.device), n, ctx), (y[k], x[k])))
-    operands.append((_one_hot(ctx.saved("index"), shape[d], ctx), y + (x[d],)))
+    operands.append((_one_hot(ctx.saved("index").reshape(out_shape), shape[d], ctx), y + (x[d],)))
     return y, tuple(x), operands
+
+
+def _by_indices(ctx, lab, slot):
+    """sort, topk, kthvalue, median / mode along a dim: the input read at torch's saved ``indices`` along ``dim``."""
+    shape = tuple(ctx.in_shapes[0]) or (1,)  # a 0-d input is one entry
+    index = ctx.saved("indices")
+    if not ctx.in_shapes[0]:
+        index = index.reshape(1)
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    x = lab.dims(shape)
+    if index.dim() == len(shape):  # sort, topk, keepdim: the output keeps the dim, its own length
+        y = tuple(x[k] if k != d else lab.new(index.shape[d]) for k in range(len(shape)))
+    else:
+        y = tuple(x[k] for k in range(len(shape)) if k != d)
+    return y, x, [(_one_hot(index, shape[d], ctx), y + (x[d],))]
 
 
 def _index(ctx, lab, slot):
@@ -332,3 +349,28 @@ register("SplitBackward0", linear_map(_split, multi_output=True))
 register("UnsafeSplitBackward0", linear_map(_split, multi_output=True))
 register("SplitWithSizesBackward0", linear_map(_split_with_sizes, multi_output=True))
 register("UnbindBackward0", linear_map(_unbind, multi_output=True))
+
+# ---------------------------------------------------------------- values picked by a sort or a search along a dim
+
+for _name in ("SortBackward0", "TopkBackward0", "KthvalueBackward0", "MedianBackward1", "NanmedianBackward1",
+              "ModeBackward0"):
+    register(_name, linear_map(_by_indices))
+
+
+def _max_unpool(spatial: int):
+    """max_unpool: each input entry written at torch's saved index within its plane of the output."""
+
+    def build(ctx, lab, slot):
+        shape, out = tuple(ctx.in_shapes[0]), tuple(ctx.out_shape)
+        lead = shape[: len(shape) - spatial]
+        inside, outside = math.prod(shape[len(shape) - spatial:]), math.prod(out[len(out) - spatial:])
+        lead_labels = lab.dims(lead)
+        k, j = lab.new(inside), lab.new(outside)
+        index = ctx.saved("indices").reshape(*lead, inside)
+        return lead_labels + (j,), lead_labels + (k,), [(_one_hot(index, outside, ctx), lead_labels + (k, j))]
+
+    return build
+
+
+register("MaxUnpool2DBackward0", linear_map(_max_unpool(2)))
+register("MaxUnpool3DBackward0", linear_map(_max_unpool(3)))

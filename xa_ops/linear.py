@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from xa.errors import UnsupportedOperatorError
 from xa.factor import broadcast_port, normalize_dim, reshape_ports, signed
 from xa.registry import register
 
@@ -58,6 +59,8 @@ def _permute_dims(ctx, ndim):
 
 def _transpose_dims(ctx, ndim):
     order = list(range(ndim))
+    if ndim == 0:  # x.transpose(0, 0) of a 0-d tensor: nothing moves
+        return order
     a, b = normalize_dim(ctx.saved("dim0"), ndim), normalize_dim(ctx.saved("dim1"), ndim)
     order[a], order[b] = order[b], order[a]
     return order
@@ -169,6 +172,10 @@ register("RsubBackward1", weighted_sum(lambda ctx: (-_alpha(ctx),)))  # number -
 register("MulBackward1", weighted_sum(lambda ctx: (float(ctx.saved("other")),)))
 register("DivBackward1", weighted_sum(lambda ctx: (1.0 / float(ctx.saved("other")),)))
 register("AddBackward1", weighted_sum(lambda ctx: (1.0,)))
+register("SubBackward1", weighted_sum(lambda ctx: (1.0,)))  # x - number (aten::sub.Scalar)
+# torch.fill(x, number) and x.fill_(number): a constant, every derivative zero
+register("FillBackward0", lambda ctx, slots: None)
+register("FillBackward2", lambda ctx, slots: None)
 # ---------------------------------------------------------------- masks: masked_fill, dropout (constants)
 
 
@@ -189,3 +196,67 @@ def _dropout_scale(ctx, slot):
 register("MaskedFillBackward0", linear_map(_masked(
     lambda ctx: (~ctx.saved("mask")).to(ctx.dtype).expand(ctx.out_shape))))
 register("NativeDropoutBackward0", linear_map(_masked(lambda ctx: ctx.saved("result1").to(ctx.dtype)), _dropout_scale))
+
+# ---------------------------------------------------------------- identities, scalings, lerp with a number
+
+
+def _lerp_number(ctx):
+    w = ctx.saved("weight")
+    if isinstance(w, complex):
+        raise UnsupportedOperatorError(f"{ctx.name}: a complex weight is not supported")
+    return (1.0 - float(w), float(w))
+
+
+# x.to(dtype), .float(), .double(), .to(device): the derivative is the cast back, the identity in xa's dtype.
+# fmod / remainder by a number and frac are x minus a piecewise constant: slope 1.
+for _name in ("ToCopyBackward0", "FmodBackward0", "RemainderBackward0", "FracBackward0"):
+    register(_name, linear(_same))
+register("Deg2RadBackward0", linear(_same, coef=math.pi / 180.0))
+register("Rad2DegBackward0", linear(_same, coef=180.0 / math.pi))
+register("LerpBackward0", weighted_sum(_lerp_number))  # x + w (end - x), w a number
+
+# ---------------------------------------------------------------- triangles, diagonal embedding, cumulative sums
+
+
+def _triangle(keep):
+    """tril / triu: the input where ``keep(ones, diagonal)`` of its last two dims is one."""
+
+    def build(ctx, lab, slot):
+        y = lab.dims(ctx.out_shape)
+        rows, cols = ctx.out_shape[-2:]
+        mask = keep(torch.ones(rows, cols, dtype=ctx.dtype, device=ctx.device), signed(ctx.saved("diagonal")))
+        return y, y, [(mask, y[-2:])]
+
+    return build
+
+
+def _diag_embed(ctx, lab, slot):
+    """``y[.., a, .., b, ..] = x[.., i]`` where ``(a, b)`` is the ``i``-th entry of the offset diagonal of dims
+    ``dim1, dim2`` of ``y``; the other dims of ``y`` are ``x``'s leading ones, in order."""
+    out = ctx.out_shape
+    d1, d2 = (normalize_dim(ctx.saved(n), len(out)) for n in ("dim1", "dim2"))
+    offset = signed(ctx.saved("offset"))
+    y = lab.dims(out)
+    rest = [y[d] for d in range(len(out)) if d not in (d1, d2)]
+    n = ctx.in_shapes[0][-1]
+    diag, pick = _diagonal_pick(ctx, lab, out[d1], out[d2], n, offset)
+    return y, rest + [diag], [(pick, (diag, y[d1], y[d2]))]
+
+
+def _cumsum(ctx, lab, slot):
+    """``y_i = sum_(j <= i) x_j`` along ``dim``: a lower triangle of ones between the two ports' labels."""
+    shape = ctx.out_shape
+    if not shape:  # a 0-d input is its own cumulative sum
+        return (), (), ()
+    d = normalize_dim(ctx.saved("dim"), len(shape))
+    y = list(lab.dims(shape))
+    x = list(y)
+    x[d] = lab.new(shape[d])
+    ones = torch.ones(shape[d], shape[d], dtype=ctx.dtype, device=ctx.device).tril()
+    return tuple(y), tuple(x), [(ones, (y[d], x[d]))]
+
+
+register("TrilBackward0", linear_map(_triangle(torch.tril)))
+register("TriuBackward0", linear_map(_triangle(torch.triu)))
+register("DiagEmbedBackward0", linear_map(_diag_embed))
+register("CumsumBackward0", linear_map(_cumsum))

@@ -1,4 +1,4 @@
-"""Losses: mse, smooth_l1, binary cross-entropy (on probabilities and on logits), nll.
+"""Losses: mse, smooth_l1, huber, binary cross-entropy (on probabilities and on logits), nll.
 
 Pointwise losses are ``l = f(x, t)`` entrywise (``x`` the prediction, slot
 0; ``t`` the target, slot 1, where torch lets it require grad), then a
@@ -126,10 +126,24 @@ def _smooth_l1(ctx, d, n):
     return torch.where(inside, d / beta if beta else d, torch.sign(d))
 
 
+def _huber(ctx, d, n):
+    """``d^2 / 2`` for ``|d| <= delta``, ``delta (|d| - delta / 2)`` beyond: ``delta * smooth_l1(beta=delta)``.
+    torch's first derivative takes the quadratic piece's slope on the closed interval, its second the open one."""
+    delta = float(ctx.saved("delta"))
+    if n > 2:
+        return None
+    if n == 2:
+        return (d.abs() < delta).to(ctx.dtype)
+    return torch.where(d.abs() <= delta, d, delta * torch.sign(d))
+
+
 register("MseLossBackward0", _pointwise(_of_difference(_mse)))
 register("SmoothL1LossBackward0", _pointwise(_of_difference(_smooth_l1)))
-# HuberLossBackward0 and SoftMarginLossBackward0 are left out: torch has no forward-mode derivative of their
-# backward, so torch.func, the reference, cannot check a rule past the first order.
+# torch has no forward-mode derivative of huber_loss_backward, so torch.func checks its samples at the
+# first order only; tests/test_operators.py checks the higher ones against delta * smooth_l1(beta=delta).
+register("HuberLossBackward0", _pointwise(_of_difference(_huber)))
+# SoftMarginLossBackward0 is left out: torch has no forward-mode derivative of its backward, so torch.func,
+# the reference, cannot check a rule past the first order.
 
 # ---------------------------------------------------------------- binary cross-entropy
 

@@ -37,8 +37,10 @@ import math
 from functools import lru_cache
 
 import torch
+from torch.func import jacfwd, vmap
 
 from xa.composite import Piece
+from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker, normalize_dim, planned
 from xa.registry import register
 
@@ -121,7 +123,7 @@ def softmax(ctx, slots):
 def _prod(ctx, slots, dim=None):
     k = len(slots)
     x = ctx.saved("self")
-    xb = x.reshape(-1) if dim is None else x.movedim(dim, -1)
+    xb = x.reshape(-1) if dim is None or x.dim() == 0 else x.movedim(dim, -1)  # 0-d: one entry
     n = xb.shape[-1]
     if k > n:
         return None
@@ -360,3 +362,182 @@ register("MaxBackward1", _even(all_dims=True))
 register("MinBackward1", _even(all_dims=True))
 register("AmaxBackward0", _even(all_dims=False))
 register("AminBackward0", _even(all_dims=False))
+# median of all entries: torch shares a tie among the medians evenly too (evenly_distribute_backward)
+register("MedianBackward0", _even(all_dims=True))
+register("NanmedianBackward0", _even(all_dims=True))
+
+# ---------------------------------------------------------------- var, std, vector norms
+#
+# Each is y = f(g) of every group g of entries along the reduced dims. Whole, the k-th derivative is the
+# dense T_k = d^k f / dg^k of each group by nested jacfwd (small groups); as a composite, the pieces torch
+# could have recorded: var = sum((x - mean)^2) / (n - correction), std = sqrt(var), a vector norm
+# sum(|x|^p)^(1/p) (p = 2: sqrt(sum(x^2)); p = inf: amax(|x|)), each with structured rules.
+
+
+def _reduced_dims(ctx):
+    shape = ctx.in_shapes[0] or tuple(ctx.saved("self").shape)
+    return ctx.saved("dim") or range(len(shape))
+
+
+def _correction(ctx) -> float:
+    c = ctx.saved("correction")
+    return 1.0 if c is None else float(c)
+
+
+def _real_input(ctx):
+    x = ctx.saved("self")
+    if x.is_complex():
+        raise UnsupportedOperatorError(f"{ctx.name}: a complex input is not supported")
+    return x.detach().to(ctx.dtype)
+
+
+def _norm_order(ctx) -> float:
+    """``ord`` of linalg.vector_norm, ``p`` of torch.norm (None is 2)."""
+    p = ctx.saved("ord") if ctx.has("ord") else ctx.saved("p") if ctx.has("p") else 2.0
+    if isinstance(p, complex):
+        raise UnsupportedOperatorError(f"{ctx.name}: a complex ord is not supported")
+    return float(p)
+
+
+def _variance(n, c):
+    return lambda g: ((g - g.mean()) ** 2).sum() / (n - c)
+
+
+def _group_function(kind):
+    """``fn(ctx, n) -> f`` for one group of ``n`` entries, or ``None`` where every derivative is zero."""
+
+    def var(ctx, n):
+        return _variance(n, _correction(ctx))
+
+    def std(ctx, n):
+        v = _variance(n, _correction(ctx))
+        return lambda g: torch.sqrt(v(g))
+
+    def norm(ctx, n):
+        p = _norm_order(ctx)
+        if p == 0:
+            return None  # the count of nonzero entries: piecewise constant
+        if p == 2:
+            return lambda g: torch.sqrt((g * g).sum())
+        if math.isinf(p):
+            return lambda g: g.abs().amax() if p > 0 else g.abs().amin()
+        return lambda g: (g.abs() ** p).sum() ** (1.0 / p)
+
+    return {"var": var, "std": std, "norm": norm}[kind]
+
+
+def _group_rule(kind):
+    fn_of = _group_function(kind)
+
+    def rule(ctx, slots):
+        k = len(slots)
+        x = _real_input(ctx)
+        along = _Along(ctx, _reduced_dims(ctx))
+        n = math.prod(along.sizes)
+        fn = fn_of(ctx, n)
+        if fn is None:
+            return None
+        shape = (*along.batch, *(along.sizes * k))
+
+        def build():
+            f = fn
+            for _ in range(k):
+                f = jacfwd(f)
+            return vmap(f)(along.flat(x).reshape(-1, n)).reshape(shape)
+
+        dense = planned(ctx, shape, build)
+        lab = LabelMaker()
+        bl = lab.dims(along.batch)
+        pos = [lab.dims(along.sizes) for _ in range(k)]
+        return lab.factor(bl, [along.port(bl, p) for p in pos], [(dense, bl + sum(pos, ()))],
+                          workspace=DENSE_WORKSPACE * math.prod(shape))
+
+    return rule
+
+
+def _var_pieces(ctx, root=False):
+    """``m = mean(x)``, ``d = x - m``, ``q = d^2``, ``s = sum(q)``, ``v = s / (n - correction)`` (, ``sqrt(v)``)."""
+    x = _real_input(ctx)
+    along = _Along(ctx, _reduced_dims(ctx))
+    n, c = math.prod(along.sizes), _correction(ctx)
+    if x.dim() == 0 or n - c <= 0:
+        return None
+    reduced, keepdim = tuple(along.reduced), bool(ctx.saved("keepdim"))
+    mean = x.mean(reduced, keepdim=True)
+    d = x - mean
+    s_shape = tuple(d.sum(reduced, keepdim=keepdim).shape)
+    pieces = [
+        Piece("MeanBackward1", mean.shape, (("in", 0),), {"dim": reduced, "keepdim": True}, "mean"),
+        Piece("SubBackward0", x.shape, (("in", 0), ("piece", 0)), {"alpha": 1}, "x - mean"),
+        Piece("PowBackward0", x.shape, (("piece", 1),), {"self": d, "exponent": 2.0}, "square"),
+        Piece("SumBackward1", s_shape, (("piece", 2),), {"dim": reduced, "keepdim": keepdim}, "sum"),
+        Piece("MulBackward1", s_shape, (("piece", 3),), {"other": 1.0 / (n - c)}, "/ (n - correction)"),
+    ]
+    if root:
+        pieces.append(Piece("SqrtBackward0", s_shape, (("piece", 4),), {"result": ctx.saved("result")}, "sqrt"))
+    return pieces
+
+
+def _norm_pieces(ctx):
+    """``sqrt(sum(x^2))``, ``amax(|x|)`` / ``amin(|x|)``, or ``sum(|x|^p)^(1/p)`` over the reduced dims."""
+    x = _real_input(ctx)
+    p = _norm_order(ctx)
+    if x.dim() == 0 or p == 0:
+        return None
+    along = _Along(ctx, _reduced_dims(ctx))
+    reduced, keepdim = tuple(along.reduced), bool(ctx.saved("keepdim"))
+    result = ctx.saved("result").detach().to(ctx.dtype)
+    r_shape = tuple(result.shape)
+    total = {"dim": reduced, "keepdim": keepdim}
+    if p == 2:
+        return [
+            Piece("PowBackward0", x.shape, (("in", 0),), {"self": x, "exponent": 2.0}, "square"),
+            Piece("SumBackward1", r_shape, (("piece", 0),), total, "sum"),
+            Piece("SqrtBackward0", r_shape, (("piece", 1),), {"result": result}, "sqrt"),
+        ]
+    a = x.abs()
+    pieces = [Piece("AbsBackward0", x.shape, (("in", 0),), {"self": x}, "abs")]
+    if math.isinf(p):
+        name = "AmaxBackward0" if p > 0 else "AminBackward0"
+        pieces.append(Piece(name, r_shape, (("piece", 0),), {"self": a, "result": result, **total}, "max |x|"))
+        return pieces
+    if p == 1:
+        pieces.append(Piece("SumBackward1", r_shape, (("piece", 0),), total, "sum"))
+        return pieces
+    return pieces + [
+        Piece("PowBackward0", x.shape, (("piece", 0),), {"self": a, "exponent": p}, "|x|^p"),
+        Piece("SumBackward1", r_shape, (("piece", 1),), total, "sum"),
+        Piece("PowBackward0", r_shape, (("piece", 2),), {"self": result**p, "exponent": 1.0 / p}, "^(1/p)"),
+    ]
+
+
+_var = _group_rule("var")
+_var.composite = _var_pieces
+_var.dense_entries = _along_entries(_reduced_dims)
+_std = _group_rule("std")
+_std.composite = lambda ctx: _var_pieces(ctx, root=True)
+_std.dense_entries = _along_entries(_reduced_dims)
+_norm = _group_rule("norm")
+_norm.composite = _norm_pieces
+_norm.dense_entries = _along_entries(_reduced_dims)
+register("VarBackward0", _var)
+register("StdBackward0", _std)
+register("LinalgVectorNormBackward0", _norm)  # torch.linalg.vector_norm, torch.norm, Tensor.norm
+register("NormBackward1", _norm)  # torch.norm(x, p, dim) on some paths: F.pairwise_distance
+
+
+def _dist_pieces(ctx):
+    """``torch.dist(x, y, p)``: ``d = x - y`` (broadcast), then the p-norm of all of ``d`` (a composite itself)."""
+    x, y = ctx.saved("self").detach().to(ctx.dtype), ctx.saved("other").detach().to(ctx.dtype)
+    d = x - y
+    norm = {"self": d, "ord": ctx.saved("p"), "dim": None, "keepdim": False, "result": ctx.saved("result")}
+    return [Piece("SubBackward0", d.shape, (("in", 0), ("in", 1)), {"alpha": 1}, "x - y"),
+            Piece("LinalgVectorNormBackward0", (), (("piece", 0),), norm, "norm")]
+
+
+def _dist(ctx, slots):
+    raise UnsupportedOperatorError(f"{ctx.name}: torch.dist runs as the norm of x - y (its composite)")
+
+
+_dist.composite = _dist_pieces
+register("DistBackward0", _dist)

@@ -1,0 +1,242 @@
+"""torch's operator database as a test source: each op's own float64 sample inputs, through xa and torch.func.
+
+``op_db`` (``torch.testing._internal.common_methods_invocations``) lists every
+operator torch tests, with sample inputs. For each op that supports forward-mode
+AD in float64, :func:`check` takes its smallest usable samples (every tensor
+argument shrunk to at most 3 entries per dim when the op still runs on that, so
+that a 20 x 20 elementwise sample is a 3 x 3 one), differentiates the op w.r.t.
+every float64 tensor argument with ``xa.backward`` in both directions, and
+compares every order with nested ``torch.func`` (``jacrev`` then ``jacfwd``;
+where torch has no forward-mode derivative for the op, nested reverse mode,
+``torch.autograd.functional.jacobian`` with ``create_graph``). The order is
+capped per sample so that the reference stays small.
+
+``python tests/opinfo.py [order]`` prints each op's outcome and the counts.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.functional import jacobian
+from torch.func import jacfwd, jacrev
+
+import xa
+
+D = torch.float64
+MAX_ENTRIES = 200_000  # s * n^k of the largest reference tensor a sample may need
+SHRINK = 3
+
+
+def ops():
+    """``{key: OpInfo}`` for every op with forward-mode AD and float64 on the CPU (key: ``name.variant``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.testing._internal.common_methods_invocations import op_db
+    out = {}
+    for op in op_db:
+        if op.supports_forward_ad and D in op.supported_dtypes("cpu"):
+            key = op.name + ("." + op.variant_test_name if op.variant_test_name else "")
+            out.setdefault(key, op)
+    return out
+
+
+@dataclass
+class Sample:
+    """One call of the op: its arguments, with the positions of the float64 tensors xa differentiates."""
+
+    op: object
+    items: list  # the positional arguments (a list input is flattened in place: ("list", [tensors]))
+    kwargs: dict
+    where: list  # (argument index, index in a list argument or None) of each differentiated tensor
+
+    def tensors(self):
+        return [self.items[a] if b is None else self.items[a][b] for a, b in self.where]
+
+    def __call__(self, *values):
+        items = [list(x) if isinstance(x, (list, tuple)) else x for x in self.items]
+        for (a, b), v in zip(self.where, values):
+            if b is None:
+                items[a] = v
+            else:
+                items[a][b] = v
+        out = self.op(*items, **self.kwargs)
+        if isinstance(out, (tuple, list)):  # several outputs (max with indices, ...): the first float one
+            out = next(o for o in out if isinstance(o, torch.Tensor) and o.dtype == D)
+        return out
+
+
+def _sample(op, s, shrink: bool):
+    items = [s.input, *s.args]
+    if shrink:
+        items = [_shrunk(x) for x in items]
+    where = []
+    for a, x in enumerate(items):
+        if isinstance(x, torch.Tensor) and x.dtype == D and x.numel():
+            where.append((a, None))
+        elif isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+            where.extend((a, b) for b, t in enumerate(x) if t.dtype == D and t.numel())
+    if not where:
+        return None
+    return Sample(op, items, dict(s.kwargs), where)
+
+
+def _shrunk(x):
+    if isinstance(x, torch.Tensor):
+        for d, n in enumerate(x.shape):
+            if n > SHRINK:
+                x = x.narrow(d, 0, SHRINK)
+        return x.clone()
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return [_shrunk(t) for t in x]
+    return x
+
+
+def samples(op, count: int = 2):
+    """Up to ``count`` usable samples, smallest first: each runs, gives a float64 tensor, is small."""
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            raw = list(op.sample_inputs("cpu", D, requires_grad=False))
+        except Exception:  # noqa: BLE001 - torch's own sample generator failing is its problem
+            return []
+        for s in raw:
+            for shrink in (True, False):
+                sample = _sample(op, s, shrink)
+                if sample is None:
+                    continue
+                try:
+                    with torch.no_grad():
+                        out = sample(*sample.tensors())
+                except Exception:  # noqa: BLE001 - a shrunk sample the op refuses
+                    continue
+                if not isinstance(out, torch.Tensor) or out.dtype != D or out.numel() == 0:
+                    continue
+                n = max(t.numel() for t in sample.tensors())
+                if out.numel() * n > MAX_ENTRIES:
+                    continue
+                found.append((out.numel() * n, len(found), sample))
+                break
+    return [s for _, _, s in sorted(found, key=lambda t: t[:2])[:count]]
+
+
+def order_for(sample, top: int) -> int:
+    s = sample(*sample.tensors()).numel()
+    n = max(t.numel() for t in sample.tensors())
+    k = 1
+    while k < top and s * n ** (k + 1) <= MAX_ENTRIES:
+        k += 1
+    return k
+
+
+def reference(sample, order: int):
+    """``out[i][k-1]``: d^k op / d(tensor i)^k flattened to xa's layout; torch.func, else nested reverse mode."""
+    base = [t.detach() for t in sample.tensors()]
+    s = sample(*base).numel()
+    out = []
+    for i, x in enumerate(base):
+        def fi(z, i=i):
+            vals = list(base)
+            vals[i] = z
+            return sample(*vals)
+
+        try:
+            g, per = jacrev(fi), []
+            per.append(g(x))
+            for _ in range(1, order):
+                g = jacfwd(g)
+                per.append(g(x))
+        except Exception:  # noqa: BLE001 - no forward-mode derivative (or no vmap rule): reverse mode
+            per = []
+            for k in range(1, order + 1):
+                g = fi
+                for level in range(1, k + 1):
+                    g = (lambda inner, cg: lambda z: jacobian(inner, z, create_graph=cg))(g, level < k)
+                per.append(g(x).detach())
+        out.append([d.reshape((s,) + (x.numel(),) * (k + 1)) for k, d in enumerate(per)])
+    return out
+
+
+def check(sample, order: int, direction: str, want=None) -> float:
+    """The largest error of ``xa.backward`` against :func:`reference` (or ``want``), relative to max(1, |ref|)."""
+    want = reference(sample, order) if want is None else want
+    leaves = [t.detach().clone().requires_grad_() for t in sample.tensors()]
+    y = sample(*leaves)
+    xa.backward(y, order, direction=direction)
+    worst = 0.0
+    for i, leaf in enumerate(leaves):
+        got = getattr(leaf, "xgrad", None)
+        for k in range(order):
+            w = want[i][k]
+            if got is None:  # no path from the leaf: every derivative must be zero
+                worst = max(worst, w.abs().max().item() if w.numel() else 0.0)
+                continue
+            assert got[k].shape == w.shape, (i, k + 1, got[k].shape, w.shape)
+            if w.numel():
+                worst = max(worst, (got[k] - w).abs().max().item() / max(1.0, w.abs().max().item()))
+    return worst
+
+
+# Ops whose result is random (a fresh draw per call): no reference can be computed for them.
+RANDOM = {"svd_lowrank", "pca_lowrank", "bernoulli", "nn.functional.rrelu", "nn.functional.fractional_max_pool2d",
+          "nn.functional.fractional_max_pool3d", "nn.functional.dropout", "nn.functional.dropout2d",
+          "nn.functional.dropout3d", "nn.functional.alpha_dropout", "nn.functional.feature_alpha_dropout.with_train",
+          "nn.functional.feature_alpha_dropout.without_train", "normal", "normal.number_mean", "uniform",
+          "multinomial", "nn.functional.gumbel_softmax"}
+
+
+def outcome(op, top: int = 3):
+    """``(status, detail)``: ``handled`` (with the error), ``refused`` (the typed error), ``no-sample``,
+    ``no-grad`` (torch records no graph), ``torch-fails`` (no reference), or ``wrong``."""
+    key = op.name + ("." + op.variant_test_name if op.variant_test_name else "")
+    if key in RANDOM:
+        return "random", "the op draws random numbers: no reference"
+    found = samples(op)
+    if not found:
+        return "no-sample", "no float64 sample small enough"
+    worst = 0.0
+    for sample in found:
+        order = order_for(sample, top)
+        leaves = [t.detach().clone().requires_grad_() for t in sample.tensors()]
+        try:
+            if sample(*leaves).grad_fn is None:
+                return "no-grad", "the op's output records no graph"
+            want = reference(sample, order)
+        except Exception as err:  # noqa: BLE001
+            return "torch-fails", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
+        for direction in ("backward", "forward"):
+            try:
+                worst = max(worst, check(sample, order, direction, want))
+            except xa.XaError as err:
+                return "refused", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+            except Exception as err:  # noqa: BLE001 - an untyped error is a bug of xa: reported, not hidden
+                return "crash", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+    return ("handled" if worst <= 1e-7 else "wrong"), f"{worst:.1e}"
+
+
+if __name__ == "__main__":
+    import signal
+    from collections import Counter
+
+    def _alarm(*_):
+        raise TimeoutError
+
+    signal.signal(signal.SIGALRM, _alarm)
+    top = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    counts = Counter()
+    for key, op in ops().items():
+        signal.alarm(20)
+        try:
+            status, detail = outcome(op, top)
+        except TimeoutError:
+            status, detail = "timeout", "over 20 s"
+        signal.alarm(0)
+        counts[status] += 1
+        print(f"{key:45} {status:12} {detail}", flush=True)
+    tested = counts["handled"] + counts["refused"] + counts["wrong"]
+    print(dict(counts), f"handled {counts['handled']} of {tested} ({100 * counts['handled'] / max(tested, 1):.0f}%)",
+          f"of {len(ops())} ops")
