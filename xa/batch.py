@@ -279,10 +279,15 @@ def _merge(graph, dims, seen_by, x, e, here) -> None:
     def how(d):
         return "as one value shared by all samples" if d is None else "per sample"
 
+    why = ("a node couples samples (a sum, mean or max over the batch, x - x.mean(0), a value computed from "
+           "all samples)")
+    if "(fallback" in f"{seen_by[x]} {here}":
+        why = ("a node xa differentiates through the generic fallback has one dense factor over all samples, "
+               "so per-sample derivatives cannot pass through it; without batch_dim= (or with a rule of its own, "
+               "xa.extend.register) it works")
     raise BatchMixingError(
         f"{what} of shape {list(xv.shape)} reaches the source {how(dims[x])} through {seen_by[x]}, and "
-        f"{how(e)} through {here}: a node couples samples (a sum, mean or max over the batch, "
-        "x - x.mean(0), a value computed from all samples)"
+        f"{how(e)} through {here}: {why}"
     )
 
 
