@@ -35,4 +35,11 @@ CASES = [
     ("cumsum 0-d", lambda a: a.sum().cumsum(0).sin(), [(3,)], 3),
     ("torch.addbmm", lambda c, b1, b2: torch.addbmm(c, b1, b2, beta=0.5, alpha=2.0).tanh(),
      [(3, 2), (2, 3, 4), (2, 4, 2)], 3),
+    # solve as inv(A) @ b (xa_ops/linalg.py); A near the identity keeps it well conditioned. torch's own
+    # third derivatives of solve w.r.t. A are wrong (tests/test_composite.py checks order 3 against inv(A) @ b)
+    ("torch.linalg.solve vector", lambda a, b: torch.linalg.solve(a + 3 * torch.eye(3, dtype=a.dtype), b).sin(),
+     [(3, 3), (3,)], 2),
+    ("torch.linalg.solve matrix fan-out", lambda a: torch.linalg.solve(a + 3 * torch.eye(3, dtype=a.dtype), a) * a,
+     [(3, 3)], 2),
+
 ]

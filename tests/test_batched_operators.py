@@ -26,6 +26,8 @@ LOOPED = "vmap has no batching rule here and runs a loop over samples joined by 
 NOT_BATCHED = {
     "lazy clone": LOOPED,
     "F.max_unpool2d": LOOPED,
+    "torch.linalg.solve vector": "a batch of matrices goes to the generic fallback (a dense factor over all samples)",
+    "torch.linalg.solve matrix fan-out": "as torch.linalg.solve vector",
     "F.max_unpool3d": LOOPED,
     "torch.take": LOOPED,
     "Tensor.take": LOOPED,

@@ -133,6 +133,8 @@ def _bind(ctx, packet, leaves):
             elif a.name in ("size", "output_size") and a.name not in diff:
                 # a view's or an adaptive pool's target size is the output's shape (its trailing dims)
                 args[a.name] = ("out_shape", None)
+            elif (packet.__name__, a.name) in RECOVERED:
+                args[a.name] = ("recovered", RECOVERED[packet.__name__, a.name])
             elif a.name in diff and leaves[diff.index(a.name)] is not None:
                 args[a.name] = ("leaf", diff.index(a.name))
             elif a.name in diff and pointwise:
@@ -164,6 +166,11 @@ def _bind(ctx, packet, leaves):
         return _Call(overload, args, diff, outputs)
     return "; ".join(reasons) or "no overload of the operator takes these inputs"
 
+
+# Arguments torch does not save but that its saved outputs determine: (op, argument) -> how.
+RECOVERED = {
+    ("linalg_inv_ex", "A"): lambda ctx: torch.linalg.inv(ctx.saved("inverse").detach().to(ctx.dtype)),
+}
 
 # Operators whose own higher derivatives torch gets wrong: the fallback would repeat the error.
 WRONG_IN_TORCH = {
@@ -205,6 +212,8 @@ def fallback_rule(node: str):
                 kind, what = call.args[call.slots[s]]
                 if kind == "saved":
                     values.append(ctx.saved(what).detach().to(ctx.dtype))
+                elif kind == "recovered":
+                    values.append(what(ctx))
                 elif kind == "leaf":
                     values.append(leaves[what].detach().to(device=ctx.device, dtype=ctx.dtype))
                 else:
@@ -258,6 +267,8 @@ def _argument(ctx, kind, what, name, call):
         return _saved_value(ctx, what)
     if kind == "out_shape":
         return _size_for(ctx, name, call)
+    if kind == "recovered":
+        return what(ctx)
     return what
 
 

@@ -26,6 +26,7 @@ from . import (  # noqa: F401
     convolution,
     elementwise,
     indexing,
+    linalg,
     linear,
     losses,
     normalization,
