@@ -17,6 +17,7 @@ torch's: the slope where the piece is linear, zero beyond.
 
 import itertools
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -406,10 +407,23 @@ def _addcdiv(ctx, counts):
     return inv if n1 else ctx.saved("tensor1") * inv
 
 
-def _clamp_tensors(ctx, counts):
+@lru_cache(maxsize=None)
+def _tie_share(kind: str) -> float:
+    """The share of a tie between ``x`` and a tensor bound that torch gives the bound: 0.5 from torch 2.14
+    on (split evenly), 0 before (``x`` takes it all). Asked of torch itself, once."""
+    x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        y = {"clamp": lambda: torch.clamp(x, b, b + 1.0), "min": lambda: x.clamp_min(b),
+             "max": lambda: x.clamp_max(b)}[kind]()
+        (gb,) = torch.autograd.grad(y.sum(), b)
+    return float(gb.item())
+
+
+def _clamp_tensors(ctx, counts, kind="clamp"):
     """``clamp(x, lo, hi)`` with tensor bounds (either may be absent): the one-hot of the piece torch picks,
-    ties split evenly as torch does: ``x`` on a bound shares with it, unless ``lo == hi`` (then ``x`` takes
-    it all); with ``lo > hi`` the result is ``hi``."""
+    ties as the running torch shares them (:func:`_tie_share`): ``x`` on a bound shares with it, unless
+    ``lo == hi`` (then ``x`` takes it all); with ``lo > hi`` the result is ``hi``."""
     if sum(counts) > 1:
         return None
     slot = counts.index(1)
@@ -417,19 +431,20 @@ def _clamp_tensors(ctx, counts):
     lo = ctx.saved("min") if ctx.has("min") else None
     hi = ctx.saved("max") if ctx.has("max") else None
     dtype = ctx.dtype
+    half = _tie_share(kind)
     if hi is None or lo is None:
         bound = lo if hi is None else hi
         below, above = (x > bound, x < bound) if hi is None else (x < bound, x > bound)
-        tie = (x == bound).to(dtype) * 0.5
-        return (below if slot == 0 else above).to(dtype) + tie
+        tie = (x == bound).to(dtype)
+        return below.to(dtype) + tie * (1.0 - half) if slot == 0 else above.to(dtype) + tie * half
     ordered, equal, crossed = lo < hi, lo == hi, lo > hi
     at_lo, at_hi = (x == lo).to(dtype), (x == hi).to(dtype)
     if slot == 0:
-        share = torch.where(equal, torch.ones((), dtype=dtype, device=x.device), 1.0 - 0.5 * at_lo - 0.5 * at_hi)
+        share = torch.where(equal, torch.ones((), dtype=dtype, device=x.device), 1.0 - half * at_lo - half * at_hi)
         return ((lo <= x) & (x <= hi)).to(dtype) * share
     if slot == 1:
-        return (~crossed).to(dtype) * ((x < lo).to(dtype) + 0.5 * at_lo * ordered)
-    return crossed.to(dtype) + (~crossed).to(dtype) * ((x > hi).to(dtype) + 0.5 * at_hi * ordered)
+        return (~crossed).to(dtype) * ((x < lo).to(dtype) + half * at_lo * ordered)
+    return crossed.to(dtype) + (~crossed).to(dtype) * ((x > hi).to(dtype) + half * at_hi * ordered)
 
 
 def _clamp_bound(name):
@@ -439,7 +454,7 @@ def _clamp_bound(name):
         if i + j > 1:
             return None
         counts = (i, j, 0) if name == "min" else (i, 0, j)
-        return _clamp_tensors(ctx, counts)
+        return _clamp_tensors(ctx, counts, name)
 
     return deriv
 
