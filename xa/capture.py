@@ -286,8 +286,9 @@ class Graph:
             rules = resolve()
         for n, v in enumerate(self.values):
             through = getattr(rules.get(v.name), "fallback", None)
-            if through is not None and v.leaf is None and not v.label:  # explain marks its dense factors
-                self.values[n] = dataclasses.replace(v, label=f"{v.name} (fallback: dense, aten::{through})")
+            if through is not None and v.leaf is None and "fallback" not in v.label:  # explain marks them
+                mark = f"(fallback: dense, aten::{through})"
+                self.values[n] = dataclasses.replace(v, label=f"{v.label or v.name} {mark}")
                 self.__dict__.pop("_signature", None)
         return rules
 
