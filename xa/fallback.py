@@ -5,9 +5,9 @@ is ``aten::special_i1e``, ``LinalgCrossBackward0`` is ``aten::linalg_cross``), a
 saves on it, under the schema's own argument names (``_saved_self``,
 ``_saved_dim``), what its backward formula needs. When those recover every
 argument, the operator can be called again at the point: its local derivatives
-of any order over any slots are nested forward-mode ``jacfwd`` of that call,
-dense factors of the output's and the inputs' shapes that the planner treats as
-any other factor.
+of any order over any slots are ``jacrev`` then nested ``jacfwd`` of that call
+(torch.func's own order for a Hessian), dense factors of the output's and the
+inputs' shapes that the planner treats as any other factor.
 
 Which argument is which input slot: the node's inputs are the schema's
 floating-point tensor arguments, in order (an integer or boolean tensor, an
@@ -20,13 +20,19 @@ index or a mask, is never differentiated). An argument is recovered from
   backward formulas then never read that argument's value, so every first
   derivative is independent of it, the op is affine in it, and every
   derivative is the same at zeros;
-* the schema's default.
+* what the saved outputs determine (``linalg_inv_ex``'s ``A`` from its inverse);
+* the schema's default, only if a saved output lets the call be checked (an
+  argument torch did not save because its backward does not read it may still
+  change the output: eigh's ``UPLO``), or the argument cannot change a value.
 
-Otherwise the node is refused with a typed error naming the argument. Where the
-node saved its result, the recomputed output is compared with it before any
-derivative is taken, so a wrong reading of the arguments is an error, never a
-wrong number. The factors are dense (``n_out * n_in^k`` entries): ``explain``
-marks them.
+Otherwise the node is refused with a typed error naming the argument. Every
+saved attribute that names an argument must be one of the overload's. Where the
+node saved outputs, the recomputed call is compared with them before any
+derivative is taken, and a derivative over two positions of one input must be
+symmetric (torch's derivatives of ops that assume a symmetric or triangular
+input are not those of a function of every entry), so a wrong reading of the
+arguments or a derivative torch does not mean as one is an error, never a wrong
+number. The factors are dense (``n_out * n_in^k`` entries): ``explain`` marks them.
 """
 
 from __future__ import annotations
