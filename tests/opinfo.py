@@ -22,8 +22,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from reference import torch_partials
 from torch.autograd.functional import jacobian
-from torch.func import jacfwd, jacrev
 
 import xa
 
@@ -135,8 +135,13 @@ def order_for(sample, top: int) -> int:
 
 
 def reference(sample, order: int):
-    """``out[i][k-1]``: d^k op / d(tensor i)^k flattened to xa's layout; torch.func, else nested reverse mode."""
+    """``out[i][k-1]``: d^k op / d(tensor i)^k flattened to xa's layout; torch.func (the suite's own
+    :func:`reference.torch_partials`), else, where torch has no forward-mode derivative, nested reverse mode."""
     base = [t.detach() for t in sample.tensors()]
+    try:
+        return torch_partials(sample, base, order)
+    except Exception:  # noqa: BLE001 - no forward-mode derivative (or no vmap rule): reverse mode
+        pass
     s = sample(*base).numel()
     out = []
     for i, x in enumerate(base):
@@ -145,19 +150,12 @@ def reference(sample, order: int):
             vals[i] = z
             return sample(*vals)
 
-        try:
-            g, per = jacrev(fi), []
-            per.append(g(x))
-            for _ in range(1, order):
-                g = jacfwd(g)
-                per.append(g(x))
-        except Exception:  # noqa: BLE001 - no forward-mode derivative (or no vmap rule): reverse mode
-            per = []
-            for k in range(1, order + 1):
-                g = fi
-                for level in range(1, k + 1):
-                    g = (lambda inner, cg: lambda z: jacobian(inner, z, create_graph=cg))(g, level < k)
-                per.append(g(x).detach())
+        per = []
+        for k in range(1, order + 1):
+            g = fi
+            for level in range(1, k + 1):
+                g = (lambda inner, cg: lambda z: jacobian(inner, z, create_graph=cg))(g, level < k)
+            per.append(g(x).detach())
         out.append([d.reshape((s,) + (x.numel(),) * (k + 1)) for k, d in enumerate(per)])
     return out
 

@@ -226,16 +226,8 @@ def fallback_rule(node: str):
                     values.append(torch.zeros(shapes[s], dtype=ctx.dtype, device=ctx.device))
 
             def f(*point):
-                kwargs = {}
-                for name, (kind, what) in call.args.items():
-                    if name in call.slots:
-                        kwargs[name] = point[call.slots.index(name)]
-                    else:
-                        kwargs[name] = _argument(ctx, kind, what, name, call)
-                out = call.overload(**kwargs)
-                if isinstance(out, (tuple, list)):
-                    out = out[ctx.output]
-                return out
+                out = _call(ctx, call, point)
+                return out[ctx.output] if isinstance(out, (tuple, list)) else out
 
             try:
                 return _dense(ctx, call, packet, f, values, slots, dense_shape, out_shape, shapes)
@@ -257,7 +249,7 @@ def fallback_rule(node: str):
 
 def _dense(ctx, call, packet, f, values, slots, dense_shape, out_shape, shapes):
     """Check the call against the saved outputs, then nest reverse and forward mode over the slots."""
-    _check_outputs(ctx, call, packet, f, values)
+    _check_outputs(ctx, call, packet, values)
     # reverse mode first, then forward mode, as torch.func's hessian: torch's forward-over-forward
     # derivatives of some ops are wrong where this composition is right (linalg_det at order 2)
     g = jacrev(f, argnums=slots[0])
@@ -288,17 +280,22 @@ def _size_for(ctx, name, call):
     return list(ctx.out_shape[len(ctx.out_shape) - k:])
 
 
-def _check_outputs(ctx, call, packet, f, values) -> None:
-    """The call at the point must give what torch saved of its outputs; else the arguments were misread."""
-    if not call.outputs:
-        return
+def _call(ctx, call, point):
+    """The op at ``point`` (one tensor per input slot), every other argument rebuilt: all its outputs."""
     kwargs = {}
     for name, (kind, what) in call.args.items():
         if name in call.slots:
-            kwargs[name] = values[call.slots.index(name)]
+            kwargs[name] = point[call.slots.index(name)]
         else:
             kwargs[name] = _argument(ctx, kind, what, name, call)
-    got = call.overload(**kwargs)
+    return call.overload(**kwargs)
+
+
+def _check_outputs(ctx, call, packet, values) -> None:
+    """The call at the point must give what torch saved of its outputs; else the arguments were misread."""
+    if not call.outputs:
+        return
+    got = _call(ctx, call, values)
     got = list(got) if isinstance(got, (tuple, list)) else [got]
     names = [r.name for r in call.overload._schema.returns]
     for name in call.outputs:

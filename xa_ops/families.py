@@ -103,15 +103,19 @@ def elementwise2(deriv: Callable) -> Callable:
     """Rule for ``y = f(x0, x1)`` entrywise; ``deriv(ctx, i, j)`` is ``d^(i+j) f / dx0^i dx1^j`` or ``None``."""
 
     def rule(ctx, slots):
-        value = deriv(ctx, slots.count(0), slots.count(1))
-        if value is None:
-            return None
-        lab = LabelMaker()
-        y = lab.dims(ctx.out_shape)
-        ports = [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[s]) for s in slots]
-        return lab.factor(y, ports, [(value.expand(ctx.out_shape), y)])
+        return _entrywise(ctx, slots, deriv(ctx, slots.count(0), slots.count(1)))
 
     return rule
+
+
+def _entrywise(ctx, slots, value):
+    """The factor of an entrywise derivative ``value`` (broadcast to ``y``) over ``slots``, or ``None``."""
+    if value is None:
+        return None
+    lab = LabelMaker()
+    y = lab.dims(ctx.out_shape)
+    ports = [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[s]) for s in slots]
+    return lab.factor(y, ports, [(value.expand(ctx.out_shape), y)])
 
 
 def elementwise_n(deriv: Callable) -> Callable:
@@ -122,13 +126,7 @@ def elementwise_n(deriv: Callable) -> Callable:
     """
 
     def rule(ctx, slots):
-        value = deriv(ctx, tuple(slots.count(s) for s in range(len(ctx.in_shapes))))
-        if value is None:
-            return None
-        lab = LabelMaker()
-        y = lab.dims(ctx.out_shape)
-        ports = [broadcast_port(lab, y, ctx.out_shape, ctx.in_shapes[s]) for s in slots]
-        return lab.factor(y, ports, [(value.expand(ctx.out_shape), y)])
+        return _entrywise(ctx, slots, deriv(ctx, tuple(slots.count(s) for s in range(len(ctx.in_shapes)))))
 
     return rule
 

@@ -175,13 +175,21 @@ def _ones(t, dims):
     return torch.ones(shape, dtype=t.dtype, device=t.device)
 
 
-def _softmax_pieces(ctx):
-    """``e = exp(x - c)``, ``s = sum(e, dim)``, ``y = e / s`` (0-d: kept whole, a constant)."""
+def _result_and_dim(ctx):
+    """softmax's and log_softmax's saved result, its dim, and the sum's value along it (ones); ``None`` for 0-d."""
     y = ctx.saved("result")
     if y.dim() == 0:
         return None
     d = normalize_dim(ctx.saved("dim"), y.dim())
-    s = _ones(y, (d,))
+    return y, d, _ones(y, (d,))
+
+
+def _softmax_pieces(ctx):
+    """``e = exp(x - c)``, ``s = sum(e, dim)``, ``y = e / s`` (0-d: kept whole, a constant)."""
+    found = _result_and_dim(ctx)
+    if found is None:
+        return None
+    y, d, s = found
     return [
         Piece("ExpBackward0", y.shape, (("in", 0),), {"result": y}, "exp"),
         Piece("SumBackward1", s.shape, (("piece", 0),), {"dim": (d,), "keepdim": True}, "sum"),
@@ -191,11 +199,10 @@ def _softmax_pieces(ctx):
 
 def _log_softmax_pieces(ctx):
     """``e = exp(x - c)``, ``s = sum(e, dim)``, ``y = x - log(s)``."""
-    y = ctx.saved("result")
-    if y.dim() == 0:
+    found = _result_and_dim(ctx)
+    if found is None:
         return None
-    d = normalize_dim(ctx.saved("dim"), y.dim())
-    s = _ones(y, (d,))
+    y, d, s = found
     return [
         Piece("ExpBackward0", y.shape, (("in", 0),), {"result": torch.exp(y)}, "exp"),
         Piece("SumBackward1", s.shape, (("piece", 0),), {"dim": (d,), "keepdim": True}, "sum"),
