@@ -231,3 +231,16 @@ def test_the_issue_softmax_cases(n, order):
     for k in range(order):
         _check(leaf.xgrad[k], want[k], f"order {k + 1}")
     assert _largest_factor(sup.plan) <= n
+
+
+def test_a_cached_composite_plan_reads_new_values():
+    """The second call hits the plan cache with other values of x (the pieces' saved values change): new numbers."""
+    f = lambda x: (torch.softmax(x, 1) * x).sum(1)  # noqa: E731
+    for seed in (0, 1):
+        x = torch.randn(2, 5, dtype=D, generator=torch.Generator().manual_seed(seed), device="cpu").to(DEVICE)
+        leaf = x.clone().requires_grad_()
+        sup = xa.backward(f(leaf), 3)
+        assert sup.plan.cached or seed == 0  # the second call runs the first call's plan
+        want = torch_partials(f, [x], 3)[0]
+        for k in range(3):
+            _check(leaf.xgrad[k], want[k], f"call {seed}, order {k + 1}")
