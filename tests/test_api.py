@@ -1,5 +1,7 @@
 """The public surface: Superset, target, retained partials, errors, and torch's graph left intact."""
 
+import math
+
 import pytest
 import torch
 from reference import torch_partials
@@ -320,9 +322,11 @@ def _mlp_source(seed=0):
 def test_over_budget_runs_in_chunks_with_the_same_numbers():
     x, w, y = _mlp_source()
     # target=x: wide hidden blocks, small results, so the blocks dominate the memory
-    full = xa.backward(y, order=3, target=x, direction="backward")
+    # the plain-data budget (with autograd's tape, tests/test_train.py)
+    full = xa.backward(y, order=3, target=x, direction="backward", create_graph=False)
     want = [t.clone() for t in x.xgrad]
-    chunked = xa.backward(y, order=3, target=x, direction="backward", max_memory=full.plan.peak_elements * 8 * 0.6)
+    chunked = xa.backward(y, order=3, target=x, direction="backward", max_memory=full.plan.peak_elements * 8 * 0.6,
+                          create_graph=False)
     assert chunked.plan.block_shapes[(0,)][0] < y.numel()  # it did split the source rows
     for a, b in zip(x.xgrad, want):
         assert close(a, b, 1e-12)
@@ -335,9 +339,9 @@ def test_chunked_retained_partials():
     g = torch.tanh(w @ h)
     y = torch.softmax(g * g, dim=0)
     sup = xa.Superset.construct(y).retain_partials(h)
-    want = [t.clone() for t in sup.backward(order=2, direction="backward").operator_partials(h)]
+    want = [t.clone() for t in sup.backward(order=2, direction="backward", create_graph=False).operator_partials(h)]
     # the softmax factor and its workspace do not shrink with fewer rows: a budget a little under the peak
-    got = sup.backward(order=2, max_memory=sup.plan.peak_elements * 8 * 0.9).operator_partials(h)
+    got = sup.backward(order=2, max_memory=sup.plan.peak_elements * 8 * 0.9, create_graph=False).operator_partials(h)
     assert sup.plan.block_shapes[(0,)][0] < 24
     for a, b in zip(got, want):
         assert close(a, b, 1e-12)
@@ -422,3 +426,14 @@ def test_views_hand_their_blocks_on_and_retained_partials_stay_right():
     assert any(t.alias for s in plain.plan.steps if s.name == "ViewBackward0" for t in s.terms)
     for got, ref in zip(x.xgrad, want_x):
         assert torch.allclose(got, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_division_by_a_python_float_keeps_float64(order):
+    """``x / math.sqrt(6)``: torch saves the number as a 0-d tensor that would compute in float32."""
+    x = leaf(3)
+    y = torch.tanh(x / math.sqrt(6)) * math.pi
+    xa.backward(y, order)
+    want = torch_partials(lambda z: torch.tanh(z / math.sqrt(6)) * math.pi, [x], order)[0]
+    for got, ref in zip(x.xgrad, want):
+        assert (got - ref).abs().max().item() <= 1e-14

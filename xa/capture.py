@@ -108,7 +108,12 @@ class NodeCtx:
         if self.planning:
             return torch.zeros(value.shape, dtype=value.dtype)
         # torch saves a Python number operand (2 * x on a GPU) as a 0-d CPU tensor
-        return value if value.device == self._device else value.to(self._device)
+        value = value if value.device == self._device else value.to(self._device)
+        if value.dim() == 0 and not value.requires_grad:
+            # a Python number is saved as a "wrapped number" tensor, which does not take part in type
+            # promotion: b ** -1 of one would be float32 (x / math.sqrt(6) off by 1e-8 in float64)
+            value = value.clone()
+        return value
 
     def has(self, name: str) -> bool:
         return self._saved.get(name) is not None
