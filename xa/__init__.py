@@ -27,7 +27,7 @@ if _torch_version(_torch.__version__) < OLDEST_TORCH:
 import xa_ops as _xa_ops  # noqa: E402,F401  (registers the built-in rules)
 
 from . import queries  # noqa: E402
-from .api import Superset, backward  # noqa: E402
+from .api import Superset, backward, clear_partials  # noqa: E402
 from .errors import (  # noqa: E402
     BatchMixingError,
     GraphFreedError,
@@ -47,7 +47,8 @@ from .queries import biharmonic, differential_operator, directional, laplacian, 
 from .registry import register, supported  # noqa: E402
 
 __all__ = [
-    "backward", "explain", "laplacian", "biharmonic", "partials", "differential_operator", "directional", "mixed",
+    "backward", "clear_partials", "explain", "laplacian", "biharmonic", "partials", "differential_operator",
+    "directional", "mixed",
     "queries", "QueryError", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",

@@ -68,6 +68,16 @@ def _samples(graph: Graph, batch_dim: Optional[int]):
     return batch_dim, "plan"
 
 
+def _recording(create_graph) -> bool:
+    """Whether the results join torch's graph: ``create_graph``, or by default whether grad mode is on."""
+    if create_graph is None:
+        return torch.is_grad_enabled()
+    if not isinstance(create_graph, bool):
+        raise TypeError(f"create_graph must be True, False or None (follow grad mode), got "
+                        f"{type(create_graph).__name__}")
+    return create_graph
+
+
 def _overrides(configurations) -> dict:
     """Rules swapped in for one call: a mapping, or an iterable of mappings, node name -> rule."""
     if configurations is None:
@@ -173,7 +183,7 @@ class Superset:
 
     def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None,
                  direction: str = "auto", max_memory: Optional[int] = None,
-                 batch_dim: Optional[int] = None) -> "Superset":
+                 batch_dim: Optional[int] = None, create_graph: Optional[bool] = None) -> "Superset":
         """Compute the derivatives of the source up to ``order`` and attach them.
 
         Args:
@@ -185,6 +195,7 @@ class Superset:
                 or ``"forward"``; see :func:`xa.backward`.
             max_memory: the budget in bytes; see :func:`xa.backward`.
             batch_dim: the source's sample dim, for per-sample derivatives; see :func:`xa.backward`.
+            create_graph: whether the results carry a gradient; see :func:`xa.backward`.
 
         Returns:
             ``self``. Each leaf ``L`` reached gets ``L.xgrad``: a tuple whose
@@ -199,11 +210,13 @@ class Superset:
         budget = _budget(max_memory, graph.device)
         rules = graph.rules(overrides, order)
         planned, layout = _samples(graph, batch_dim)
-        plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget, planned)
-        if layout == "plan":
-            layout = dataclasses.replace(plan.batch, size=plan.batch.total)
-        self.plan = plan
-        self._leaves, self._partials = attach.attach(graph, order, requested, retained, results, kept, layout)
+        with torch.set_grad_enabled(_recording(create_graph)):
+            plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget,
+                                                 planned)
+            if layout == "plan":
+                layout = dataclasses.replace(plan.batch, size=plan.batch.total)
+            self.plan = plan
+            self._leaves, self._partials = attach.attach(graph, order, requested, retained, results, kept, layout)
         return self
 
     def operator_partials(self, tensor: torch.Tensor) -> tuple:
@@ -233,7 +246,7 @@ class Superset:
 
 def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = None,
              configurations=None, direction: str = "auto", max_memory: Optional[int] = None,
-             batch_dim: Optional[int] = None) -> Superset:
+             batch_dim: Optional[int] = None, create_graph: Optional[bool] = None) -> Superset:
     """Exact derivatives of ``source`` of every order up to ``order``.
 
     Every leaf with ``requires_grad=True`` that ``source`` depends on gets
@@ -270,6 +283,12 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
             derivatives w.r.t. all of ``W``. A node that couples samples (a
             sum, softmax or batch norm over the batch) raises
             :class:`xa.BatchMixingError` before anything runs.
+        create_graph: whether the results are differentiable, as in
+            ``torch.autograd.grad``. By default (``None``) they are whenever grad
+            mode is on: ``.xgrad`` are functions of the network's parameters and
+            of the leaves, so a loss built from them trains (``loss.backward()``
+            reaches every parameter, at any order of differentiation). ``False``,
+            or ``torch.no_grad()``, gives plain data, in less memory and time.
 
     Returns:
         The :class:`Superset`, which holds the plan and any retained partials.
@@ -282,7 +301,24 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
         torch.Size([1, 3, 3, 3])
     """
     return Superset(source).backward(order, target=target, configurations=configurations, direction=direction,
-                                     max_memory=max_memory, batch_dim=batch_dim)
+                                     max_memory=max_memory, batch_dim=batch_dim, create_graph=create_graph)
+
+
+def clear_partials() -> int:
+    """Take ``.xgrad`` off every tensor xa set it on, and return how many.
+
+    A recorded ``.xgrad`` (the default under grad mode, so that it can be trained on) hangs on a
+    graph that holds its leaf: the leaf and its derivatives keep each other alive until ``.xgrad``
+    is deleted. In a loop that calls :func:`xa.backward` on fresh tensors, call this (or
+    :meth:`Superset.remove_partials`) once their ``.xgrad`` is used, or pass ``create_graph=False``.
+
+    Example:
+        >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        >>> _ = xa.backward(torch.tanh(x).sum(), order=2)
+        >>> xa.clear_partials() >= 1, hasattr(x, "xgrad")
+        (True, False)
+    """
+    return attach.clear()
 
 
 def plan_for(source: torch.Tensor, order: int, target=None, configurations=None, direction="auto",

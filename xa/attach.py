@@ -14,8 +14,11 @@ seeded with those rows of the identity gives those rows of every result.
 from __future__ import annotations
 
 import time
+import warnings
+import weakref
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import execute, jets
 from . import plan as planner
@@ -74,7 +77,7 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
     """
     plan = planner.build(graph, order, rules, requested, retained, direction, batch_dim=batch_dim, query=query,
                          mixed=mixed)
-    if budget is None or plan.peak_bytes <= budget:
+    if budget is None or plan.need_bytes() <= budget:
         tile = _tile(plan, graph)
         if tile:
             return _run_samples(graph, order, rules, requested, retained, plan, tile, True, seeds)
@@ -83,19 +86,40 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
         for other in ("forward", "backward"):
             if other != plan.direction and other in plan.prices:
                 alternative = planner.build(graph, order, rules, requested, retained, other, batch_dim=batch_dim)
-                if alternative.peak_bytes <= budget:
+                if alternative.need_bytes() <= budget:
                     return (alternative, *_run(alternative, graph, rules, retained))
     if batch_dim is not None:
         return _run_in_samples(graph, order, rules, requested, retained, direction, budget, plan, seeds)
     if query is not None or mixed:
-        raise MemoryBudgetError(f"the query needs about {size(plan.peak_bytes)}, over max_memory={size(budget)}; "
-                                "with batch_dim= it runs in chunks of samples")
+        raise MemoryBudgetError(f"the query needs about {size(plan.need_bytes())}{_taped()}, over "
+                                f"max_memory={size(budget)}; with batch_dim= it runs in chunks of samples")
     if plan.direction == "forward" and direction == "forward":
         raise MemoryBudgetError(
-            f"the forward plan needs about {size(plan.peak_bytes)}, over max_memory={size(budget)}; only "
+            f"the forward plan needs about {size(plan.need_bytes())}{_taped()}, over max_memory={size(budget)}; only "
             "direction='backward' (or 'auto') can split the work into chunks of source rows"
         )
     return _run_in_chunks(graph, order, rules, requested, retained, budget, plan)
+
+
+def _taped() -> str:
+    return ", with what autograd keeps for the gradient" if torch.is_grad_enabled() else ""
+
+
+def _no_tape() -> str:
+    return ("; if no gradient of the results is needed, create_graph=False (or torch.no_grad()) needs far less"
+            if torch.is_grad_enabled() else "")
+
+
+def _checkpointed(run):
+    """``run()`` for one chunk; under autograd as a checkpoint, so that chunks stay within the budget.
+
+    The chunk's work is recorded without keeping what its gradient reads, and done again when the
+    backward reaches it: one chunk's tape is alive at a time, as one chunk's blocks are without autograd.
+    The saved tensors it reads are held by the captured graph, so the user's backward may free its own.
+    """
+    if not torch.is_grad_enabled():
+        return run()
+    return checkpoint(run, use_reentrant=False)
 
 
 def _found(plan, blocks, keys) -> list:
@@ -127,19 +151,19 @@ def _run_in_chunks(graph, order, rules, requested, retained, budget, whole):
 
     def need(rows):
         plan = planner.build(graph, order, rules, requested, retained, "backward", rows=rows)
-        return plan, result_bytes + plan.peak_bytes
+        return plan, result_bytes + plan.need_bytes()
 
     plan, one_row = need(1)
     if one_row > budget:
         also = ""
         if "forward" in whole.prices:
             forward = planner.build(graph, order, rules, requested, retained, "forward")
-            also = f"; the forward plan would need {size(forward.peak_bytes)}"
+            also = f"; the forward plan would need {size(forward.need_bytes())}"
         raise MemoryBudgetError(
             f"xa.backward at order {order} needs about {size(one_row)} even one source row at a time "
-            f"({size(result_bytes)} of results, {size(one_row - result_bytes)} for one row's blocks and factors)"
-            f"{also}, over max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, "
-            "a lower order, or fewer source entries"
+            f"({size(result_bytes)} of results, {size(one_row - result_bytes)} for one row's blocks and factors"
+            f"{_taped()}){also}, over max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, "
+            f"a lower order, or fewer source entries{_no_tape()}"
         )
     # Chunks are sized to a tenth under the budget: running chunk after chunk leaves the allocator
     # holding a few small pieces the model does not count (measured: 5 MB over 42 MB of chunk).
@@ -150,21 +174,52 @@ def _run_in_chunks(graph, order, rules, requested, retained, budget, whole):
         rows = max(1, rows // 2)
         plan, total = need(rows)
     dtype, device = graph.dtype, graph.device
-    results = {i: [torch.zeros((s,) + (graph.values[i].numel,) * k, dtype=dtype, device=device)
-                   for k in range(1, order + 1)] for i in wanted}
-    init = torch.zeros((rows, s), dtype=dtype, device=device)  # this chunk's rows of the identity
+    shapes = {i: [(graph.values[i].numel,) * k for k in range(1, order + 1)] for i in wanted}
+    chunks: dict = {i: [_Chunks(0, s) for _ in range(order)] for i in wanted}
     for r0 in range(0, s, rows):
         r1 = min(s, r0 + rows)
-        init.zero_()
+        init = torch.zeros((rows, s), dtype=dtype, device=device)  # this chunk's rows of the identity
         init[:, r0:r1].diagonal().fill_(1.0)
-        blocks, kept = execute.run(plan, graph, rules, {(0,): init.reshape((rows,) + graph.source_shape)})
+        seed = init.reshape((rows,) + graph.source_shape)
+        # the run pops the blocks it is given: each run (a checkpoint's again in the backward) gets its own dict
+        blocks, kept = _checkpointed(lambda seed=seed: execute.run(plan, graph, rules, {(0,): seed}))
         for i in wanted:
             got = kept.get(i) or [blocks.get(key) for key in plan.results[i]]
             for k, t in enumerate(got):
-                if t is not None:
-                    results[i][k][r0:r1] = t.reshape((rows,) + results[i][k].shape[1:])[: r1 - r0]
+                if t is None:
+                    t = torch.zeros((r1 - r0,) + shapes[i][k], dtype=dtype, device=device)
+                chunks[i][k].add(t.reshape((rows,) + shapes[i][k])[: r1 - r0])
         del blocks, kept
+    results = {i: [c.result() for c in chunks[i]] for i in wanted}
     return plan, results, {i: results[i] for i in retained}
+
+
+class _Chunks:
+    """One result put together from its chunks along ``axis`` (``total`` entries there).
+
+    Without autograd each chunk is copied into one tensor made at the first (no second copy of
+    the result); under autograd the chunks are kept and concatenated at the end, which it records.
+    """
+
+    def __init__(self, axis: int, total: int):
+        self.axis, self.total, self.parts, self.whole, self.at = axis, total, [], None, 0
+
+    def add(self, t: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            self.parts.append(t)
+            return
+        if self.whole is None:
+            shape = t.shape[:self.axis] + (self.total,) + t.shape[self.axis + 1:]
+            self.whole = torch.empty(shape, dtype=t.dtype, device=t.device)
+        self.whole.narrow(self.axis, self.at, t.shape[self.axis]).copy_(t)
+        self.at += t.shape[self.axis]
+
+    def result(self):
+        if self.whole is not None:
+            return self.whole
+        if not self.parts:
+            return None
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, self.axis)
 
 
 # On a CPU a per-sample plan runs in tiles of samples whose blocks fit in the cache: the
@@ -207,7 +262,7 @@ def _run_in_samples(graph, order, rules, requested, retained, direction, budget,
         best = None
         for d in directions:
             plan = _sample_plan(graph, order, rules, requested, retained, d, whole, samples)
-            cost = plan.peak_bytes + _result_bytes(plan, wanted, total)
+            cost = plan.need_bytes() + _result_bytes(plan, wanted, total)
             if best is None or cost < best[1]:
                 best = (plan, cost)
         return best
@@ -216,9 +271,9 @@ def _run_in_samples(graph, order, rules, requested, retained, direction, budget,
     if one > budget:
         raise MemoryBudgetError(
             f"xa.backward at order {order} needs about {size(one)} even one sample at a time "
-            f"({size(_result_bytes(plan, wanted, total))} of results for all {total} samples), over "
+            f"({size(_result_bytes(plan, wanted, total))} of results for all {total} samples{_taped()}), over "
             f"max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, a lower order, "
-            "or fewer samples"
+            f"or fewer samples{_no_tape()}"
         )
     # cost(samples) is about fixed + samples * per: the factors are built for every sample once.
     per = max(need(min(2, total))[1] - one, 1) if total > 1 else 1
@@ -250,24 +305,26 @@ def _run_samples(graph, order, rules, requested, retained, plan, samples, keep_f
     main = plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, samples)
     factors: dict | None = {} if keep_factors else None
     results: dict = {}
+    # a query's jets keep their rows first, (rows, samples, ..); every other block is (samples, ..)
+    axis = 1 if plan.query is not None else 0
+    parts: dict = {i: [_Chunks(axis, total) for _ in range(order)] for i in wanted}
     for first in range(0, total, samples):
         count = min(samples, total - first)
         if count != plan.batch.size:  # the last, smaller chunk
             plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, count)
-        blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds)
+        if keep_factors:  # cache tiles: the whole plan fits, its tape included
+            blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds)
+        else:  # budget chunks: under autograd each chunk is run again in the backward, one at a time
+            blocks, kept = _checkpointed(lambda plan=plan, first=first: execute.run(plan, graph, rules, first=first,
+                                                                                    seeds=seeds))
         for i in wanted:
             got = kept.get(i) or _found(plan, blocks, plan.results[i])
-            slots = results.setdefault(i, [None] * order)
-            # a query's jets keep their rows first, (rows, samples, ..); every other block is (samples, ..)
-            axis = 1 if plan.query is not None else 0
             for k, t in enumerate(got):
-                if t is None:
-                    continue
-                if slots[k] is None:
-                    shape = t.shape[:axis] + (total,) + t.shape[axis + 1:]
-                    slots[k] = torch.empty(shape, dtype=t.dtype, device=t.device)
-                slots[k].narrow(axis, first, count).copy_(t)
+                if t is not None:
+                    parts[i][k].add(t)
         del blocks, kept
+    for i in wanted:
+        results[i] = [c.result() for c in parts[i]]
     return main, results, {i: results[i] for i in retained}
 
 
@@ -299,6 +356,62 @@ def flat(graph: Graph, i: int, order: int, tensors, batch=None) -> tuple:
     return tuple(out)
 
 
+# ``leaf.xgrad`` is a property of every torch tensor; xa keeps the values here, by the tensor's id,
+# beside a weak reference to it, so that they go when the tensor does.
+#
+# Results that carry a gradient hang on a graph that holds the leaf itself (the leaf's node, and
+# what torch saved of it), and torch keeps a tensor's Python object alive while its graph holds it:
+# a leaf and its recorded .xgrad keep each other alive until .xgrad is deleted -- the reference
+# cycle torch warns of for ``.grad`` with ``create_graph=True``. :func:`clear` ends every one.
+_XGRAD: dict = {}
+
+
+def _get_xgrad(tensor):
+    entry = _XGRAD.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        raise AttributeError("'Tensor' object has no attribute 'xgrad' (xa.backward sets it on the leaves "
+                             "that require grad and that the source depends on)")
+    return entry[1]
+
+
+def _set_xgrad(tensor, value) -> None:
+    key = id(tensor)
+    _XGRAD[key] = (weakref.ref(tensor, lambda _, key=key: _XGRAD.pop(key, None)), value)
+
+
+def _del_xgrad(tensor) -> None:
+    _get_xgrad(tensor)
+    del _XGRAD[id(tensor)]
+
+
+torch.Tensor.xgrad = property(_get_xgrad, _set_xgrad, _del_xgrad,
+                              doc="The derivatives xa.backward computed for this leaf: a tuple, one tensor per order.")
+
+
+def clear() -> int:
+    """Take ``.xgrad`` off every tensor xa set it on; returns how many. See :func:`xa.clear_partials`."""
+    n = len(_XGRAD)
+    _XGRAD.clear()
+    return n
+
+
+_WARNED = {"cycle": False}
+
+
+def _warn_cycle(leaf) -> None:
+    """Once per process: a recorded ``.xgrad`` on a tensor that is not a parameter keeps its graph alive."""
+    if _WARNED["cycle"] or isinstance(leaf, torch.nn.Parameter):
+        return
+    _WARNED["cycle"] = True
+    warnings.warn(
+        "xa.backward recorded .xgrad with its graph (create_graph follows grad mode), so it can be trained on. "
+        "That graph holds the leaf, and the two keep each other alive until .xgrad is deleted: in a loop over "
+        "fresh tensors, pass create_graph=False (or run under torch.no_grad()) when no gradient of .xgrad is "
+        "needed, or free it with Superset.remove_partials(), del leaf.xgrad or xa.clear_partials().",
+        stacklevel=5,  # the caller of xa.backward
+    )
+
+
 def attach(graph: Graph, order: int, requested: tuple, retained: tuple, results: dict, kept: dict,
            batch=None) -> tuple:
     """Set ``.xgrad`` on the requested leaves: ``(leaves, partials)``, partials keyed by (node, output)."""
@@ -309,5 +422,7 @@ def attach(graph: Graph, order: int, requested: tuple, retained: tuple, results:
         v = graph.values[i]
         if v.leaf is not None:
             v.leaf.xgrad = flat(graph, i, order, results[i], batch)
+            if torch.is_grad_enabled() and any(t.requires_grad for t in v.leaf.xgrad):
+                _warn_cycle(v.leaf)
             leaves.append(v.leaf)
     return leaves, partials

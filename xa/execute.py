@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import opt_einsum as oe
 import torch
 
 from . import fold, jets
@@ -20,17 +21,19 @@ from .plan import Plan
 from .terms import NodeFactors
 
 
-@torch.no_grad()
 def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first: int = 0,
         factors: dict | None = None, seeds: dict | None = None) -> tuple[dict, dict]:
     """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
 
-    Runs without autograd: saved tensors may require grad, the derivatives are plain data.
+    Under grad mode every operation is out of place, so torch's autograd records the derivatives as functions
+    of the saved tensors (which hang on the user's graph): the results can be trained on. Under
+    ``torch.no_grad()`` blocks are written in place and the results are plain data.
     A per-sample plan over a chunk of samples reads samples ``first`` on of every factor;
     ``factors`` (a dict) keeps the rules' factors from one chunk to the next.
     ``seeds`` holds a query's values (directions, weights: :mod:`xa.queries`), read here, never planned on.
     """
     dtype, device = graph.dtype, graph.device
+    record = torch.is_grad_enabled()
     blocks = {} if blocks is None else blocks
     retained: dict = {}
     for number, step in enumerate(plan.steps):
@@ -85,12 +88,18 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
             coef = node.coef(term)
             target = blocks.get(term.target)
             if term.broadcast is not None:
-                _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device)
+                if record:
+                    _record_product(term, coef, operands, blocks, plan)
+                else:
+                    _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device)
                 continue
             if term.expr is not None:
                 result = term.expr(*operands, backend="torch")
             else:
                 result = torch.ones((), dtype=dtype, device=device)
+            if record:
+                _record(term, coef, result, blocks, plan)
+                continue
             if target is None and term.full and term.expr is not None:
                 # The first contribution covers the whole block in its order: it becomes the
                 # block, unless it shares memory with an operand (a block read, a saved tensor).
@@ -157,6 +166,87 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
         view.add_(big, alpha=coef)
     else:
         view.addcmul_(big, small)
+
+
+def _record_product(term, coef, operands, blocks, plan) -> None:
+    """:func:`_broadcast_product` out of place, so that autograd records it: the same arithmetic, the same numbers.
+
+    A term that adds into part of its block (a diagonal) has both factors laid on the block with
+    zeros elsewhere, and ``addcmul`` leaves those entries as they were.
+    """
+    parts = []
+    for n, perm, shape in term.broadcast:  # smallest first
+        op = operands[n] if perm is None else operands[n].permute(perm)
+        parts.append(op if op.shape == shape else op.reshape(shape))
+    big = parts.pop()
+    small = None
+    if parts:
+        small = parts[0]
+        if coef != 1.0:
+            small, coef = small * coef, 1.0
+        for q in parts[1:]:
+            small = small * q
+    shape = plan.block_shapes[term.target]
+    old = blocks.get(term.target)
+    if old is None and term.full:
+        blocks[term.target] = (big * coef if small is None else big * small).reshape(shape)
+        return
+    if old is None:
+        old = torch.zeros(shape, dtype=big.dtype, device=big.device)
+    if term.full:
+        view = old.reshape(term.view_sizes)
+        new = torch.add(view, big, alpha=coef) if small is None else torch.addcmul(view, big, small)
+        blocks[term.target] = new.reshape(shape)
+        return
+    big = _embed(big.expand(term.view_sizes), term, shape)
+    if small is None:
+        blocks[term.target] = torch.add(old, big, alpha=coef)
+    else:
+        blocks[term.target] = torch.addcmul(old, big, _embed(small.expand(term.view_sizes), term, shape))
+
+
+def _record(term, coef, result, blocks, plan) -> None:
+    """Add ``coef * result`` into its target block out of place, so that autograd records it.
+
+    The same arithmetic as the in-place path, so the same numbers. The result is laid out on the
+    term's distinct output labels (size one where it has none); a label the target repeats is a
+    diagonal of the block, written by a product with identities.
+    """
+    shape = plan.block_shapes[term.target]
+    result = result.reshape(term.result_shape)
+    old = blocks.get(term.target)
+    if term.full:
+        if old is None:
+            blocks[term.target] = (result * coef if coef != 1.0 else result).reshape(shape)
+        else:
+            blocks[term.target] = torch.add(old.reshape(term.view_sizes), result, alpha=coef).reshape(shape)
+        return
+    part = _embed(result.expand(term.view_sizes), term, shape)
+    if old is None:
+        blocks[term.target] = part * coef if coef != 1.0 else part
+    else:
+        blocks[term.target] = torch.add(old, part, alpha=coef)
+
+
+def _embed(values, term, shape) -> torch.Tensor:
+    """The block of ``shape`` that is ``values`` (on the term's distinct output labels) where the term writes.
+
+    A label the target repeats walks a diagonal: products with identity matrices write it, no in-place
+    write, so the block is differentiable at any order and made of operators xa has rules for.
+    """
+    letters = [oe.get_symbol(u) for u in range(len(term.view_sizes))]
+    out, eyes, operands, seen = [], [], [], set()
+    for size, u in zip(term.out_sizes, term.out_places):
+        if u in seen:
+            fresh = oe.get_symbol(len(letters) + len(eyes))
+            eyes.append(letters[u] + fresh)
+            operands.append(torch.eye(size, dtype=values.dtype, device=values.device))
+            out.append(fresh)
+        else:
+            seen.add(u)
+            out.append(letters[u])
+    eq = "".join(letters) + "".join("," + e for e in eyes) + "->" + "".join(out)
+    return torch.einsum(eq, values, *operands).reshape(shape)
 
 
 def _view(term, blocks, plan, dtype, device) -> torch.Tensor:

@@ -175,7 +175,7 @@ def _bind(ctx, packet, leaves):
 
 # Arguments torch does not save but that its saved outputs determine: (op, argument) -> how.
 RECOVERED = {
-    ("linalg_inv_ex", "A"): lambda ctx: torch.linalg.inv(ctx.saved("inverse").detach().to(ctx.dtype)),
+    ("linalg_inv_ex", "A"): lambda ctx: torch.linalg.inv(ctx.saved("inverse").to(ctx.dtype)),
 }
 
 # Operators whose own higher derivatives torch gets wrong: the fallback would repeat the error.
@@ -217,11 +217,11 @@ def fallback_rule(node: str):
             for s in range(len(shapes)):
                 kind, what = call.args[call.slots[s]]
                 if kind == "saved":
-                    values.append(ctx.saved(what).detach().to(ctx.dtype))
+                    values.append(ctx.saved(what).to(ctx.dtype))
                 elif kind == "recovered":
                     values.append(what(ctx))
                 elif kind == "leaf":
-                    values.append(leaves[what].detach().to(device=ctx.device, dtype=ctx.dtype))
+                    values.append(leaves[what].to(device=ctx.device, dtype=ctx.dtype))
                 else:
                     values.append(torch.zeros(shapes[s], dtype=ctx.dtype, device=ctx.device))
 

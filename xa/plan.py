@@ -63,8 +63,31 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
-        """The estimated peak memory of executing the plan, in bytes."""
+        """The estimated peak memory of executing the plan without autograd, in bytes."""
         return self.peak_elements * self.itemsize
+
+    @property
+    def tape_bytes(self) -> int:
+        """The estimated memory of executing the plan under autograd, in bytes: what the tape keeps.
+
+        Nothing is freed until the results' backward runs: every block, every factor and every
+        term's result and intermediate stay (an upper bound: torch saves only what a gradient reads).
+        """
+        kept = sum(math.prod(shape) for shape in self.block_shapes.values())
+        workspace = 0
+        for step in self.steps:
+            kept += step.factor_elements
+            workspace = max(workspace, step.workspace)
+            for term in step.terms:
+                kept += math.prod(term.result_shape)
+                if term.info is not None and len(term.info.path) > 1:
+                    kept += int(term.info.largest_intermediate)
+        expanded = sum(self.result_numel(k) for k in self.expand)
+        return (kept + workspace + expanded) * self.itemsize
+
+    def need_bytes(self) -> int:
+        """The memory a run needs now: :attr:`tape_bytes` under grad mode, else :attr:`peak_bytes`."""
+        return self.tape_bytes if torch.is_grad_enabled() else self.peak_bytes
 
     def result_numel(self, key) -> int:
         """Entries of one result as handed out (a forward jet expanded to every ordering of its rows)."""

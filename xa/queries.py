@@ -38,7 +38,7 @@ import torch
 
 from . import attach
 from . import plan as planner
-from .api import _budget, _check_batch_dim, _check_direction, _check_order, _overrides
+from .api import _budget, _check_batch_dim, _check_direction, _check_order, _overrides, _recording
 from .capture import Graph
 from .errors import QueryError, TargetError
 from .jets import ALL, Rows, closure, count, index, multi_indices, rows_of, where
@@ -175,7 +175,7 @@ class Query:
 def _directions(rank_ones, identity: bool, n: int, dtype, device) -> torch.Tensor:
     parts = [torch.eye(n, dtype=dtype, device=device)] if identity else []
     for c in rank_ones:
-        v = c.v.detach().to(dtype=dtype, device=device)
+        v = c.v.to(dtype=dtype, device=device)
         if v.shape[1] != n:
             raise QueryError(f"RankOne: the vectors have {v.shape[1]} entries, the leaf has {n}"
                              f"{' per sample' if identity else ''}")
@@ -189,7 +189,7 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
     at = where(rows.m, kind)
     w = torch.zeros(count(rows.m, kind), dtype=dtype, device=device)
     if pattern == "all":
-        c = c.detach().to(dtype=dtype, device=device)
+        c = c.to(dtype=dtype, device=device)
         if tuple(c.shape) != (n,) * k:
             raise QueryError(f"coefficients[{k}] has shape {list(c.shape)}; a dense coefficient of order {k} "
                              f"is ({', '.join([str(n)] * k)}) for a leaf of {n} entries")
@@ -200,7 +200,7 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
         pos = torch.tensor([at[a] for a in multi_indices(n, k)[0]], dtype=torch.long, device=device)
         return w.index_add_(0, pos, full)
     if pattern == "diagonal":
-        cc = torch.as_tensor(c.c, dtype=dtype, device=device).detach()
+        cc = torch.as_tensor(c.c, dtype=dtype, device=device)
         if cc.dim() > 1 or (cc.dim() == 1 and cc.shape[0] != n):
             raise QueryError(f"coefficients[{k}]: Diagonal takes a number or a vector of {n} entries, "
                              f"got shape {list(cc.shape)}")
@@ -217,7 +217,7 @@ def _weights(k: int, c, pattern, rows: Rows, n: int, ni: int, dtype, device) -> 
     if all(isinstance(v, (int, float)) for v in values):
         values = torch.tensor(values, dtype=dtype, device=device)
     else:
-        values = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).detach().reshape(()) for v in values])
+        values = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values])
     return w.index_add_(0, pos, values)
 
 
@@ -344,7 +344,7 @@ class Directional(Query):
         if self.v.shape[1] != n:
             raise QueryError(f"directional: each direction has {self.v.shape[1]} entries, the leaf has {n} "
                              "(per sample with batch_dim)")
-        return {"directions": self.v.detach().to(dtype=dtype, device=device)}
+        return {"directions": self.v.to(dtype=dtype, device=device)}
 
     def answer(self, jets, rows, n, like, seeds):
         out = []
@@ -476,8 +476,14 @@ def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:
     return out
 
 
-def _answer(source, query: Query, batch_dim, configurations, max_memory, direction):
+def _answer(source, query: Query, batch_dim, configurations, max_memory, direction, create_graph):
+    record = _recording(create_graph)
     direction = _check_direction(direction)
+    with torch.set_grad_enabled(record):
+        return _run_query(source, query, batch_dim, configurations, max_memory, direction)
+
+
+def _run_query(source, query: Query, batch_dim, configurations, max_memory, direction):
     what = query.ask().name
     graph, rules, (i,), batch_dim = _prepare(source, (query.wrt,), what, batch_dim, configurations)
     plan = plan_query(graph, rules, i, query, batch_dim, direction)
@@ -505,12 +511,16 @@ _ARGS = """
             ``(B, d)``: one number per point). See :func:`xa.backward`.
         configurations: rules swapped in for this call, as in :func:`xa.backward`.
         max_memory: bytes, as in :func:`xa.backward`; per sample, over budget, chunks of samples.
+        create_graph: whether the answer carries a gradient (to the parameters, to ``wrt``, to
+            coefficients and directions that require grad); by default whenever grad mode is on.
+            See :func:`xa.backward`.
         direction: ``"auto"`` (the cheaper), ``"forward"`` (jets of the query's rows,
             collapsed) or ``"backward"`` (backprop of the whole tensor, contracted at the leaf)."""
 
 
 def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
-              configurations=None, max_memory: Optional[int] = None, direction: str = "auto") -> torch.Tensor:
+              configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
+              create_graph: Optional[bool] = None) -> torch.Tensor:
     """``sum_i d^2 source / dwrt_i^2``, shaped like ``source``, in its dtype and on its device.
 
     Args:
@@ -523,11 +533,12 @@ def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] 
         >>> u = (x ** 2).sum(1, keepdim=True)
         >>> xa.laplacian(u, x, batch_dim=0)   # 6 for every point
     """
-    return _answer(source, Laplacian(wrt), batch_dim, configurations, max_memory, direction)
+    return _answer(source, Laplacian(wrt), batch_dim, configurations, max_memory, direction, create_graph)
 
 
 def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
-               configurations=None, max_memory: Optional[int] = None, direction: str = "auto") -> torch.Tensor:
+               configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
+              create_graph: Optional[bool] = None) -> torch.Tensor:
     """``sum_(i,j) d^4 source / dwrt_i^2 dwrt_j^2`` (the Laplacian of the Laplacian), shaped like ``source``.
 
     Args:
@@ -539,11 +550,12 @@ def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int]
         >>> u = (x ** 4).sum(1, keepdim=True)
         >>> xa.biharmonic(u, x, batch_dim=0)   # 48 for every point
     """
-    return _answer(source, Biharmonic(wrt), batch_dim, configurations, max_memory, direction)
+    return _answer(source, Biharmonic(wrt), batch_dim, configurations, max_memory, direction, create_graph)
 
 
 def partials(source: torch.Tensor, wrt: torch.Tensor, indices: Sequence, batch_dim: Optional[int] = None,
-             configurations=None, max_memory: Optional[int] = None, direction: str = "auto") -> tuple:
+             configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
+             create_graph: Optional[bool] = None) -> tuple:
     """Chosen partials ``d^k source / dwrt_(i_1) .. dwrt_(i_k)``, all from one plan.
 
     Args:
@@ -562,12 +574,14 @@ def partials(source: torch.Tensor, wrt: torch.Tensor, indices: Sequence, batch_d
         >>> T, X, Y = 0, 1, 2
         >>> u_t, u_xx, u_yy = xa.partials(u, pts, [(T,), (X, X), (Y, Y)], batch_dim=0)
     """
-    return _answer(source, Partials(wrt, indices), batch_dim, configurations, max_memory, direction)
+    return _answer(source, Partials(wrt, indices), batch_dim, configurations, max_memory, direction,
+                   create_graph)
 
 
 def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients: dict,
                           batch_dim: Optional[int] = None, configurations=None,
-                          max_memory: Optional[int] = None, direction: str = "auto") -> torch.Tensor:
+                          max_memory: Optional[int] = None, direction: str = "auto",
+                          create_graph: Optional[bool] = None) -> torch.Tensor:
     """``sum_k sum C_k[i_1..i_k] d^k source / dwrt_(i_1) .. dwrt_(i_k)``, shaped like ``source``.
 
     Args:
@@ -584,12 +598,13 @@ def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients:
         >>> # u_t - 0.1 (u_xx + u_yy) for points (t, x, y)
         >>> r = xa.differential_operator(u, pts, {1: {(0,): 1.0}, 2: {(1, 1): -0.1, (2, 2): -0.1}}, batch_dim=0)
     """
-    return _answer(source, Operator(wrt, coefficients), batch_dim, configurations, max_memory, direction)
+    return _answer(source, Operator(wrt, coefficients), batch_dim, configurations, max_memory, direction,
+                   create_graph)
 
 
 def directional(source: torch.Tensor, wrt: torch.Tensor, directions: torch.Tensor, order: int,
                 batch_dim: Optional[int] = None, configurations=None, max_memory: Optional[int] = None,
-                direction: str = "auto") -> tuple:
+                direction: str = "auto", create_graph: Optional[bool] = None) -> tuple:
     """Directional jets: ``d^k source [v, .., v]`` for k = 1..order and each direction ``v``.
 
     ``d^k source [v, .., v] / k!`` is the k-th Taylor coefficient of ``t -> source(wrt + t v)``.
@@ -609,7 +624,7 @@ def directional(source: torch.Tensor, wrt: torch.Tensor, directions: torch.Tenso
         >>> d1, d2, d3 = xa.directional(u, x, v, order=3)   # the first three Taylor terms, times k!
     """
     return _answer(source, Directional(wrt, directions, order), batch_dim, configurations, max_memory,
-                   direction)
+                   direction, create_graph)
 
 
 for _f in (laplacian, biharmonic, partials, differential_operator, directional):
@@ -617,7 +632,7 @@ for _f in (laplacian, biharmonic, partials, differential_operator, directional):
 
 
 def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurations=None,
-          max_memory: Optional[int] = None):
+          max_memory: Optional[int] = None, create_graph: Optional[bool] = None):
     """Mixed partials across leaves: ``d^k source / dwrt[0] .. dwrt[k-1]``.
 
     Backprop's joint blocks of the leaves asked together (one plan serves every request).
@@ -630,6 +645,7 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
         batch_dim: the source's sample dim, as in :func:`xa.backward`.
         configurations: rules swapped in for this call, as in :func:`xa.backward`.
         max_memory: bytes, as in :func:`xa.backward`.
+        create_graph: whether the blocks carry a gradient, as in :func:`xa.backward`.
 
     Returns:
         For one request, ``(s, n_0, .., n_(k-1))``: xa's layout, ``s = source.numel()``,
@@ -641,7 +657,12 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
         >>> H_AB = xa.mixed(loss, (A, B))                        # (1, A.numel(), B.numel())
         >>> H_AAB, H_AB = xa.mixed(loss, [(A, A, B), (A, B)])
     """
-    query = Mixed(wrt)
+    record = _recording(create_graph)
+    with torch.set_grad_enabled(record):
+        return _mixed(source, Mixed(wrt), batch_dim, configurations, max_memory)
+
+
+def _mixed(source, query, batch_dim, configurations, max_memory):
     requests = query.requests
     checked = _check_batch_dim(batch_dim, source)
     one_sample = checked is not None and source.shape[checked] == 1

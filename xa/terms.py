@@ -63,6 +63,10 @@ class Term:
     view_strides: tuple
     result_shape: tuple
     full: bool = False  # the result covers the whole target, in its order: it can become the block
+    # The target seen with one dim per output label: (its sizes, and for each the index of its
+    # distinct label in view_sizes); a repeated label is a diagonal. Out-of-place adds read it.
+    out_sizes: tuple = ()
+    out_places: tuple = ()
     # When no label is summed the term is a broadcast product: for each operand, smallest first,
     # (its position, the permutation lining it up with the target view's labels or None,
     # its view shape), and the size of the product of all but its largest operand.
@@ -374,6 +378,8 @@ def compile_term(lab, sources, operands, factors, out, target, unit_sums: bool =
         view_strides=tuple(stride_of[i] for i in unique),
         result_shape=tuple(sizes[i] if i in present else 1 for i in unique),
         full=len(unique) == len(out) and len(kept) == len(unique),
+        out_sizes=tuple(sizes[i] for i in out),
+        out_places=tuple(unique.index(i) for i in out),
     )
     if operand_labels and all(len(set(ls)) == len(ls) and set(ls) <= set(unique) for ls in operand_labels):
         where = {label: n for n, label in enumerate(unique)}

@@ -54,7 +54,7 @@ def _sdpa(ctx, slots):
         raise UnsupportedOperatorError(f"{ctx.name}: derivatives w.r.t. the attention bias are not supported")
     if slots.count(2) > 1:
         return None
-    q, k, v = (ctx.saved(n).detach().to(ctx.dtype) for n in _QKV)
+    q, k, v = (ctx.saved(n).to(ctx.dtype) for n in _QKV)
     batch = q.shape[:-2]
     if k.shape[:-2] != batch or v.shape[:-2] != batch:
         raise UnsupportedOperatorError(
@@ -108,7 +108,7 @@ def _sdpa_pieces(ctx):
     """
     if float(ctx.saved("dropout_p")) > 0 or any(s is not None for s in ctx.in_shapes[3:]):
         return None
-    q, k, v = (ctx.saved(n).detach().to(ctx.dtype) for n in _QKV)
+    q, k, v = (ctx.saved(n).to(ctx.dtype) for n in _QKV)
     batch = q.shape[:-2]
     if k.shape[:-2] != batch or v.shape[:-2] != batch:
         return None
@@ -153,7 +153,7 @@ def _saved_mask(ctx):
     # The CPU kernel saves ``attn_mask``, the CUDA efficient and cuDNN kernels ``attn_bias``, flash none.
     for name in ("attn_mask", "attn_bias"):
         if ctx.has(name):
-            return ctx.saved(name).detach()
+            return ctx.saved(name)
     return None
 
 

@@ -513,7 +513,7 @@ def _glu(ctx, slots):
     ``a s^(k)(b)`` with every index in ``b``, ``s^(k-1)(b)`` with one in ``a``, zero with two.
     """
     k = len(slots)
-    x = ctx.saved("self").detach().to(ctx.dtype)
+    x = ctx.saved("self").to(ctx.dtype)
     d = normalize_dim(ctx.saved("dim"), x.dim())
     h = x.shape[d] // 2
     a, b = x.narrow(d, 0, h), x.narrow(d, h, h)

@@ -92,7 +92,7 @@ def taylor(fn: Callable, saved: str = "self") -> Callable:
             g = lambda z: fn(ctx, z)
             for _ in range(k):
                 g = (lambda h: lambda z: jvp(h, (z,), (torch.ones_like(z),))[1])(g)
-            return g(ctx.saved(saved).detach().to(ctx.dtype))
+            return g(ctx.saved(saved).to(ctx.dtype))
 
         return planned(ctx, ctx.out_shape, build)
 
@@ -142,7 +142,7 @@ def taylor_partial(fn: Callable, saved: tuple) -> Callable:
 
     def deriv(ctx, *counts):
         def build():
-            xs = [ctx.saved(n).detach().to(ctx.dtype).expand(ctx.out_shape).contiguous() for n in saved]
+            xs = [ctx.saved(n).to(ctx.dtype).expand(ctx.out_shape).contiguous() for n in saved]
             g = lambda *zs: fn(ctx, *zs)
             for t, count in enumerate(counts):
                 for _ in range(count):

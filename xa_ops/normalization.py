@@ -85,7 +85,7 @@ def _affine_rule(layout_of, eps_of):
             # y = ... + b: the bias port is the output's channel labels, every other label broadcasts.
             return lab.factor(layout.port(g, y), [layout.channel(g, y)])
         xs = [lab.dims(layout.within) for _ in range(nx)]
-        x = ctx.saved("input").detach().to(ctx.dtype)
+        x = ctx.saved("input").to(ctx.dtype)
         groups = layout.rows(x).reshape(math.prod(layout.group), math.prod(layout.within))
         dense = _dense(ctx, groups, eps_of(ctx, groups), nx)
         dense = dense.reshape(*layout.group, *(layout.within * (nx + 1)))
@@ -94,7 +94,7 @@ def _affine_rule(layout_of, eps_of):
         if nw:
             ins.append(layout.channel(g, y))
         elif ctx.has("weight"):
-            w = ctx.saved("weight").detach().to(ctx.dtype).reshape(layout.channel_shape)
+            w = ctx.saved("weight").to(ctx.dtype).reshape(layout.channel_shape)
             operands.append((w, layout.channel(g, y)))
         # nested jacfwd under vmap holds the result and the tangents it is built from: about two more of its size
         return lab.factor(layout.port(g, y), ins, operands, workspace=JACFWD_WORKSPACE * dense.numel())
@@ -118,8 +118,9 @@ def _recovered_eps(ctx, groups):
     # over groups averages out the rounding.
     if ctx.has("eps"):
         return float(ctx.saved("eps"))
-    rstd = ctx.saved("result2").detach().to(ctx.dtype).reshape(-1)
-    return (rstd ** -2 - groups.reshape(rstd.shape[0], -1).var(-1, unbiased=False)).mean()
+    rstd = ctx.saved("result2").to(ctx.dtype).reshape(-1)
+    # a constant: detached, or a recorded run would differentiate it as a function of the input
+    return (rstd ** -2 - groups.reshape(rstd.shape[0], -1).var(-1, unbiased=False)).mean().detach()
 
 
 # ---------------------------------------------------------------- as composites (xa.composite)
@@ -133,7 +134,7 @@ def _pieces(ctx, work, reduced, channel):
     """
     if ctx.in_shapes[0] is None:  # only the affine part needs grad: the dense rule's T_0 = xhat does
         return None
-    x = ctx.saved("input").detach().to(ctx.dtype)
+    x = ctx.saved("input").to(ctx.dtype)
     shape, work, reduced = tuple(x.shape), tuple(work), tuple(reduced)
     pieces = []
 
@@ -151,7 +152,7 @@ def _pieces(ctx, work, reduced, channel):
     d = add("SubBackward0", work, (src, m), {"alpha": 1}, "x - mean")
     q = add("PowBackward0", work, (d,), {"self": d_value, "exponent": 2.0}, "square")
     v = add("MeanBackward1", mean.shape, (q,), {"dim": reduced, "keepdim": True}, "variance")
-    r_value = ctx.saved("result2").detach().to(ctx.dtype).reshape(mean.shape)
+    r_value = _rstd(ctx.saved("result2").to(ctx.dtype).reshape(mean.shape), d_value, reduced)
     r = add("RsqrtBackward0", mean.shape, (v,), {"result": r_value}, "rsqrt(var + eps)")
     h_value = d_value * r_value
     h = add("MulBackward0", work, (d, r), {"self": d_value, "other": r_value}, "normalized")
@@ -167,11 +168,25 @@ def _pieces(ctx, work, reduced, channel):
         if grad and tuple(ctx.in_shapes[slot]) != tuple(channel):
             p = add("ViewBackward0", channel, (p,), {}, f"{name} per channel")
         if slot == 1:
-            w = ctx.saved(name).detach().to(ctx.dtype).reshape(channel)
+            w = ctx.saved(name).to(ctx.dtype).reshape(channel)
             h = add("MulBackward0", shape, (h, p), {"self": h_value, "other": w}, "* weight")
         else:
             h = add("AddBackward0", shape, (h, p), {"alpha": 1}, "+ bias")
     return pieces
+
+
+def _rstd(saved, d, reduced):
+    """torch's saved ``rstd = (var + eps)^-1/2``, as a function of the input when autograd records.
+
+    torch marks layer and batch norm's an output without a derivative, so read as saved it would be a
+    constant and a gradient through the normalization would miss its dependence on the input. Its value stays the
+    saved one, bit for bit; its derivatives are those of ``(var(d) + eps)^-1/2`` with eps recovered.
+    """
+    if saved.requires_grad or not (torch.is_grad_enabled() and d.requires_grad):  # group_norm's is a function
+        return saved
+    var = (d * d).mean(reduced, keepdim=True)
+    again = torch.rsqrt(var + (saved.detach() ** -2 - var.detach()))
+    return saved + (again - again.detach())
 
 
 def _layer_pieces(ctx):
@@ -256,8 +271,8 @@ def _batch_norm(ctx, slots):
     port = layout.port(g, y)
     if nb:
         return lab.factor(port, [(c,)])
-    x = ctx.saved("input").detach().to(ctx.dtype).reshape(layout.within[0], layout.group[0], layout.within[1])
-    rm, rv = (ctx.saved(a).detach().to(ctx.dtype) for a in ("running_mean", "running_var"))
+    x = ctx.saved("input").to(ctx.dtype).reshape(layout.within[0], layout.group[0], layout.within[1])
+    rm, rv = (ctx.saved(a).to(ctx.dtype) for a in ("running_mean", "running_var"))
     s = torch.rsqrt(rv + _batch_eps(ctx))
     operands = [(s, (c,))]
     if nw:
@@ -266,7 +281,7 @@ def _batch_norm(ctx, slots):
             operands = [((x - rm.reshape(1, -1, 1)) * s.reshape(1, -1, 1), port)]
         return lab.factor(port, [port] * nx + [(c,)], operands)
     if ctx.has("weight"):
-        operands.append((ctx.saved("weight").detach().to(ctx.dtype), (c,)))
+        operands.append((ctx.saved("weight").to(ctx.dtype), (c,)))
     return lab.factor(port, [port], operands)
 
 

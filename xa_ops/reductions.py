@@ -395,7 +395,7 @@ def _real_input(ctx):
     x = ctx.saved("self")
     if x.is_complex():
         raise UnsupportedOperatorError(f"{ctx.name}: a complex input is not supported")
-    return x.detach().to(ctx.dtype)
+    return x.to(ctx.dtype)
 
 
 def _norm_order(ctx) -> float:
@@ -493,7 +493,7 @@ def _norm_pieces(ctx):
         return None
     along = _Along(ctx, _reduced_dims(ctx))
     reduced, keepdim = tuple(along.reduced), bool(ctx.saved("keepdim"))
-    result = ctx.saved("result").detach().to(ctx.dtype)
+    result = ctx.saved("result").to(ctx.dtype)
     r_shape = tuple(result.shape)
     total = {"dim": reduced, "keepdim": keepdim}
     if p == 2:
@@ -535,7 +535,7 @@ register("NormBackward1", _norm)  # torch.norm(x, p, dim) on some paths: F.pairw
 
 def _dist_pieces(ctx):
     """``torch.dist(x, y, p)``: ``d = x - y`` (broadcast), then the p-norm of all of ``d`` (a composite itself)."""
-    x, y = ctx.saved("self").detach().to(ctx.dtype), ctx.saved("other").detach().to(ctx.dtype)
+    x, y = ctx.saved("self").to(ctx.dtype), ctx.saved("other").to(ctx.dtype)
     d = x - y
     norm = {"self": d, "ord": ctx.saved("p"), "dim": None, "keepdim": False, "result": ctx.saved("result")}
     return [Piece("SubBackward0", d.shape, (("in", 0), ("in", 1)), {"alpha": 1}, "x - y"),
