@@ -3,8 +3,11 @@
 import os
 import sys
 
+import pytest
 import reference
 import torch
+
+import xa
 
 if "XA_TEST_DEVICE" in os.environ:
     torch.set_default_device(reference.DEVICE)
@@ -26,3 +29,10 @@ def pytest_terminal_summary(terminalreporter):
             f"OpInfo sweep (orders 1-3, both directions): handled {counts.get('handled', 0)} of {counted} ops "
             f"({100 * counts.get('handled', 0) / max(counted, 1):.0f}%); outcomes {dict(sorted(counts.items()))}"
         )
+
+
+@pytest.fixture(autouse=True)
+def _free_partials():
+    """A recorded ``.xgrad`` and its leaf keep each other alive: free every test's before the next."""
+    yield
+    xa.clear_partials()

@@ -469,10 +469,10 @@ def test_chunked_over_samples_equals_unchunked(direction):
         return torch.tanh(functional_call(WIDE, p, (x,))) * x[..., :1]
 
     u = f(X, params)  # (B, 2): wide hidden blocks, small results
-    full = xa.backward(u, 3, direction="backward", batch_dim=0)
+    full = xa.backward(u, 3, direction="backward", batch_dim=0, create_graph=False)  # the plain-data budget
     want_x, want_b = [t.clone() for t in X.xgrad], [t.clone() for t in bias.xgrad]
     budget = full.plan.peak_bytes * 0.5
-    chunked = xa.backward(u, 3, direction=direction, max_memory=budget, batch_dim=0)
+    chunked = xa.backward(u, 3, direction=direction, max_memory=budget, batch_dim=0, create_graph=False)
     assert chunked.plan.peak_bytes <= budget < full.plan.peak_bytes  # it ran a smaller plan than the whole
     for got, want in ((X.xgrad, want_x), (bias.xgrad, want_b)):
         for a, b in zip(got, want):
@@ -503,10 +503,11 @@ def test_chunked_retained_intermediate():
     B = 5
     x, h, y, rest = _softmax_graph(B)
     sup = xa.Superset(y).retain_partials(h)
-    want = [t.clone() for t in sup.backward(2, direction="backward", batch_dim=0).operator_partials(h)]
+    plain = dict(direction="backward", batch_dim=0, create_graph=False)  # the plain-data budget
+    want = [t.clone() for t in sup.backward(2, **plain).operator_partials(h)]
     want_x = [t.clone() for t in x.xgrad]
     whole = sup.plan.peak_bytes
-    got = sup.backward(2, direction="backward", max_memory=whole * 0.9, batch_dim=0).operator_partials(h)
+    got = sup.backward(2, max_memory=whole * 0.9, **plain).operator_partials(h)
     assert sup.plan.peak_bytes < whole
     assert got[1].shape == (B, 24, 3, 3)
     for a, b in zip(list(got) + list(x.xgrad), want + want_x):
@@ -524,14 +525,15 @@ def test_a_chunk_of_samples_bounds_the_blocks_and_is_refused_below_one_sample():
     B = 5
     x, h, y, _ = _softmax_graph(B)
     sup = xa.Superset(y).retain_partials(h)
-    want = [t.clone() for t in sup.backward(2, direction="backward", batch_dim=0).operator_partials(h)]
+    plain = dict(direction="backward", batch_dim=0, create_graph=False)  # the plain-data budget
+    want = [t.clone() for t in sup.backward(2, **plain).operator_partials(h)]
     whole = sup.plan.peak_bytes
-    got = sup.backward(2, direction="backward", max_memory=whole * 0.9, batch_dim=0).operator_partials(h)
+    got = sup.backward(2, max_memory=whole * 0.9, **plain).operator_partials(h)
     assert sup.plan.batch.size < B  # it did run in chunks of samples
     for a, b in zip(got, want):
         assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-12
     with pytest.raises(xa.MemoryBudgetError, match="one sample at a time"):
-        sup.backward(2, direction="backward", max_memory=whole * 0.1, batch_dim=0)
+        sup.backward(2, max_memory=whole * 0.1, **plain)
 
 
 @pytest.mark.parametrize("direction", ["backward", "forward"])

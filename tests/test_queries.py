@@ -145,7 +145,7 @@ def test_explain_shows_the_plan_that_runs(make, capsys):
     ran = []
     real = execute.run
     with patch.object(execute, "run", lambda *a, **k: ran.append(a[0]) or real(*a, **k)):
-        xa.queries._answer(u, query, 0, None, None, "auto")
+        xa.queries._answer(u, query, 0, None, None, "auto", None)
     assert len(ran) == 1 and ran[0].direction == shown.direction and ran[0].flops == shown.flops
     assert [len(s.terms) for s in ran[0].steps] == [len(s.terms) for s in shown.steps]
 
