@@ -6,6 +6,7 @@
     python benchmarks/run.py --only batched  # the per-sample cases (f)-(i) alone (batched.py)
     python benchmarks/run.py --only batched --plot-batch benchmarks/pinn_batch.png   # and time against B
     python benchmarks/run.py --only queries  # the query cases (j)-(n) alone (queries.py)
+    python benchmarks/run.py --only train    # one PINN training step, cases (q)-(u) (train.py)
 
 Every method computes the same thing as ``xa.backward(y, order)``: all
 derivatives of orders 1..N of the source with respect to each listed leaf,
@@ -41,6 +42,13 @@ of the fourth derivative, or three calls (the issue's references), and
 against the sum trick of jvps of the batch's gradient. For (l) the peak
 memory of each method is measured as above, in a fresh process of its own
 (``--child``). Their table goes to ``results/queries.md``.
+
+Cases (q)-(u), in ``train.py``, time one PINN training step (forward pass,
+PDE operator, loss, backward to the parameters) of xa against nested
+``torch.autograd.grad``, torch.func and torch-jet, the same way: timed in a
+child with the default malloc settings, peak memory per method in a fresh
+process. They are not in the default run (``--only train`` or ``--cases``
+runs them) and write ``results/train.md`` only.
 """
 
 from __future__ import annotations
@@ -66,10 +74,11 @@ import xa
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batched  # noqa: E402  (benchmarks/batched.py: the per-sample cases f-i)
 import queries  # noqa: E402  (benchmarks/queries.py: the query cases j-n)
+import train  # noqa: E402  (benchmarks/train.py: the training-step cases q-u)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MMAP_MARK = "XA_BENCH_SET_MMAP_THRESHOLD"   # set when this script set MALLOC_MMAP_THRESHOLD_ itself
-TIMING_CHILDREN = ("--batched-child", "--queries-child")   # run with glibc's default malloc settings
+TIMING_CHILDREN = ("--batched-child", "--queries-child", "--train-child")   # run with glibc's default malloc settings
 PEAK_TIMEOUT_S = 600.0   # seconds before one peak-memory child of the query cases is given up
 DT = torch.float64
 DEVICE = torch.device("cpu")
@@ -381,6 +390,8 @@ def first_call_seconds() -> float:
 def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
     if key in queries.CASES:
         fn = queries.way(key, method)
+    elif key in train.CASES:
+        fn = train.way(key, method)
     else:
         _, f, leaves, wrt, order = make_case(key)
         fn = lambda: METHODS[method](f, leaves, wrt, order)
@@ -438,9 +449,10 @@ def fmt_mb(mb):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join([*CASES, *batched.CASES, *queries.CASES]))
-    ap.add_argument("--only", choices=["batched", "queries"],
+    ap.add_argument("--only", choices=["batched", "queries", "train"],
                     help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0); "
-                    "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...)")
+                    "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...); "
+                    "train: only the training-step cases " + ",".join(train.CASES))
     ap.add_argument("--plot-batch", type=Path, metavar="PNG",
                     help="also time case (f) against B = " + ", ".join(map(str, batched.PLOT_SIZES))
                     + " and plot it there (a CSV beside it; the PNG needs matplotlib)")
@@ -452,6 +464,7 @@ def main(argv=None) -> int:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--batched-child", help=argparse.SUPPRESS)
     ap.add_argument("--queries-child", help=argparse.SUPPRESS)
+    ap.add_argument("--train-child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu", help="where the cases run (jacobian only on the CPU)")
@@ -464,10 +477,13 @@ def main(argv=None) -> int:
         return batched_child(args.batched_child, args)
     if args.queries_child:
         return batched_child(args.queries_child, args, queries)
+    if args.train_child:
+        return batched_child(args.train_child, args, train)
     if args.only:
-        args.cases = ",".join({"batched": batched, "queries": queries}[args.only].CASES)
+        args.cases = ",".join({"batched": batched, "queries": queries, "train": train}[args.only].CASES)
     batched_keys = [key for key in args.cases.split(",") if key in batched.CASES]
     query_keys = [key for key in args.cases.split(",") if key in queries.CASES]
+    train_keys = [key for key in args.cases.split(",") if key in train.CASES]
     rows = []
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{os.cpu_count()} CPUs"
     header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -475,7 +491,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
     print(f"first xa.backward in a fresh process (import excluded): {first_call_seconds():.3f} s", flush=True)
     for key in args.cases.split(","):
-        if key in batched.CASES or key in queries.CASES:
+        if key in batched.CASES or key in queries.CASES or key in train.CASES:
             continue
         title, f, leaves, wrt, order = make_case(key)
         results = {}
@@ -508,18 +524,22 @@ def main(argv=None) -> int:
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append((key, title, "write result once", t_write, t_write / ref_t, None, 0.0))
         del results
-    summaries, query_summaries = [], []
-    if (batched_keys or query_keys) and DEVICE.type != "cpu":
-        print(f"\n({', '.join(batched_keys + query_keys)}) skipped: the per-sample and query cases run on the "
-              "CPU only", flush=True)
+    summaries, query_summaries, train_summaries = [], [], []
+    if (batched_keys or query_keys or train_keys) and DEVICE.type != "cpu":
+        print(f"\n({', '.join(batched_keys + query_keys + train_keys)}) skipped: the per-sample, query and "
+              "training-step cases run on the CPU only", flush=True)
     else:
         if batched_keys or args.plot_batch:
             summaries = run_batched(batched_keys, args)
         if query_keys:
             query_summaries = run_batched(query_keys, args, "--queries-child")
+        if train_keys:
+            train_summaries = run_batched(train_keys, args, "--train-child")
     for s in query_summaries:
         if s["key"] in queries.PEAK:
             query_peaks(s)
+    for s in train_summaries:
+        train.peaks(s, lambda key, method: measure_isolated(key, method, 1, math.inf, PEAK_TIMEOUT_S))
     for s in summaries + query_summaries:
         peak = s.get("peak", {})
         for name, t in s["ways"].items():
@@ -537,8 +557,9 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {title} | {method} | {t:.4f} s | {ratio:.2f} | {fmt_mb(mb)} | {err:.1e} |")
     table = "\n".join(lines) + "\n"
-    (args.out / "results.md").write_text(f"# Benchmarks\n\n{header}\n\n" + table)
-    print(f"\nwrote {args.out / 'results.md'}")
+    if rows or not train_summaries:   # a run of the training steps alone leaves the last results.md alone
+        (args.out / "results.md").write_text(f"# Benchmarks\n\n{header}\n\n" + table)
+        print(f"\nwrote {args.out / 'results.md'}")
     if summaries:
         md = batched.markdown(summaries)
         (args.out / "batched.md").write_text(f"# Per-sample derivatives (batch_dim=0)\n\n{header}\n\n" + md)
@@ -547,6 +568,10 @@ def main(argv=None) -> int:
         md = queries.markdown(query_summaries)
         (args.out / "queries.md").write_text(f"# Queries per point (batch_dim=0)\n\n{header}\n\n" + md)
         print(f"\nQuery cases, for the README:\n\n{md}\nwrote {args.out / 'queries.md'}")
+    if train_summaries:
+        md = train.markdown(train_summaries)
+        (args.out / "train.md").write_text(f"# One PINN training step\n\n{header}\n\n" + md)
+        print(f"\nTraining-step cases:\n\n{md}\nwrote {args.out / 'train.md'}")
     if args.plot_orders and "b" in args.cases.split(","):
         plot_pinn(args.plot_orders, args)
     return 0
