@@ -14,6 +14,10 @@ term's share of ``.grad``, not only the total.
 
 from __future__ import annotations
 
+import gc
+import warnings
+import weakref
+
 import pytest
 import test_composite
 import test_operators
@@ -28,7 +32,7 @@ from torch.func import functional_call, jacfwd, jacrev, vmap
 
 import xa
 import xa.composite
-from xa import api
+from xa import api, attach
 
 DTYPE = torch.float64
 TOL = 1e-10
@@ -621,3 +625,44 @@ def test_xa_differentiates_its_own_laplacian():
         got1, got2 = p[n].xgrad
         assert error(got1, J[n].reshape(5, 1, P)) <= TOL, n
         assert error(got2, H[n][n].reshape(5, 1, P, P)) <= TOL, n
+
+
+# ====================================================================== .xgrad and its leaf
+
+
+def _fresh_leaf_with_xgrad(create_graph):
+    X = points(6, 2, seed=20).requires_grad_(True)
+    xa.backward(NET(X), 2, batch_dim=0, target=X, create_graph=create_graph)
+    assert (X.xgrad[1].grad_fn is not None) == bool(create_graph)
+    return weakref.ref(X)
+
+
+def test_a_recorded_xgrad_and_its_leaf_are_freed_by_clear_partials():
+    """A recorded ``.xgrad``'s graph holds its leaf: the two live until ``.xgrad`` goes; plain data does not."""
+    plain = _fresh_leaf_with_xgrad(False)
+    gc.collect()
+    assert plain() is None
+    recorded = _fresh_leaf_with_xgrad(True)
+    gc.collect()
+    assert recorded() is not None and hasattr(recorded(), "xgrad")
+    assert xa.clear_partials() >= 1
+    gc.collect()
+    assert recorded() is None
+
+
+def test_recorded_xgrad_piling_up_on_fresh_tensors_warns_once(monkeypatch):
+    monkeypatch.setitem(attach._WARNED, "cycle", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(attach.CYCLES_BEFORE_WARNING + 2):
+            _fresh_leaf_with_xgrad(True)
+    said = [w for w in caught if "keep each other alive" in str(w.message)]
+    assert len(said) == 1 and "clear_partials" in str(said[0].message)
+    assert said[0].filename == __file__  # it points at the caller of xa.backward
+    with warnings.catch_warnings(record=True) as caught:  # parameters: overwritten each step, no pile-up
+        warnings.simplefilter("always")
+        monkeypatch.setitem(attach._WARNED, "cycle", False)
+        xa.clear_partials()
+        for _ in range(attach.CYCLES_BEFORE_WARNING + 2):
+            xa.backward(NET(points(4, 2)), 1, batch_dim=0)
+    assert not [w for w in caught if "keep each other alive" in str(w.message)]

@@ -396,18 +396,26 @@ def clear() -> int:
 
 
 _WARNED = {"cycle": False}
+CYCLES_BEFORE_WARNING = 8  # recorded .xgrad held on that many tensors that are not parameters: a loop, likely
 
 
-def _warn_cycle(leaf) -> None:
-    """Once per process: a recorded ``.xgrad`` on a tensor that is not a parameter keeps its graph alive."""
-    if _WARNED["cycle"] or isinstance(leaf, torch.nn.Parameter):
+def _warn_cycles() -> None:
+    """Once per process, when recorded ``.xgrad`` pile up on tensors that are not parameters (a loop over
+    fresh points that keeps every step's graph alive): say why, and the ways out."""
+    if _WARNED["cycle"]:
+        return
+    held = sum(1 for ref, value in _XGRAD.values()  # (a user may have set .xgrad to anything, None included)
+               if not isinstance(ref(), torch.nn.Parameter) and isinstance(value, tuple)
+               and any(isinstance(t, torch.Tensor) and t.requires_grad for t in value))
+    if held < CYCLES_BEFORE_WARNING:
         return
     _WARNED["cycle"] = True
     warnings.warn(
-        "xa.backward recorded .xgrad with its graph (create_graph follows grad mode), so it can be trained on. "
-        "That graph holds the leaf, and the two keep each other alive until .xgrad is deleted: in a loop over "
-        "fresh tensors, pass create_graph=False (or run under torch.no_grad()) when no gradient of .xgrad is "
-        "needed, or free it with Superset.remove_partials(), del leaf.xgrad or xa.clear_partials().",
+        f"xa holds a recorded .xgrad (create_graph follows grad mode, so it can be trained on) on {held} tensors "
+        "that are not parameters. Each one's graph holds its tensor, so the two keep each other alive until "
+        ".xgrad is deleted: in a loop over fresh tensors every step's graph stays in memory. Pass "
+        "create_graph=False (or run under torch.no_grad()) when no gradient of .xgrad is needed, or free it "
+        "with Superset.remove_partials(), del x.xgrad or xa.clear_partials().",
         stacklevel=5,  # the caller of xa.backward
     )
 
@@ -422,7 +430,7 @@ def attach(graph: Graph, order: int, requested: tuple, retained: tuple, results:
         v = graph.values[i]
         if v.leaf is not None:
             v.leaf.xgrad = flat(graph, i, order, results[i], batch)
-            if torch.is_grad_enabled() and any(t.requires_grad for t in v.leaf.xgrad):
-                _warn_cycle(v.leaf)
             leaves.append(v.leaf)
+    if torch.is_grad_enabled():
+        _warn_cycles()
     return leaves, partials
