@@ -348,7 +348,10 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         constants.append((("weights",), (omega, alpha)))  # sum the rows with the query's weights
     head = [omega] if q else [alpha]
     out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
-    term = compile_term(lab, sources, operands + constants, [slots], out, target, unit_sums=True, keep=(alpha,))
+    # the rows' label stays, even of size one, where a gather reads along it; a collapsed target of one
+    # row (u_xx alone at the top order) sums it with its weight: then a broadcast product, not a matmul
+    keep = (alpha,) if any(g is not None for g in gathers) or not q else ()
+    term = compile_term(lab, sources, operands + constants, [slots], out, target, unit_sums=True, keep=keep)
     term.gathers = tuple(gathers)  # the constants follow the factor refs in term.operands
     if sampled is not None:
         term.views = tuple(operand_views(f, operands, ps)) + (None,) * len(constants)

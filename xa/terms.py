@@ -141,7 +141,13 @@ class _Tensordot:
         self.dims, self.swap = dims, swap
 
     def __call__(self, a, b, backend=None):
-        return torch.tensordot(b, a, dims=self.dims) if self.swap else torch.tensordot(a, b, dims=self.dims)
+        x, y = (b, a) if self.swap else (a, b)
+        dx, dy = self.dims
+        if all(x.shape[d] == 1 for d in dx):  # sums only labels of size one (a jet's single row): a product
+            if dx:
+                x, y = x.squeeze(dx), y.squeeze(dy)
+            return x.reshape(x.shape + (1,) * y.dim()) * y
+        return torch.tensordot(x, y, dims=self.dims)
 
     @classmethod
     def of(cls, equation: str):
