@@ -118,7 +118,9 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     if batch is not None:
         w(f"per sample: {plan.flops / batch.size:.4g} FLOPs, results {size(result / batch.size)}\n")
     w(f"total: {plan.flops:.4g} FLOPs; estimated peak {size(plan.peak_bytes)} (blocks, factors and the "
-      f"rules' workspace); results {size(result)}; plan {'from the cache' if plan.cached else 'new'}\n")
+      f"rules' workspace), {size(plan.tape_bytes)} with what autograd keeps for the results' gradient "
+      f"(grad mode; create_graph=False or torch.no_grad() keeps nothing); results {size(result)}; "
+      f"plan {'from the cache' if plan.cached else 'new'}\n")
     return plan
 
 
