@@ -130,7 +130,7 @@ def pinn_case(title: str, widths, B: int, order: int) -> Case:
 
     def run_xa():
         x = X.clone().requires_grad_(True)
-        xa.backward(model(x), order, batch_dim=0)
+        xa.backward(model(x), order, batch_dim=0, create_graph=False)  # values, as torch.func's
         return x.xgrad
 
     per_sample = vmap(func_nested(model, order))
@@ -167,7 +167,7 @@ def case_i(B: int = 256) -> Case:
 
     def run_xa():
         W.xgrad = None   # drop the previous call's 134 MB before making new ones
-        xa.backward(F.cross_entropy(model(X), Y, reduction="none"), 2, batch_dim=0)
+        xa.backward(F.cross_entropy(model(X), Y, reduction="none"), 2, batch_dim=0, create_graph=False)
         return W.xgrad
 
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -84,7 +84,7 @@ def _xa(query, model, X, *args):
 
     def run():
         x = X.clone().requires_grad_(True)
-        out = query(model(x), x, *args, batch_dim=0)
+        out = query(model(x), x, *args, batch_dim=0, create_graph=False)  # values: nothing trains on them
         return out if isinstance(out, tuple) else (out,)
 
     return run

@@ -242,7 +242,7 @@ def _partial(f, leaves, name):
 
 def run_xa(f, leaves, wrt, order):
     args = [t.clone().requires_grad_(n in wrt) for n, t in leaves.items()]
-    xa.backward(f(*args), order)
+    xa.backward(f(*args), order, create_graph=False)  # values, as torch.func's (training: --only train)
     return {n: a.xgrad for n, a in zip(leaves, args) if n in wrt}
 
 
