@@ -50,9 +50,9 @@ def test_pinn_poisson_gradient_and_a_few_steps():
         assert (g - w).abs().max().item() <= TOL * max(1.0, w.abs().max().item()), n
     assert max(g.abs().max().item() for g in got[:-1]) > 0  # the PDE term reaches the weights
 
-    _, history = pinn_poisson.train(steps=30, interior=64, boundary=32, log_every=0)
-    first, last = history["pde"][0] + history["boundary"][0], history["pde"][-1] + history["boundary"][-1]
-    assert last < 0.9 * first
+    _, history = pinn_poisson.train(steps=100, interior=64, boundary=32, log_every=0)
+    first, last = history["pde"][0], history["pde"][-1]
+    assert last < 0.5 * first
 
 
 def test_gauss_newton_jacobian_and_a_few_steps():
