@@ -239,6 +239,10 @@ def _tile(plan, graph) -> int:
     batch = plan.batch
     if batch is None or graph.device.type != "cpu" or plan.peak_bytes <= TILE_BYTES:
         return 0
+    if torch.is_grad_enabled():
+        # recorded, each tile's reads of the shared factors come back in the backward as a zero-filled
+        # copy of the whole factor, and the backward revisits every block anyway: no tiles
+        return 0
     factors = sum(step.factor_elements for step in plan.steps) * plan.itemsize
     if factors > TILE_FACTOR_BYTES:  # the factors are kept for every tile: not when they are large
         return 0

@@ -67,14 +67,16 @@ def polynomial_in_result(g: tuple) -> Callable:
         coeffs = poly(k)
         if len(coeffs) == 1:
             return torch.full_like(y, coeffs[0])
-        # Horner's scheme in place on one fresh tensor, skipping zero coefficients (1 - y^2: two passes)
+        # Horner's scheme, skipping zero coefficients (1 - y^2: two passes); in place on one fresh tensor,
+        # or out of place where autograd records (in place, it would copy each value it overwrites)
+        inplace = not (torch.is_grad_enabled() and y.requires_grad)
         acc = y * coeffs[-1]
         for c in reversed(coeffs[1:-1]):
             if c:
-                acc.add_(c)
-            acc.mul_(y)
+                acc = acc.add_(c) if inplace else acc + c
+            acc = acc.mul_(y) if inplace else acc * y
         if coeffs[0]:
-            acc.add_(coeffs[0])
+            acc = acc.add_(coeffs[0]) if inplace else acc + coeffs[0]
         return acc
 
     return deriv
