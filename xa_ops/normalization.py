@@ -182,11 +182,13 @@ def _rstd(saved, d, reduced):
     constant and a gradient through the normalization would miss its dependence on the input. Its value stays the
     saved one, bit for bit; its derivatives are those of ``(var(d) + eps)^-1/2`` with eps recovered.
     """
-    if saved.requires_grad or not (torch.is_grad_enabled() and d.requires_grad):  # group_norm's is a function
+    if not (torch.is_grad_enabled() and d.requires_grad):
         return saved
     var = (d * d).mean(reduced, keepdim=True)
     again = torch.rsqrt(var + (saved.detach() ** -2 - var.detach()))
-    return saved + (again - again.detach())
+    # group_norm's is an output with a derivative, but torch 2.11 drops the gradient that reaches it:
+    # every version's gradient comes from the input here
+    return saved.detach() + (again - again.detach())
 
 
 def _layer_pieces(ctx):
