@@ -437,3 +437,54 @@ def test_division_by_a_python_float_keeps_float64(order):
     want = torch_partials(lambda z: torch.tanh(z / math.sqrt(6)) * math.pi, [x], order)[0]
     for got, ref in zip(x.xgrad, want):
         assert (got - ref).abs().max().item() <= 1e-14
+
+
+def _constants(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+
+
+_r = _constants()
+ONLY_ONE_INPUT_REQUIRES_GRAD = [
+    ("addmv", lambda x, b=_r(3), M=_r(3, 4): torch.addmv(b, M, x), (4,)),
+    ("vdot", lambda x, c=_r(4): torch.vdot(c, x).reshape(1) * x, (4,)),
+    ("addr", lambda x, b=_r(3, 4), c=_r(4): torch.addr(b, x, c), (3,)),
+    ("cross", lambda x, c=_r(3): torch.linalg.cross(x, c) * x, (3,)),
+    ("div floor", lambda x, c=_r(3).abs() + 1: torch.div(x, c, rounding_mode="floor") + x * x, (3,)),
+    ("masked_fill", lambda x: x.masked_fill(torch.tensor([True, False, True]), 2.0) * x, (3,)),
+    ("bilinear", lambda x, y=_r(1, 3), W=_r(2, 4, 3): torch.nn.functional.bilinear(x.reshape(1, 4), y, W), (4,)),
+]
+
+
+@pytest.mark.parametrize("case", ONLY_ONE_INPUT_REQUIRES_GRAD, ids=[c[0] for c in ONLY_ONE_INPUT_REQUIRES_GRAD])
+def test_nodes_whose_other_inputs_are_constants(case):
+    """The generic fallback rebuilds a call whose other inputs do not require grad (torch keeps no shape, and
+    may keep no value, for them): the derivatives w.r.t. the one that does, as torch's."""
+    _, f, shape = case
+    x = leaf(*shape)
+    xa.backward(f(x), 2)
+    for got, want in zip(x.xgrad, torch_partials(f, [x], 2)[0]):
+        assert close(got, want, 1e-12)
+
+
+def test_a_constant_input_torch_did_not_save_is_a_typed_refusal():
+    x = leaf(3)
+    with pytest.raises(xa.UnsupportedOperatorError, match="HypotBackward0.*'other'"):
+        xa.backward(torch.hypot(x, _constants(1)(3)), 2)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["node whole", "pieces"])
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_a_norm_of_a_zero_row_has_torchs_zero_derivatives(direction, whole, monkeypatch):
+    """``vector_norm`` and ``F.normalize`` of a zero row (padding): torch's subgradient 0 at every order, not NaN."""
+    import xa.composite
+
+    monkeypatch.setattr(xa.composite, "DENSE_LIMIT", 4096 if whole else 0)
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    x[1] = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    x.requires_grad_(True)
+    for f in (lambda z: torch.linalg.vector_norm(z, dim=1),
+              lambda z: torch.nn.functional.normalize(z, dim=1) * z.sum()):
+        xa.backward(f(x), 3, direction=direction)
+        for got, want in zip(x.xgrad, torch_partials(f, [x], 3)[0]):
+            assert bool(torch.isfinite(got).all()) and close(got, want, 1e-12)

@@ -105,7 +105,9 @@ _HARMLESS = {"check_errors", "memory_format", "non_blocking", "copy", "layout", 
 
 def _bind(ctx, packet, leaves):
     """The first overload whose arguments can all be recovered from the node; or a reason why none can."""
-    saved = set(ctx._saved)
+    # what torch saved; an attribute it left empty (the other operand of a product whose own gradient is
+    # not needed, addmv's vec when only vec requires grad) is read from the leaf or zeros instead
+    saved = {k for k, v in ctx._saved.items() if v is not None}
     n_slots = len(ctx.in_shapes)
     reasons = []
     for name in packet.overloads():
@@ -205,7 +207,9 @@ def fallback_rule(node: str):
             raise UnsupportedOperatorError(
                 f"no rule for torch node {ctx.name}, and the generic fallback through aten::{packet.__name__} "
                 f"cannot rebuild its arguments from what torch saved ({call}); xa.extend.register adds a rule")
-        shapes = [tuple(s) for s in ctx.in_shapes]
+        # an input that does not require grad has no shape in the graph: only the slots differentiated
+        # (which do) need one; the op is read at such an input's saved value, or at zeros where it may be
+        shapes = [None if s is None else tuple(s) for s in ctx.in_shapes]
         out_shape = tuple(ctx.out_shape)
         lab = LabelMaker()
         y = lab.dims(out_shape)
@@ -223,7 +227,10 @@ def fallback_rule(node: str):
                 elif kind == "leaf":
                     values.append(leaves[what].to(device=ctx.device, dtype=ctx.dtype))
                 else:
-                    values.append(torch.zeros(shapes[s], dtype=ctx.dtype, device=ctx.device))
+                    # a constant input torch did not save enters affinely (nothing saved depends on it): any
+                    # value does, of a shape that broadcasts against the output's
+                    shape = shapes[s] if shapes[s] is not None else out_shape
+                    values.append(torch.zeros(shape, dtype=ctx.dtype, device=ctx.device))
 
             def f(*point):
                 out = _call(ctx, call, point)
@@ -233,7 +240,7 @@ def fallback_rule(node: str):
                 return _dense(ctx, call, packet, f, values, slots, dense_shape, out_shape, shapes)
             except UnsupportedOperatorError:
                 raise
-            except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError) as err:
+            except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError, AttributeError) as err:
                 raise UnsupportedOperatorError(
                     f"no rule for torch node {ctx.name}, and the generic fallback through aten::{packet.__name__} "
                     f"failed to differentiate it with torch.func: {(str(err).splitlines() or [''])[0][:200]}"

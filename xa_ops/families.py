@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.func import jvp
 
+from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker, broadcast_port, planned
 
 # ---------------------------------------------------------------- elementwise
@@ -143,6 +144,12 @@ def taylor_partial(fn: Callable, saved: tuple) -> Callable:
     """
 
     def deriv(ctx, *counts):
+        missing = [n for n in saved if not ctx.has(n)]
+        if missing:  # torch saves an input only where a gradient needs it: a constant operand may be gone
+            raise UnsupportedOperatorError(
+                f"{ctx.name}: torch did not save its input {', '.join(map(repr, missing))} (it does not require "
+                "grad here), and the derivatives depend on its value; let it require grad, or register a rule")
+
         def build():
             xs = [ctx.saved(n).to(ctx.dtype).expand(ctx.out_shape).contiguous() for n in saved]
             g = lambda *zs: fn(ctx, *zs)

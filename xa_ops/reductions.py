@@ -424,8 +424,8 @@ def _group_function(kind):
         p = _norm_order(ctx)
         if p == 0:
             return None  # the count of nonzero entries: piecewise constant
-        if p == 2:
-            return lambda g: torch.sqrt((g * g).sum())
+        if p == 2:  # torch's own: every derivative 0 where the norm is 0 (a padding row), as torch gives
+            return lambda g: torch.linalg.vector_norm(g)
         if math.isinf(p):
             return lambda g: g.abs().amax() if p > 0 else g.abs().amin()
         return lambda g: (g.abs() ** p).sum() ** (1.0 / p)
@@ -497,10 +497,13 @@ def _norm_pieces(ctx):
     r_shape = tuple(result.shape)
     total = {"dim": reduced, "keepdim": keepdim}
     if p == 2:
+        # where the norm is 0 torch gives the subgradient 0 at every order: sqrt's k-th derivative
+        # c_k r^(1 - 2k) read at r = inf is that 0 (at r = 0 it is inf, and inf * 0 a NaN)
+        root = torch.where(result == 0, torch.inf, result)
         return [
             Piece("PowBackward0", x.shape, (("in", 0),), {"self": x, "exponent": 2.0}, "square"),
             Piece("SumBackward1", r_shape, (("piece", 0),), total, "sum"),
-            Piece("SqrtBackward0", r_shape, (("piece", 1),), {"result": result}, "sqrt"),
+            Piece("SqrtBackward0", r_shape, (("piece", 1),), {"result": root}, "sqrt"),
         ]
     a = x.abs()
     pieces = [Piece("AbsBackward0", x.shape, (("in", 0),), {"self": x}, "abs")]
