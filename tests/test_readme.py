@@ -52,6 +52,8 @@ def test_readme_examples_run_and_agree_with_torch(capsys):
             assert torch.allclose(got.flatten(), want, atol=1e-10, rtol=0)
         if "heat_residual" in scope:  # the queries example: every query against torch.func, per point
             _check_queries(scope)
+        if "pinn_losses" in scope:  # the training example: it trains, and its gradient is torch.func's
+            _check_training(scope)
     assert "xa plan" in capsys.readouterr().out
 
 
@@ -89,3 +91,28 @@ def _check_queries(scope):
     A, B = scope["A"], scope["B"]
     f = lambda A, B: torch.tanh(A @ torch.ones(3, dtype=torch.float64) * B).sum()  # noqa: E731
     same(scope["H_AB"], hessian(f, argnums=(0, 1))(A.detach(), B.detach())[0][1])
+
+
+def _check_training(scope):
+    net, X, Xb, f, losses = scope["net"], scope["X"], scope["Xb"], scope["f"], scope["pinn_losses"]
+    assert losses[-1] < losses[0]
+    import xa
+
+    params = dict(net.named_parameters())
+    names = list(params)
+    residual = -xa.laplacian(net(X), X, batch_dim=0) - f
+    loss = (residual ** 2).mean() + 100 * (net(Xb) ** 2).mean()
+    got = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, materialize_grads=True)
+
+    def ref(*values):
+        p = dict(zip(names, values))
+
+        def u(x):
+            return torch.func.functional_call(net, p, (x[None],))[0, 0]
+
+        lap = vmap(lambda x: torch.func.hessian(u)(x).trace())(X.detach())
+        return ((-lap[:, None] - f) ** 2).mean() + 100 * (torch.func.functional_call(net, p, (Xb,)) ** 2).mean()
+
+    want = torch.func.grad(ref, argnums=tuple(range(len(names))))(*[params[n].detach() for n in names])
+    for n, a, b in zip(names, got, want):
+        assert (a - b).abs().max().item() <= 1e-10 * max(1.0, b.abs().max().item()), n
