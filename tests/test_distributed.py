@@ -85,21 +85,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     try:
         model = DDP(_model())
         interior, boundary = (_shard(t, rank) for t in _points())
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-        losses = []
-        for _ in range(STEPS):
-            opt.zero_grad()
-            terms = _terms(model, interior, boundary)
-            terms.sum().backward()
-            opt.step()
-            losses.append(terms.detach())
-        # Evaluated on the bare module: a forward through DDP with no backward
-        # after it would leave the reducer expecting one.
-        losses.append(_terms(model.module, interior, boundary).detach())
-        torch.save(
-            {"params": [p.detach().clone() for p in model.parameters()], "losses": torch.stack(losses)},
-            f"{out}/rank{rank}.pt",
-        )
+        # the final loss on the bare module: a forward through DDP with no backward after it would leave
+        # the reducer expecting one
+        losses = _train(model, model.module, interior, boundary)
+        torch.save({"params": [p.detach().clone() for p in model.parameters()], "losses": losses},
+                   f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -128,19 +118,24 @@ def _wait(ctx: mp.ProcessContext) -> None:
                 p.join(5)
 
 
-def _run_single() -> tuple[list[torch.Tensor], torch.Tensor]:
-    net = _model()
-    interior, boundary = _points()
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+def _train(module, bare, interior, boundary) -> torch.Tensor:
+    """``STEPS`` Adam steps on the loss's terms: each step's terms, then the final ones (on ``bare``)."""
+    opt = torch.optim.Adam(module.parameters(), lr=LR)
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
-        terms = _terms(net, interior, boundary)
+        terms = _terms(module, interior, boundary)
         terms.sum().backward()
         opt.step()
         losses.append(terms.detach())
-    losses.append(_terms(net, interior, boundary).detach())
-    return [p.detach().clone() for p in net.parameters()], torch.stack(losses)
+    losses.append(_terms(bare, interior, boundary).detach())
+    return torch.stack(losses)
+
+
+def _run_single() -> tuple[list[torch.Tensor], torch.Tensor]:
+    net = _model()
+    losses = _train(net, net, *_points())
+    return [p.detach().clone() for p in net.parameters()], losses
 
 
 def test_ddp_matches_one_process(tmp_path):

@@ -20,13 +20,14 @@ import weakref
 
 import pytest
 import test_composite
+import test_extend
 import test_operators
 import torch
-import torch.nn as nn
 import torch.nn.functional as F  # noqa: N812
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import DEVICE
+from test_batched import MLP
 from test_random_graphs import SETTINGS, build
 from torch.func import functional_call, jacfwd, jacrev, vmap
 
@@ -254,20 +255,6 @@ def test_prod_with_a_zero_factor_has_a_zero_gradient():
 
 
 # ====================================================================== networks, per sample
-
-
-class MLP(nn.Module):
-    def __init__(self, sizes, act=torch.tanh):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-        self.act = act
-
-    def forward(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = self.act(x)
-        return x
 
 
 torch.manual_seed(0)
@@ -553,24 +540,9 @@ def test_composite_softmax_fallback_and_user_rule():
     """Gradients through a composite (softmax), the generic fallback (``logaddexp``) and a user's own rule."""
     from xa.extend import elementwise, register, unregister
 
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x ** 3
-
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
-            return 3 * x ** 2 * grad
-
-    def cube_deriv(ctx, k):
-        (x,) = ctx.saved("tensors")
-        return [3 * x ** 2, 6 * x, torch.full_like(x, 6.0)][k - 1] if k <= 3 else None
-
-    register("CubeBackward", elementwise(cube_deriv), override=True)
+    register("CubeBackward", elementwise(test_extend._cube), override=True)
     try:
-        _check_composite_fallback_and_user_rule(Cube)
+        _check_composite_fallback_and_user_rule(test_extend.Cube)
     finally:
         unregister("CubeBackward")
 

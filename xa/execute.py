@@ -128,6 +128,27 @@ def _sample_view(operand, view, batch, first) -> torch.Tensor:
     return operand
 
 
+def _big_and_small(term, coef, operands) -> tuple:
+    """A broadcast term's operands lined up on its output labels: ``(largest, product of the others or None,
+    coef)``, the coefficient folded into the smallest operand where there is one (no pass over anything larger).
+
+    The small operands' product is the term's scratch (plan.peak counts it).
+    """
+    parts = []
+    for n, perm, shape in term.broadcast:  # smallest first
+        op = operands[n] if perm is None else operands[n].permute(perm)
+        parts.append(op if op.shape == shape else op.reshape(shape))
+    big = parts.pop()
+    small = None
+    if parts:
+        small = parts[0]
+        if coef != 1.0:
+            small, coef = small * coef, 1.0
+        for p in parts[1:]:
+            small = small * p
+    return big, small, coef
+
+
 def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device) -> None:
     """A term that sums no label: multiply the small operands, then one pass over the block.
 
@@ -135,19 +156,7 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
     a block that it covers whole, ``block = big * (coef * small)`` written
     straight into fresh memory: the block is never zeroed nor copied.
     """
-    parts = []
-    for n, perm, shape in term.broadcast:  # smallest first
-        op = operands[n] if perm is None else operands[n].permute(perm)
-        parts.append(op if op.shape == shape else op.reshape(shape))
-    big = parts.pop()
-    # the small operands' product is the term's scratch (plan.peak counts it)
-    small = None
-    if parts:
-        small = parts[0]
-        if coef != 1.0:  # onto the smallest operand: no pass over anything larger
-            small, coef = small * coef, 1.0
-        for p in parts[1:]:
-            small = small * p
+    big, small, coef = _big_and_small(term, coef, operands)
     if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
         block = big.reshape(plan.block_shapes[term.target])
         blocks[term.target] = block.mul_(coef) if coef != 1.0 else block
@@ -174,18 +183,7 @@ def _record_product(term, coef, operands, blocks, plan) -> None:
     A term that adds into part of its block (a diagonal) has both factors laid on the block with
     zeros elsewhere, and ``addcmul`` leaves those entries as they were.
     """
-    parts = []
-    for n, perm, shape in term.broadcast:  # smallest first
-        op = operands[n] if perm is None else operands[n].permute(perm)
-        parts.append(op if op.shape == shape else op.reshape(shape))
-    big = parts.pop()
-    small = None
-    if parts:
-        small = parts[0]
-        if coef != 1.0:
-            small, coef = small * coef, 1.0
-        for q in parts[1:]:
-            small = small * q
+    big, small, coef = _big_and_small(term, coef, operands)
     shape = plan.block_shapes[term.target]
     old = blocks.get(term.target)
     if old is None and term.full:

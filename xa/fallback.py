@@ -105,9 +105,7 @@ _HARMLESS = {"check_errors", "memory_format", "non_blocking", "copy", "layout", 
 
 def _bind(ctx, packet, leaves):
     """The first overload whose arguments can all be recovered from the node; or a reason why none can."""
-    # what torch saved; an attribute it left empty (the other operand of a product whose own gradient is
-    # not needed, addmv's vec when only vec requires grad) is read from the leaf or zeros instead
-    saved = {k for k, v in ctx._saved.items() if v is not None}
+    saved = set(ctx._saved)
     n_slots = len(ctx.in_shapes)
     reasons = []
     for name in packet.overloads():
@@ -136,7 +134,9 @@ def _bind(ctx, packet, leaves):
             reasons.append(f"{name}: does not take {', '.join(extra)}")
             continue
         for a in schema.arguments:
-            if a.name in saved:
+            # a tensor input torch left empty (the other operand of a product whose own gradient is not
+            # needed: addmv's vec when only vec requires grad) is read from the leaf or zeros instead
+            if a.name in saved and not (a.name in diff and ctx._saved[a.name] is None):
                 args[a.name] = ("saved", a.name)
             elif a.name in ("size", "output_size") and a.name not in diff:
                 # a view's or an adaptive pool's target size is the output's shape (its trailing dims)

@@ -424,13 +424,21 @@ def _group_function(kind):
         p = _norm_order(ctx)
         if p == 0:
             return None  # the count of nonzero entries: piecewise constant
-        if p == 2:  # torch's own: every derivative 0 where the norm is 0 (a padding row), as torch gives
-            return lambda g: torch.linalg.vector_norm(g)
+        if p == 2:
+            return _norm2
         if math.isinf(p):
             return lambda g: g.abs().amax() if p > 0 else g.abs().amin()
         return lambda g: (g.abs() ** p).sum() ** (1.0 / p)
 
     return {"var": var, "std": std, "norm": norm}[kind]
+
+
+def _norm2(g):
+    """``sqrt(sum(g^2))``, every derivative 0 where it is 0 (a padding row), as torch gives (a NaN through sqrt):
+    the zero branch of a ``where`` whose other branch reads a safe 1 there."""
+    s = (g * g).sum()
+    zero = s == 0
+    return torch.where(zero, torch.zeros_like(s), torch.sqrt(torch.where(zero, torch.ones_like(s), s)))
 
 
 def _group_rule(kind):
