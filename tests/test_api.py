@@ -488,3 +488,13 @@ def test_a_norm_of_a_zero_row_has_torchs_zero_derivatives(direction, whole, monk
         xa.backward(f(x), 3, direction=direction)
         for got, want in zip(x.xgrad, torch_partials(f, [x], 3)[0]):
             assert bool(torch.isfinite(got).all()) and close(got, want, 1e-12)
+
+
+def test_a_complex_intermediate_is_a_typed_refusal_naming_the_node():
+    x = leaf(8)
+    y = torch.fft.rfft(x).abs().sum()
+    with pytest.raises(xa.UnsupportedOperatorError, match="FftR2CBackward0 gives a complex tensor"):
+        xa.backward(y, 2)
+    assert not hasattr(x, "xgrad")
+    y.backward()  # torch's graph is as it was
+    assert x.grad is not None

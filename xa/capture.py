@@ -206,12 +206,18 @@ class Graph:
                 return index[key]
             name = fn.name()
             if name == LEAF:
-                shape = tuple(fn.variable.shape)
+                shape, dtype = tuple(fn.variable.shape), fn.variable.dtype
             else:
-                shape = tuple(fn._input_metadata[output_nr].shape)
+                meta = fn._input_metadata[output_nr]
+                shape, dtype = tuple(meta.shape), meta.dtype
             v = Value(len(self.values), fn, name, shape, parent=parent, output=output_nr)
             if name == LEAF:
                 v.leaf = fn.variable
+            if dtype.is_complex:  # the rules are real: refused before anything is planned
+                self.values.append(v)
+                raise UnsupportedOperatorError(
+                    f"{name} gives a complex tensor ({dtype}, at {v.where(self)}): xa takes derivatives of real "
+                    "tensors only; work with real and imaginary parts (torch.view_as_real) or a real formula")
             index[key] = v.index
             self.values.append(v)
             return v.index
