@@ -17,6 +17,7 @@ import socket
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -77,13 +78,13 @@ def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
     return t.chunk(WORLD)[rank]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, find_unused: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
     try:
-        model = DDP(_model())
+        model = DDP(_model(), find_unused_parameters=find_unused)
         interior, boundary = (_shard(t, rank) for t in _points())
         # the final loss on the bare module: a forward through DDP with no backward after it would leave
         # the reducer expecting one
@@ -100,8 +101,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ddp(out: str) -> mp.ProcessContext:
-    return mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False, start_method="spawn")
+def _start_ddp(out: str, find_unused: bool) -> mp.ProcessContext:
+    return mp.start_processes(_worker, args=(_free_port(), out, find_unused), nprocs=WORLD, join=False,
+                              start_method="spawn")
 
 
 def _wait(ctx: mp.ProcessContext) -> None:
@@ -138,8 +140,10 @@ def _run_single() -> tuple[list[torch.Tensor], torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()], losses
 
 
-def test_ddp_matches_one_process(tmp_path):
-    ctx = _start_ddp(str(tmp_path))
+@pytest.mark.parametrize("find_unused", [False, True], ids=["DDP", "find_unused_parameters"])
+def test_ddp_matches_one_process(tmp_path, find_unused):
+    """``find_unused_parameters=True`` wraps the module's outputs in a ``_DDPSink`` node xa reads through."""
+    ctx = _start_ddp(str(tmp_path), find_unused)
     try:
         # The reference runs while the workers start up, which is most of their time.
         want_params, want_losses = _run_single()

@@ -7,6 +7,7 @@ registered rule has no sample that reaches it.
 
 import importlib
 import pkgutil
+import weakref
 import zlib
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import DEVICE, assert_close_to_torch
+from reference import DEVICE, assert_close_to_torch, torch_partials
 
 import xa
 from xa.capture import Graph
@@ -70,7 +71,32 @@ COVERED_BY_OWN_TESTS = {
     "SqueezeBackward4": "test_in_place_squeeze_and_unsqueeze",
     "SqueezeBackward5": "test_in_place_squeeze_and_unsqueeze",
     "HardsigmoidBackward0": "test_hardsigmoid_slope_is_exact",
+    "_DDPSinkBackward": "test_ddp_sink_passes_its_inputs_through",
 }
+
+
+class _SinkOwner:
+    _ddp_sink_clone = True  # what DistributedDataParallel's _DDPSink reads of its module
+
+
+_OWNER = _SinkOwner()
+
+
+def _through_sink(*tensors):
+    """``tensors`` through the node ``DistributedDataParallel(find_unused_parameters=True)`` puts on its outputs."""
+    from torch.nn.parallel.distributed import _DDPSink
+
+    return _DDPSink.apply(weakref.ref(_OWNER), *tensors)
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_ddp_sink_passes_its_inputs_through(direction):
+    x = torch.randn(4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    a, b = _through_sink(torch.tanh(x), x * x)
+    xa.backward(a * b + a.sin(), 3, direction=direction)
+    want = torch_partials(lambda z: torch.tanh(z) * z * z + torch.tanh(z).sin(), [x], 3)[0]
+    for got, ref in zip(x.xgrad, want):
+        assert (got - ref).abs().max().item() <= 1e-12
 
 
 # Nodes torch records only on a CUDA device: the same rule as the CPU kernel's node
@@ -97,7 +123,7 @@ def test_own_tests_reach_their_nodes():
     x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     graphs = [torch.native_dropout(x, 0.5, True)[0],
               (x * 1.0).unsqueeze_(0).squeeze_(0).unsqueeze_(1).squeeze_((1,)).unsqueeze_(0).squeeze_(),
-              F.hardsigmoid(x)]
+              F.hardsigmoid(x), _through_sink(x.sin())[0]]
     reached = {v.name for y in graphs for v in Graph(y).values}
     assert set(COVERED_BY_OWN_TESTS) <= reached
     assert all(callable(globals()[test]) for test in COVERED_BY_OWN_TESTS.values())

@@ -14,7 +14,7 @@ import math
 import torch
 
 from xa.errors import UnsupportedOperatorError
-from xa.factor import broadcast_port, normalize_dim, reshape_ports, signed
+from xa.factor import LabelMaker, broadcast_port, normalize_dim, reshape_ports, signed
 from xa.registry import register
 
 from .families import linear, linear_map, weighted_sum
@@ -35,6 +35,22 @@ def _reshape(ctx, lab):
 for _name in ("CloneBackward0", "LazyCloneBackward0", "AliasBackward0"):
     register(_name, linear(_same))
 register("NegBackward0", linear(_same, coef=-1.0))
+
+
+def _pass_through(ctx, slots):
+    """A node whose output k is its input k: the identity on that slot, zero on the others (and at order >= 2).
+
+    ``DistributedDataParallel(find_unused_parameters=True)`` wraps the module's outputs so in ``_DDPSink``.
+    """
+    if len(slots) > 1 or slots[0] != ctx.output:
+        return None
+    lab = LabelMaker()
+    y = lab.dims(ctx.out_shape)
+    return lab.factor(y, [y], [])
+
+
+_pass_through.multi_output = True
+register("_DDPSinkBackward", _pass_through)
 for _name in (
     "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "UnsqueezeBackward1",
     "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
