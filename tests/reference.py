@@ -21,24 +21,29 @@ import xa
 DEVICE = torch.device(os.environ.get("XA_TEST_DEVICE", "cpu"))
 
 
+def nested(f, args, i, order):
+    """``[d^k f(*args) / d args[i]^k for k = 1..order]``, each ``(*f.shape, *k * args[i].shape)``: ``jacrev``,
+    then ``jacfwd`` per further order. Differentiable, and usable under ``vmap``."""
+
+    def fi(z):
+        a = list(args)
+        a[i] = z
+        return f(*a)
+
+    g = jacrev(fi)
+    out = [g(args[i])]
+    for _ in range(1, order):
+        g = jacfwd(g)
+        out.append(g(args[i]))
+    return out
+
+
 def torch_partials(f, inputs, order):
     """``out[i][k-1]``: the k-th pure derivative of ``f(*inputs).flatten()`` w.r.t. ``inputs[i]``."""
     inputs = [x.detach() for x in inputs]
     s = f(*inputs).numel()
-    out = []
-    for i, x in enumerate(inputs):
-        def fi(z, i=i):
-            args = list(inputs)
-            args[i] = z
-            return f(*args)
-
-        g = jacrev(fi)
-        per = [g(x)]
-        for _ in range(1, order):
-            g = jacfwd(g)
-            per.append(g(x))
-        out.append([d.reshape((s,) + (x.numel(),) * (k + 1)) for k, d in enumerate(per)])
-    return out
+    return [[d.reshape((s,) + (x.numel(),) * (k + 1)) for k, d in enumerate(nested(f, inputs, i, order))]
+            for i, x in enumerate(inputs)]
 
 
 WORST = {"error": 0.0, "where": ""}  # the largest error of the session, for the terminal summary

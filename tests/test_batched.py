@@ -33,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F  # noqa: N812
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
-from reference import DEVICE, torch_partials
+from reference import DEVICE, nested, torch_partials
 from samples_attention import fused
 from test_networks import EncoderBlock
-from torch.func import functional_call, jacfwd, jacrev, vmap
+from torch.func import functional_call, vmap
 
 import xa
 
@@ -108,17 +108,7 @@ def vmap_partials(fn, args, in_dims, wrt, order):
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
 
     def per_sample(*a):
-        def g(z):
-            b = list(a)
-            b[wrt] = z
-            return fn(*b)
-
-        jac = jacrev(g)
-        outs = [jac(a[wrt])]
-        for _ in range(1, order):
-            jac = jacfwd(jac)
-            outs.append(jac(a[wrt]))
-        return tuple(outs)
+        return tuple(nested(fn, a, wrt, order))
 
     outs = vmap(per_sample, in_dims=tuple(in_dims))(*args)
     B = outs[0].shape[0]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import DEVICE
+from reference import DEVICE, nested
 from test_batched import MLP
 from test_random_graphs import SETTINGS, build
 from torch.func import functional_call, jacfwd, jacrev, vmap
@@ -40,22 +40,6 @@ TOL = 1e-10
 
 
 # ====================================================================== references
-
-
-def nested(f, args, i, order):
-    """``[d^k f(*args) / d args[i]^k for k = 1..order]``, each ``(*f.shape, *k * args[i].shape)``; differentiable."""
-
-    def fi(z):
-        a = list(args)
-        a[i] = z
-        return f(*a)
-
-    g = jacrev(fi)
-    out = [g(args[i])]
-    for _ in range(1, order):
-        g = jacfwd(g)
-        out.append(g(args[i]))
-    return out
 
 
 def ref_grad(loss, args):
