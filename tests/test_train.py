@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
+from unittest.mock import patch
 
 import pytest
 import test_composite
@@ -33,7 +34,8 @@ from torch.func import functional_call, jacfwd, jacrev, vmap
 
 import xa
 import xa.composite
-from xa import api, attach
+from xa import attach, execute, queries
+from xa.capture import Graph
 
 DTYPE = torch.float64
 TOL = 1e-10
@@ -348,13 +350,23 @@ def test_laplacian_in_chunks_of_samples():
     """A budget below the recorded plan: chunks of samples, each done again in the backward; same gradient."""
     X = points(24, 3, seed=4)
     Xl = X.clone().requires_grad_(True)
-    _, plan = api.plan_for(NET3(Xl), 2, batch_dim=0, direction="backward")
-    budget = plan.tape_bytes // 3
+    graph = Graph(NET3(Xl))
+    plan = queries.plan_query(graph, graph.rules({}), graph.find(Xl), queries.Laplacian(Xl), 0, "backward")
+    budget = (plan.tape_bytes + plan.result_elements * plan.itemsize) // 3
+    runs = []
 
     def residual(u, x):
         return xa.laplacian(u, x, batch_dim=0, direction="backward", max_memory=budget)
 
-    check_pinn(NET3, X, residual, lap_ref)
+    def counted(*args, real=execute.run, **kwargs):
+        runs.append(args[0].batch.size)
+        return real(*args, **kwargs)
+
+    with patch.object(execute, "run", counted):
+        check_pinn(NET3, X, residual, lap_ref)
+    # the chunks ran in the call, and each once more in the backward (the reference's runs are torch.func's)
+    chunks = len(runs) // 2
+    assert chunks > 1 and len(runs) == 2 * chunks and max(runs) < 24 and sum(runs[:chunks]) == 24, runs
 
 
 def test_coefficients_and_directions_that_require_grad():

@@ -538,7 +538,7 @@ def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] 
 
 def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
                configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
-              create_graph: Optional[bool] = None) -> torch.Tensor:
+               create_graph: Optional[bool] = None) -> torch.Tensor:
     """``sum_(i,j) d^4 source / dwrt_i^2 dwrt_j^2`` (the Laplacian of the Laplacian), shaped like ``source``.
 
     Args:
