@@ -3,7 +3,7 @@
 from xa.factor import LabelMaker, broadcast_port
 from xa.registry import register
 
-from .families import bilinear, einsum_ports
+from .families import bilinear, einsum_ports, weighted_sum
 
 
 def _mul_ports(ctx, lab):
@@ -17,6 +17,7 @@ def _matrix(spec, saved):
 
 
 register("MulBackward0", bilinear(_mul_ports, ("self", "other")))
+register("MulBackward1", weighted_sum(lambda ctx: (float(ctx.saved("other")),)))  # x * c, c a Python number
 register("MmBackward0", _matrix("ik,kj->ij", ("self", "mat2")))
 register("MvBackward0", _matrix("ik,k->i", ("self", "vec")))
 register("DotBackward0", _matrix("k,k->", ("self", "tensor")))

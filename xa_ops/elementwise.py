@@ -26,7 +26,15 @@ from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker, normalize_dim
 from xa.registry import register
 
-from .families import elementwise, elementwise2, elementwise_n, polynomial_in_result, taylor, taylor_partial
+from .families import (
+    elementwise,
+    elementwise2,
+    elementwise_n,
+    polynomial_in_result,
+    taylor,
+    taylor_partial,
+    weighted_sum,
+)
 
 # ---------------------------------------------------------------- tanh, sigmoid, relu
 
@@ -117,6 +125,7 @@ def _div(ctx, i, j):
 register("PowBackward1", elementwise2(_pow_tensors))
 register("PowBackward2", elementwise2(_pow_scalar_base))
 register("DivBackward0", elementwise2(_div))
+register("DivBackward1", weighted_sum(lambda ctx: (1.0 / float(ctx.saved("other")),)))  # x / c, c a Python number
 
 # ---------------------------------------------------------------- activations
 
@@ -376,6 +385,13 @@ def _lerp(ctx, counts):
     return -one if nx else one
 
 
+def _lerp_number(ctx):
+    w = ctx.saved("weight")
+    if isinstance(w, complex):
+        raise UnsupportedOperatorError(f"{ctx.name}: a complex weight is not supported")
+    return (1.0 - float(w), float(w))
+
+
 def _value(ctx):
     value = ctx.saved("value")
     if isinstance(value, complex):
@@ -489,6 +505,7 @@ register("XlogyBackward1", elementwise(_xlogy_number))
 register("XlogyBackward2", elementwise(_xlogy_number_other))
 register("LogaddexpBackward0", elementwise2(_logaddexp(1.0)))
 register("Logaddexp2Backward0", elementwise2(_logaddexp(math.log(2.0))))
+register("LerpBackward0", weighted_sum(_lerp_number))  # x + w (end - x), w a number
 register("LerpBackward1", elementwise_n(_lerp))
 register("AddcmulBackward0", elementwise_n(_addcmul))
 register("AddcdivBackward0", elementwise_n(_addcdiv))
@@ -497,6 +514,9 @@ register("ClampMinBackward1", elementwise2(_clamp_bound("min")))
 register("ClampMaxBackward1", elementwise2(_clamp_bound("max")))
 register("CopysignBackward0", elementwise2(_copysign))
 register("CopysignBackward1", elementwise2(_copysign))
+# by a number: x minus a piecewise constant, slope 1
+register("FmodBackward0", weighted_sum(lambda ctx: (1.0,)))
+register("RemainderBackward0", weighted_sum(lambda ctx: (1.0,)))
 register("FmodBackward1", elementwise2(_fmod("trunc")))
 register("RemainderBackward1", elementwise2(_fmod("floor")))
 register("HypotBackward0", elementwise2(taylor_partial(lambda ctx, x, y: torch.hypot(x, y), ("self", "other"))))

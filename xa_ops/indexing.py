@@ -125,7 +125,7 @@ def _gather(ctx, lab, slot):
 
 
 def _by_indices(ctx, lab, slot):
-    """sort, topk, kthvalue, median / mode along a dim: the input read at torch's saved ``indices`` along ``dim``."""
+    """sort, topk along a dim: the input read at torch's saved ``indices`` along ``dim``."""
     shape = tuple(ctx.in_shapes[0]) or (1,)  # a 0-d input is one entry
     index = ctx.saved("indices")
     if not ctx.in_shapes[0]:
@@ -350,10 +350,9 @@ register("UnsafeSplitBackward0", linear_map(_split, multi_output=True))
 register("SplitWithSizesBackward0", linear_map(_split_with_sizes, multi_output=True))
 register("UnbindBackward0", linear_map(_unbind, multi_output=True))
 
-# ---------------------------------------------------------------- values picked by a sort or a search along a dim
+# ---------------------------------------------------------------- values picked by a sort along a dim
 
-for _name in ("SortBackward0", "TopkBackward0", "KthvalueBackward0", "MedianBackward1", "NanmedianBackward1",
-              "ModeBackward0"):
+for _name in ("SortBackward0", "TopkBackward0"):
     register(_name, linear_map(_by_indices))
 
 

@@ -13,7 +13,6 @@ import math
 
 import torch
 
-from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker, broadcast_port, normalize_dim, reshape_ports, signed
 from xa.registry import register
 
@@ -184,9 +183,7 @@ register("AddBackward0", weighted_sum(lambda ctx: (1.0, _alpha(ctx))))
 register("SubBackward0", weighted_sum(lambda ctx: (1.0, -_alpha(ctx))))
 register("RsubBackward0", weighted_sum(lambda ctx: (-_alpha(ctx), 1.0)))  # other - alpha * self
 register("RsubBackward1", weighted_sum(lambda ctx: (-_alpha(ctx),)))  # number - alpha * self
-# x * c, x / c, x + c with a Python number c (aten's Scalar overloads, recorded by cross_entropy)
-register("MulBackward1", weighted_sum(lambda ctx: (float(ctx.saved("other")),)))
-register("DivBackward1", weighted_sum(lambda ctx: (1.0 / float(ctx.saved("other")),)))
+# x + c, x - c with a Python number c (aten's Scalar overloads)
 register("AddBackward1", weighted_sum(lambda ctx: (1.0,)))
 register("SubBackward1", weighted_sum(lambda ctx: (1.0,)))  # x - number (aten::sub.Scalar)
 # torch.fill(x, number) and x.fill_(number): a constant, every derivative zero
@@ -213,23 +210,15 @@ register("MaskedFillBackward0", linear_map(_masked(
     lambda ctx: (~ctx.saved("mask")).to(ctx.dtype).expand(ctx.out_shape))))
 register("NativeDropoutBackward0", linear_map(_masked(lambda ctx: ctx.saved("result1").to(ctx.dtype)), _dropout_scale))
 
-# ---------------------------------------------------------------- identities, scalings, lerp with a number
-
-
-def _lerp_number(ctx):
-    w = ctx.saved("weight")
-    if isinstance(w, complex):
-        raise UnsupportedOperatorError(f"{ctx.name}: a complex weight is not supported")
-    return (1.0 - float(w), float(w))
+# ---------------------------------------------------------------- identities and scalings
 
 
 # x.to(dtype), .float(), .double(), .to(device): the derivative is the cast back, the identity in xa's dtype.
-# fmod / remainder by a number and frac are x minus a piecewise constant: slope 1.
-for _name in ("ToCopyBackward0", "FmodBackward0", "RemainderBackward0", "FracBackward0"):
+# frac is x minus a piecewise constant: slope 1.
+for _name in ("ToCopyBackward0", "FracBackward0"):
     register(_name, linear(_same))
 register("Deg2RadBackward0", linear(_same, coef=math.pi / 180.0))
 register("Rad2DegBackward0", linear(_same, coef=180.0 / math.pi))
-register("LerpBackward0", weighted_sum(_lerp_number))  # x + w (end - x), w a number
 
 # ---------------------------------------------------------------- triangles, diagonal embedding, cumulative sums
 

@@ -332,7 +332,7 @@ register("LogSoftmaxBackward0", _log_softmax)
 
 
 def _select(ctx, lab, slot):
-    """max / min along ``dim``: the one-hot of torch's saved indices along it."""
+    """max / min / median / kthvalue / mode along ``dim``: the one-hot of torch's saved indices along it."""
     along = _Along(ctx, (ctx.saved("dim"),))
     if not along.reduced:  # a 0-d input is its own max
         return (), (), ()
@@ -363,8 +363,10 @@ def _even(all_dims: bool):
     return linear_map(build)
 
 
-register("MaxBackward0", linear_map(_select))
-register("MinBackward0", linear_map(_select))
+# the values along ``dim`` that torch's saved indices pick: max, min, median, nanmedian, kthvalue, mode
+for _name in ("MaxBackward0", "MinBackward0", "MedianBackward1", "NanmedianBackward1", "KthvalueBackward0",
+              "ModeBackward0"):
+    register(_name, linear_map(_select))
 register("MaxBackward1", _even(all_dims=True))
 register("MinBackward1", _even(all_dims=True))
 register("AmaxBackward0", _even(all_dims=False))
