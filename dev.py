@@ -2,15 +2,18 @@
 
     python3 dev.py demo    # create .venv, install xa with its test extras, run the demo
     python3 dev.py test    # the same set-up, then the whole test suite
-    python3 dev.py readme  # rewrite the README's list of supported torch nodes from the registry
+    python3 dev.py readme  # rewrite the list of supported torch nodes in docs/operators.md from the registry
 
-The torch that pip picks by default is installed; set XA_TORCH to another
-pip requirement (for example ``XA_TORCH="torch==2.13.0"``) to choose a build,
-and XA_VENV to keep it in a virtual environment of its own (``.ci/run`` tests
-the oldest supported torch that way, beside the newest).
+A torch already in the virtual environment is kept; otherwise pip installs
+its default build. Set XA_TORCH to pip arguments that name another (for
+example ``XA_TORCH="torch==2.13.0"``, or the CPU-only build with
+``XA_TORCH="torch --index-url https://download.pytorch.org/whl/cpu"``), and
+XA_VENV to keep it in a virtual environment of its own (``.ci/run`` tests the
+oldest supported torch that way, beside the newest).
 """
 
 import os
+import shlex
 import subprocess
 import sys
 import venv
@@ -20,12 +23,17 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / os.environ.get("XA_VENV", ".venv")
 
 
-READMEGEN = """
-import re, pathlib, xa.registry as r
-p = pathlib.Path("README.md")
+OPERATORS = "docs/operators.md"  # holds the generated list between the registry's README_START/README_END markers
+
+READMEGEN = f"""
+import re, pathlib, sys, xa.registry as r
+p = pathlib.Path({OPERATORS!r})
 text = p.read_text()
 pattern = re.escape(r.README_START) + ".*?" + re.escape(r.README_END)
-p.write_text(re.sub(pattern, lambda m: r.supported_markdown(), text, flags=re.S))
+new, n = re.subn(pattern, lambda m: r.supported_markdown(), text, flags=re.S)
+if n != 1:
+    sys.exit(f"{{p}}: expected one generated list between its markers, found {{n}}")
+p.write_text(new)
 """
 
 
@@ -45,7 +53,7 @@ def setup() -> None:
     pip = [python(), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     torch = os.environ.get("XA_TORCH")
     if torch:
-        sh(*pip, torch)
+        sh(*pip, *shlex.split(torch))
     sh(*pip, "-e", ".[test,lint]")
 
 

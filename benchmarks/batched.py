@@ -264,7 +264,7 @@ def run_case(key: str, reps: int, budget_s: float, case: Case | None = None) -> 
 
 
 def markdown(summaries) -> str:
-    """The README's table: one row per case, xa against each torch.func way (the issue's reference first)."""
+    """docs/benchmarks.md's table: one row per case, xa against each torch.func way (the reference first)."""
     lines = ["| case | xa | torch.func `vmap` of nested `jacrev`/`jacfwd` | xa / that | torch.func's other way "
              "| xa / that | max abs error xa vs torch.func |", "|---|---|---|---|---|---|---|"]
     for s in summaries:

@@ -1,4 +1,4 @@
-"""Queries (issue 9): ``xa.laplacian``, ``xa.biharmonic``, ``xa.partials`` per point, against torch.func.
+"""Queries: ``xa.laplacian``, ``xa.biharmonic``, ``xa.partials`` per point, against torch.func.
 
 Imported by ``run.py``, which runs these cases (j)-(n) after the per-sample
 cases (f)-(i), or alone:
@@ -14,7 +14,7 @@ points ``(t, x)`` (n). xa answers each from one call with ``batch_dim=0``;
 every result is shaped like ``u``.
 
 torch.func is run in two ways a torch user would write it. The first is
-the issue's reference, per point through ``vmap``:
+the reference, per point through ``vmap``:
 
 - Laplacian: the trace of ``torch.func.hessian``;
 - biharmonic: the full fourth derivative ``jacfwd(jacfwd(hessian))``,
@@ -166,7 +166,7 @@ def methods(key: str) -> list:
 
 
 def run_case(key: str, reps: int, budget_s: float) -> dict:
-    """Time xa and both torch.func ways of one case against the first (the issue's reference); print them.
+    """Time xa and both torch.func ways of one case against the first (the reference); print them.
 
     Returns ``{"key", "title", "xa": seconds or why it failed, "xa_first", "func": the reference's
     seconds, "func_name", "ways": {name: seconds}, "way_errs": {name: max abs difference from the
@@ -187,7 +187,7 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
         s["xa"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     print(f"\n{case.title}", flush=True)
     for name, t in s["ways"].items():
-        agree = "the issue's reference" if name == ref_name else f"differs from it by {s['way_errs'][name]:.1e}"
+        agree = "the reference" if name == ref_name else f"differs from it by {s['way_errs'][name]:.1e}"
         print(f"  torch.func {name:<55} {t:9.4f} s  ({agree})", flush=True)
     if isinstance(s["xa"], str):
         print(f"  xa {s['xa']}", flush=True)
@@ -206,7 +206,7 @@ def _peaks(s) -> str:
 
 
 def markdown(summaries) -> str:
-    """The README's table: xa against the issue's reference and torch.func's other way; peaks where measured."""
+    """docs/benchmarks.md's table: xa against the reference and torch.func's other way; peaks where measured."""
     lines = ["| case | xa | torch.func reference | xa / that | torch.func's other way | xa / that "
              "| max abs error xa vs reference | peak memory xa / reference / other way |",
              "|---|---|---|---|---|---|---|---|"]

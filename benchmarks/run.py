@@ -19,7 +19,7 @@ the error is the largest absolute difference from torch.func's result.
 
 The MLP of (c) is measured in three spellings: ``W @ x + b`` (c), ``F.linear``
 (c2) and ``nn.Linear`` modules called through ``torch.func.functional_call``
-(c3); (o) and (p) are issue 10's softmax cases, ``(softmax(x) * c).sum()`` at
+(c3); (o) and (p) are two softmax cases, ``(softmax(x) * c).sum()`` at
 n = 30, order 4 and n = 300, order 2 (softmax is a composite of exp, sum and
 division: ``xa/composite.py``). ``benchmarks/gpu.sh`` runs the CUDA tests and
 these cases on a GPU.
@@ -30,15 +30,15 @@ child process with glibc's default malloc settings (no peak memory): with
 the mmap threshold above, torch.func's many mid-sized allocations made its
 time on (f) about twice as long in one measurement, and a user's run has no
 such setting. They also print a
-Markdown table for the README and write it to ``results/batched.md``.
+Markdown table for docs/benchmarks.md and write it to ``results/batched.md``.
 
 Cases (j)-(n), in ``queries.py``, run after them the same way (a child
-process with the default malloc settings): the queries of issue 9 per point
+process with the default malloc settings): the queries per point
 of a PINN, ``xa.laplacian`` (j: 3-64-64-64-64-1 at B = 4096; k, l:
 d-128-128-128-1 at B = 256, d = 16 and 64), ``xa.biharmonic`` (m:
 2-32-32-32-1 at B = 1024) and ``xa.partials`` for u_t, u_x, u_xx (n:
 2-64-64-64-1 at B = 4096), against torch.func's ``vmap`` of ``hessian``,
-of the fourth derivative, or three calls (the issue's references), and
+of the fourth derivative, or three calls (the references), and
 against the sum trick of jvps of the batch's gradient. For (l) the peak
 memory of each method is measured as above, in a fresh process of its own
 (``--child``). Their table goes to ``results/queries.md``.
@@ -223,7 +223,7 @@ def case_c3(gen):
 
 
 CASES = {"a": case_a, "b": case_b, "c": case_c, "c2": case_c2, "c3": case_c3, "d": case_d, "d2": case_d2,
-         "e": case_e, "o": case_o, "p": case_p}  # in the order of the README's table
+         "e": case_e, "o": case_o, "p": case_p}  # in the order of docs/benchmarks.md's table
 
 # ------------------------------------------------------------------ the methods
 
@@ -563,11 +563,11 @@ def main(argv=None) -> int:
     if summaries:
         md = batched.markdown(summaries)
         (args.out / "batched.md").write_text(f"# Per-sample derivatives (batch_dim=0)\n\n{header}\n\n" + md)
-        print(f"\nPer-sample cases, for the README:\n\n{md}\nwrote {args.out / 'batched.md'}")
+        print(f"\nPer-sample cases, for docs/benchmarks.md:\n\n{md}\nwrote {args.out / 'batched.md'}")
     if query_summaries:
         md = queries.markdown(query_summaries)
         (args.out / "queries.md").write_text(f"# Queries per point (batch_dim=0)\n\n{header}\n\n" + md)
-        print(f"\nQuery cases, for the README:\n\n{md}\nwrote {args.out / 'queries.md'}")
+        print(f"\nQuery cases, for docs/benchmarks.md:\n\n{md}\nwrote {args.out / 'queries.md'}")
     if train_summaries:
         md = train.markdown(train_summaries)
         (args.out / "train.md").write_text(f"# One PINN training step\n\n{header}\n\n" + md)

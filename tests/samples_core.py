@@ -1,4 +1,4 @@
-"""Samples of the core operators (issue 2's set), each in every spelling users write.
+"""Samples of the core operators, each in every spelling users write.
 
 Each entry is ``(id, function of the inputs, input shapes, order)`` or, with an
 input domain, ``(id, function, shapes, order, (low, high))``: inputs are then
@@ -102,7 +102,7 @@ CASES = [
     ("sum all", lambda x: x.tanh().sum(), [(2, 3)], 5),
     ("torch.sum dim", lambda x: torch.sum(x.tanh(), dim=1), [(2, 3)], 4),
     ("sum dims keepdim", lambda x: x.tanh().sum((0, 2), keepdim=True) * x.sum(-1, keepdim=True), [(2, 2, 3)], 3),
-    # -- casts (issue 11): a copy; the derivative is the cast back, the identity in the graph's dtype
+    # -- casts: a copy; the derivative is the cast back, the identity in the graph's dtype
     ("Tensor.to copy", lambda x: x.to(torch.float64, copy=True).tanh() * x, [(3,)], 3),
     ("Tensor.to device", lambda x: torch.sin(x).to(device=x.device, copy=True).sum(), [(2, 3)], 3),
     ("aten._to_copy", lambda x: torch.ops.aten._to_copy(x.sigmoid()) * x, [(3,)], 3),

@@ -151,7 +151,7 @@ CASES = [
      lambda w: (F.embedding(TOKENS, w.flip(0)).masked_select(TOKENS.unsqueeze(-1) > 1)
                 * w.roll(1).take(FLAT)[0]).tanh(),
      [(5, 3)], 3),
-    # -- max_unpool: entries written at the indices of a max_pool of a constant (issue 11)
+    # -- max_unpool: entries written at the indices of a max_pool of a constant
     ("F.max_unpool2d", lambda x: F.max_unpool2d(x, UNPOOL2, 2).tanh(), [(1, 2, 2, 2)], 3),
     ("F.max_unpool3d", lambda x: F.max_unpool3d(x, UNPOOL3, 2) * 2.0, [(1, 1, 2, 2, 2)], 3),
 

@@ -21,7 +21,7 @@ CASES = [
     ("torch.trace wide", lambda a: torch.trace(a).sin() * a.sum(), [(2, 3)], 3),
     ("bmm", lambda a, b: torch.bmm(a, b).tanh(), [(2, 2, 3), (2, 3, 2)], 3),
     ("batched broadcast matmul", lambda a, b: torch.matmul(a, b).tanh(), [(3, 2, 3), (3, 2)], 3),
-    # -- triangles, diagonal embeddings, cumulative sums (issue 11)
+    # -- triangles, diagonal embeddings, cumulative sums
     ("torch.tril", lambda a: torch.tril(a).tanh() * a, [(3, 3)], 3),
     ("Tensor.tril diagonal", lambda a: a.tril(-1).sin(), [(2, 3, 4)], 3),
     ("torch.triu diagonal", lambda a: torch.triu(a, 1).tanh() * a, [(3, 4)], 3),

@@ -65,7 +65,7 @@ CASES = [
     ("Tensor.clamp_max", lambda x: x.clamp_max(-0.1) * x.sin(), [(2, 3)], 3),
     ("torch.where", lambda x, y: torch.where(x > 0, x, y) * y, [(4,), (4,)], 4),
     ("torch.where const", lambda x: torch.where(x > 0, x * x, 0.0), [(4,)], 4),
-    # -- hyperbolic, inverse trigonometric, special functions (issue 11)
+    # -- hyperbolic, inverse trigonometric, special functions
     ("torch.atan", lambda x: torch.atan(x) * x, [(3,)], 4),
     ("Tensor.atan", lambda x: x.atan().sum(), [(2, 2)], 3),
     ("torch.sinh", lambda x: torch.sinh(x) * x, [(3,)], 4),
@@ -90,7 +90,7 @@ CASES = [
     ("torch.digamma", lambda x: torch.digamma(x), [(3,)], 4, POS),
     ("torch.polygamma", lambda x: torch.polygamma(1, x) * x, [(3,)], 3, POS),
     ("torch.special.polygamma", lambda x: torch.special.polygamma(2, x), [(3,)], 3, POS),
-    # -- piecewise activations and piecewise constants (issue 11); inputs ~ 3 N(0,1) reach every piece
+    # -- piecewise activations and piecewise constants; inputs ~ 3 N(0,1) reach every piece
     ("F.hardswish", lambda x: F.hardswish(3 * x) * x, [(6,)], 4),
     ("nn.Hardswish", lambda x: nn.Hardswish()(4 * x).sum() * x, [(6,)], 3),
     # hardsigmoid: torch's own derivative is off (see test_hardsigmoid_slope_is_exact in test_operators.py)
@@ -108,7 +108,7 @@ CASES = [
     ("torch.trunc round", lambda x: torch.trunc(x) * x + x.round() * x + x.round(decimals=1), [(6,)], 3),
     ("torch.frac", lambda x: torch.frac(3 * x) * x, [(6,)], 3),
     ("torch.deg2rad rad2deg", lambda x: torch.deg2rad(x).sin() * torch.rad2deg(x), [(3,)], 3),
-    # -- two and three inputs (issue 11)
+    # -- two and three inputs
     ("torch.maximum", lambda x, y: torch.maximum(x, y) * x, [(6,), (6,)], 4),
     ("torch.maximum broadcast", lambda x, y: torch.maximum(x.tanh(), y).sin(), [(2, 3), (3,)], 3),
     ("torch.max binary", lambda x, y: torch.max(x, y).tanh(), [(6,), (6,)], 3),
@@ -156,7 +156,7 @@ CASES = [
     ("x % number", lambda x: (x % 0.3) * x, [(6,)], 3),
     ("torch.fmod tensors", lambda x, y: torch.fmod(x, y) * y, [(6,), (6,)], 3, POS),
     ("torch.remainder tensors", lambda x, y: torch.remainder(3 * x, y).sin(), [(6,), (6,)], 3),
-    # -- glu (issue 11). torch has no forward-mode derivative of glu_jvp, so torch.func, the reference, stops
+    # -- glu. torch has no forward-mode derivative of glu_jvp, so torch.func, the reference, stops
     # at order 2; test_glu_high_orders in test_operators.py checks orders 3 and 4 against a * sigmoid(b)
     ("F.glu", lambda x: F.glu(x), [(2, 4)], 2),
     ("F.glu dim 0 fan-out", lambda x: F.glu(x, 0) * x[:2], [(4, 3)], 2),

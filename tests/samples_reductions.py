@@ -62,7 +62,7 @@ CASES = [
     ("Tensor.amin neg dim", lambda x: x.amin(-1).sigmoid(), [(2, 3)], 3),
     ("amax ties", lambda x: x.unsqueeze(0).expand(3, 4).amax(0).tanh(), [(4,)], 4),
     ("amin ties dims", lambda x: x.expand(2, 3, 2).amin((0, 2)) * x.sum(), [(3, 1)], 3),
-    # -- var, std (issue 11): small groups run whole (dense T_k), larger ones as mean/sub/square/sum pieces
+    # -- var, std: small groups run whole (dense T_k), larger ones as mean/sub/square/sum pieces
     ("torch.var", lambda x: torch.var(x, 1).tanh(), [(2, 3)], 4),
     ("Tensor.var all", lambda x: x.var() * x, [(2, 3)], 3),
     ("var correction=0 keepdim", lambda x: x.var(-1, correction=0, keepdim=True) * x, [(2, 3)], 3),
@@ -74,7 +74,7 @@ CASES = [
     ("std correction=0 keepdim", lambda x: x.std(0, correction=0, keepdim=True) * x, [(3, 2)], 3),
     ("std pieces", lambda x: x.std(-1).log() * x.sum(-1), [(4, 8)], 3),
     ("std pieces dims", lambda x: x.std((1, 2), unbiased=False, keepdim=True) * x, [(3, 4, 3)], 3),
-    # -- vector norms (issue 11)
+    # -- vector norms
     ("torch.linalg.vector_norm", lambda x: torch.linalg.vector_norm(x), [(2, 3)], 4),
     ("vector_norm dim keepdim", lambda x: torch.linalg.vector_norm(x, dim=1, keepdim=True) * x, [(2, 3)], 3),
     ("vector_norm ord 3", lambda x: torch.linalg.vector_norm(x, 3, dim=-1).tanh(), [(2, 3)], 4),
@@ -91,7 +91,7 @@ CASES = [
     ("vector_norm pieces", lambda x: torch.linalg.vector_norm(x, dim=1).log() * x.sum(1), [(4, 8)], 3),
     ("vector_norm pieces ord 3", lambda x: torch.linalg.vector_norm(x, 3, dim=(0, 2)) * x[0, :, 0], [(4, 3, 5)], 3),
     ("vector_norm pieces ord 1 inf", lambda x: x.norm(1, dim=1) * x.norm(float("inf"), dim=1), [(4, 8)], 3),
-    # -- values picked along a dim by torch's saved indices (issue 11)
+    # -- values picked along a dim by torch's saved indices
     ("torch.sort values fan-out", lambda x: torch.sort(x, 1)[0] * x, [(2, 4)], 3),
     ("torch.topk", lambda x: torch.topk(x, 2, 0)[0].tanh(), [(3, 2)], 3),
     ("torch.kthvalue", lambda x: torch.kthvalue(x, 2, 1)[0] * x.sum(1), [(2, 3)], 3),

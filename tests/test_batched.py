@@ -240,7 +240,7 @@ def test_reference_helpers_agree_on_a_pinn():
 
 @pytest.mark.parametrize("direction", ["backward", "forward", "auto"])
 def test_pinn_order_4(direction):
-    """The issue's PINN: X (B, 3) -> tanh MLP -> (B, 1), per-point derivatives to order 4."""
+    """A PINN: X (B, 3) -> tanh MLP -> (B, 1), per-point derivatives to order 4."""
     _check_pinn(direction)
 
 

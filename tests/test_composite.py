@@ -220,8 +220,8 @@ def test_a_softmax_over_the_samples_names_the_node():
 
 
 @pytest.mark.parametrize("n,order", [(30, 4), (300, 2)])
-def test_the_issue_softmax_cases(n, order):
-    """The two cases issue 10 timed (nested torch.func 121x and 286x faster before): exact, and no n^(k+1) factor."""
+def test_softmax_cases_once_slow(n, order):
+    """Two softmax cases once slow (nested torch.func was 121x and 286x faster): exact, and no n^(k+1) factor."""
     gen = torch.Generator().manual_seed(n)
     x, c = (torch.randn(n, generator=gen, dtype=D, device="cpu").to(DEVICE) for _ in range(2))
     f = lambda x: (torch.softmax(x, 0) * c).sum()  # noqa: E731

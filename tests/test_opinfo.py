@@ -1,4 +1,4 @@
-"""torch's operator database as the test source (issue 11): every op of ``op_db`` with forward-mode AD.
+"""torch's operator database as the test source: every op of ``op_db`` with forward-mode AD.
 
 Each op's smallest float64 samples (``tests/opinfo.py``) go through ``xa.backward`` in both
 directions at orders up to 3 (capped so the reference stays small) and are compared value by
