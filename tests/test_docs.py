@@ -1,12 +1,17 @@
-"""docs/api.md: every example runs and prints what the page says, and every public name has its section.
+"""docs/api.md and the docstrings: every example runs and prints what it says, and every public name has both.
 
 Each ```python block of the page is a doctest session, run in a scope of its
 own that starts from ``torch``, ``F`` (``torch.nn.functional``) and ``xa`` with
 ``torch.manual_seed(0)``. A block must compare values (an example with an
 expected output), and must leave the rule registry as it found it.
+
+Every public name (``xa.__all__``, ``xa.extend.__all__``, ``xa.queries.__all__``)
+has an ``Example:`` section in its docstring, run the same way as a doctest
+from ``torch`` and ``xa`` only, under the same rules.
 """
 
 import doctest
+import inspect
 import re
 from pathlib import Path
 
@@ -91,3 +96,36 @@ def test_links_resolve():
             if not dest.exists() or (anchor and anchor not in anchors.get(dest, set())):
                 broken.append(f"{page.name}: {target}")
     assert not broken, broken
+
+
+def _public_objects():
+    """``(name, object)`` of every public name; ``xa.extend`` re-exports some of ``xa``'s (both are listed)."""
+    names = [(f"xa.{n}", getattr(xa, n)) for n in xa.__all__ if n != "queries"]
+    names += [(f"xe.{n}", getattr(xa.extend, n)) for n in xa.extend.__all__]
+    names += [(f"xa.queries.{n}", getattr(xa.queries, n)) for n in xa.queries.__all__]
+    return names
+
+
+PUBLIC = _public_objects()
+
+
+@pytest.mark.parametrize("name,obj", PUBLIC, ids=[name for name, _ in PUBLIC])
+def test_docstring_example(name, obj):
+    """The docstring of ``name`` has an ``Example:`` section whose ``>>>`` lines run and compare values."""
+    doc = inspect.getdoc(obj) or ""
+    assert "Example:" in doc and ">>>" in doc, f"{name}: its docstring has no Example: section with >>> lines"
+    tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={"torch": torch, "xa": xa})
+    examples = [ex for test in tests for ex in test.examples]
+    assert examples, f"{name}: doctest found no example in its docstring"
+    assert any(ex.want.strip() for ex in examples), f"{name}: an example that compares no value"
+    before = set(xa.supported())
+    torch.manual_seed(0)
+    out = []
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    try:
+        for test in tests:
+            runner.run(test, out=out.append, clear_globs=True)
+    finally:
+        xa.clear_partials()
+    assert runner.failures == 0, f"{name}: its docstring example fails\n" + "".join(out)
+    assert set(xa.supported()) == before, f"{name}: its example left the rule registry changed"

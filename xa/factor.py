@@ -47,6 +47,15 @@ class Factor:
         workspace: entries the rule allocates for a while to build the
             operands, beyond the operands themselves (a dense derivative
             computed with nested ``jacfwd``); the memory model counts it.
+
+    Example:
+        >>> def sin_d1(ctx, slots):                         # d sin(x) / dx = cos(x): label 0 on y, x and cos(x)
+        ...     cos = torch.cos(ctx.saved("self"))          # (a diagonal, never built; order 1 only)
+        ...     return xa.Factor(out=(0,), ins=((0,),), sizes=ctx.out_shape, operands=((cos, (0,)),))
+        >>> x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward(torch.sin(x).sum(), order=1, configurations={"SinBackward0": sin_d1})
+        >>> torch.allclose(x.xgrad[0][0], torch.cos(x.detach()))
+        True
     """
 
     out: Labels
@@ -62,10 +71,11 @@ class LabelMaker:
     """Hands out fresh label ids and records their sizes.
 
     Example:
-        >>> lab = LabelMaker()
+        >>> lab = xa.LabelMaker()
         >>> i, j = lab.dims((3, 4))
-        >>> lab.sizes
-        [3, 4]
+        >>> k = lab.new(5)
+        >>> (i, j, k), lab.sizes
+        ((0, 1, 2), [3, 4, 5])
     """
 
     sizes: list = field(default_factory=list)
@@ -105,6 +115,13 @@ def broadcast_port(lab: LabelMaker, out_labels: Labels, out_shape, in_shape) -> 
     Dims are aligned from the right; a dim the input shares with the output
     shares its label, a dim of size one that was stretched gets a fresh
     label of size one.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> lab = xe.LabelMaker()
+        >>> y = lab.dims((2, 3))                            # the output's labels: (0, 1)
+        >>> xe.broadcast_port(lab, y, (2, 3), (3,)), xe.broadcast_port(lab, y, (2, 3), (1, 3)), lab.sizes
+        ((1,), (2, 1), [2, 3, 1])
     """
     out_shape = tuple(out_shape)
     in_shape = tuple(in_shape)
@@ -125,6 +142,15 @@ def reshape_ports(lab: LabelMaker, in_shape, out_shape) -> tuple:
     shortest runs whose products agree on both sides. A run that is a single
     dim on one side is labelled by the other side's dims (a split or merge);
     a run with several dims on both sides gets one label for the whole run.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> lab = xe.LabelMaker()
+        >>> xe.reshape_ports(lab, (2, 3, 4), (6, 1, 4)), lab.sizes         # 6 is split as 2 x 3, 1 left out
+        (((0, 1, 2), (0, 1, 2)), [2, 3, 4])
+        >>> lab = xe.LabelMaker()
+        >>> xe.reshape_ports(lab, (2, 3), (3, 2)), lab.sizes                # no common cut: one label of 6
+        (((0,), (0,)), [6])
     """
     a = [s for s in in_shape if s != 1]
     b = [s for s in out_shape if s != 1]
@@ -157,7 +183,20 @@ def port_numel(factor: Factor, port: Labels) -> int:
 
 
 def planned(ctx, shape, build):
-    """``build()``, or while planning a ``meta`` tensor of ``shape``: a costly operand is made only to run."""
+    """``build()``, or while planning a ``meta`` tensor of ``shape``: a costly operand is made only to run.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> devices = []
+        >>> def sin_k(ctx, k):                              # d^k sin(x) = sin(x + k pi / 2)
+        ...     value = xe.planned(ctx, ctx.out_shape, lambda: torch.sin(ctx.saved("self") + k * torch.pi / 2))
+        ...     devices.append(value.device.type)
+        ...     return value
+        >>> x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward(torch.sin(x).sum(), order=1, configurations={"SinBackward0": xe.elementwise(sin_k)})
+        >>> devices[0], devices[-1], torch.allclose(x.xgrad[0][0], torch.cos(x.detach()))   # planned, then run
+        ('meta', 'cpu', True)
+    """
     if ctx.planning:
         return torch.empty(shape, dtype=ctx.dtype, device="meta")
     return build()

@@ -50,7 +50,17 @@ __all__ = ["laplacian", "biharmonic", "partials", "differential_operator", "dire
 
 
 class Diagonal:
-    """The coefficient tensor ``C[i, .., i] = c[i]``, zero elsewhere (``c`` a number or a vector over the leaf)."""
+    """The coefficient tensor ``C[i, .., i] = c[i]``, zero elsewhere (``c`` a number or a vector over the leaf).
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = (x ** 3).sum()                              # Hessian diag(6 x)
+        >>> xa.queries.Diagonal(2.0), xa.differential_operator(s, x, {2: xa.queries.Diagonal(2.0)}).item()
+        (Diagonal(2.0), 36.0)
+        >>> c = torch.tensor([1.0, -1.0], dtype=torch.float64)
+        >>> xa.differential_operator(s, x, {2: xa.queries.Diagonal(c)}).item()    # u_00 - u_11 = 6 - 12
+        -6.0
+    """
 
     def __init__(self, c=1.0):
         self.c = c
@@ -63,6 +73,13 @@ class RankOne:
     """The coefficient tensor ``sum_r v_r ⊗ .. ⊗ v_r`` for vectors ``v`` of shape ``(n,)`` or ``(r, n)``.
 
     At order ``k`` it asks for ``d^k S [v_r, .., v_r]``: a directional jet, seeded with ``v``.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+        >>> s = (x ** 3).sum()                              # Hessian diag(6 x)
+        >>> V = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+        >>> xa.queries.RankOne(V), xa.differential_operator(s, x, {2: xa.queries.RankOne(V)}).item()
+        (RankOne([2, 3]), 36.0)
     """
 
     def __init__(self, v: torch.Tensor):
@@ -156,7 +173,17 @@ def _rows(ask: Ask, n: int) -> Rows:
 
 
 class Query:
-    """A query on the derivative tensor of ``source`` w.r.t. the leaf ``wrt``; its subclasses say what it asks."""
+    """A query on the derivative tensor of ``source`` w.r.t. the leaf ``wrt``; its subclasses say what it asks.
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> qs = [xa.queries.Laplacian(x), xa.queries.Partials(x, [(0, 1, 1)]), xa.queries.Mixed((x, x, x))]
+        >>> all(isinstance(q, xa.queries.Query) for q in qs)
+        True
+        >>> [xa.explain((x ** 3).sum(), query=q, file=io.StringIO()).order for q in qs]   # each plans its own order
+        [2, 3, 3]
+    """
 
     wrt: torch.Tensor
 
@@ -226,6 +253,16 @@ class Operator(Query):
 
     ``coefficients`` maps each order ``k >= 1`` to a dense tensor ``(n,)*k``, a
     :class:`Diagonal`, a :class:`RankOne`, or a dict ``{multi-index: number}``.
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = x[0] ** 2 * x[1] ** 3                       # u_0 - 0.5 u_11 = 2 * 8 - 0.5 * 6 * 2
+        >>> op = xa.queries.Operator(x, {1: {(0,): 1.0}, 2: {(1, 1): -0.5}})
+        >>> xa.explain(s, query=op, file=io.StringIO()).order
+        2
+        >>> xa.differential_operator(s, x, op.coefficients).item()          # what xa.differential_operator asks
+        10.0
     """
 
     def __init__(self, wrt, coefficients: dict, name: str = "operator"):
@@ -272,14 +309,34 @@ class Operator(Query):
 
 
 class Laplacian(Operator):
-    """``sum_i d^2 S / dx_i^2``, shaped like S."""
+    """``sum_i d^2 S / dx_i^2``, shaped like S.
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = (x ** 3).sum()                              # Laplacian 6 x_0 + 6 x_1
+        >>> xa.explain(s, query=xa.queries.Laplacian(x), file=io.StringIO()).order
+        2
+        >>> xa.laplacian(s, x).item()                       # what xa.laplacian asks
+        18.0
+    """
 
     def __init__(self, wrt):
         super().__init__(wrt, {2: Diagonal(1.0)}, name="laplacian")
 
 
 class Biharmonic(Query):
-    """``sum_(i,j) d^4 S / dx_i^2 dx_j^2``: the Laplacian of the Laplacian, shaped like S."""
+    """``sum_(i,j) d^4 S / dx_i^2 dx_j^2``: the Laplacian of the Laplacian, shaped like S.
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = x[0] ** 4 + x[1] ** 4 + (x[0] * x[1]) ** 2  # 24 + 24 + 2 * 4
+        >>> xa.explain(s, query=xa.queries.Biharmonic(x), file=io.StringIO()).order
+        4
+        >>> xa.biharmonic(s, x).item()                      # what xa.biharmonic asks
+        56.0
+    """
 
     def __init__(self, wrt):
         self.wrt = wrt
@@ -297,7 +354,18 @@ class Biharmonic(Query):
 
 
 class Partials(Query):
-    """Chosen entries ``d^k S / dx_(i_1) .. dx_(i_k)``, one tensor shaped like S per multi-index."""
+    """Chosen entries ``d^k S / dx_(i_1) .. dx_(i_k)``, one tensor shaped like S per multi-index.
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = x[0] ** 2 * x[1] ** 3                       # u_0 = 2 x_0 x_1^3, u_011 = 12 x_0 x_1
+        >>> q = xa.queries.Partials(x, [(0,), (1, 0, 1)])
+        >>> q.indices, xa.explain(s, query=q, file=io.StringIO()).order        # multi-indices are sorted
+        ([(0,), (0, 1, 1)], 3)
+        >>> [t.item() for t in xa.partials(s, x, q.indices)]                 # what xa.partials asks
+        [16.0, 24.0]
+    """
 
     def __init__(self, wrt, indices: Sequence):
         if isinstance(indices, (int, tuple)) or not isinstance(indices, Sequence) or not indices:
@@ -326,7 +394,18 @@ class Partials(Query):
 
 
 class Directional(Query):
-    """``d^k S [v, .., v]`` for k = 1..order and each direction ``v`` (the Taylor coefficients times ``k!``)."""
+    """``d^k S [v, .., v]`` for k = 1..order and each direction ``v`` (the Taylor coefficients times ``k!``).
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+        >>> s = torch.exp(x).sum()                          # d^k s [v, .., v] = sum_i exp(x_i) v_i^k
+        >>> v = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> xa.explain(s, query=xa.queries.Directional(x, v, 3), file=io.StringIO()).order
+        3
+        >>> [d.item() for d in xa.directional(s, x, v, order=3)]   # what xa.directional asks
+        [3.0, 5.0, 9.0]
+    """
 
     def __init__(self, wrt, directions: torch.Tensor, order: int):
         if not isinstance(directions, torch.Tensor) or directions.dim() < 1:
@@ -694,7 +773,18 @@ def _mixed(source, query, batch_dim, configurations, max_memory):
 
 
 class Mixed(Query):
-    """Mixed partials across leaves, ``d^k S / dwrt[0] .. dwrt[k-1]``: backprop's joint blocks (:func:`mixed`)."""
+    """Mixed partials across leaves, ``d^k S / dwrt[0] .. dwrt[k-1]``: backprop's joint blocks (:func:`mixed`).
+
+    Example:
+        >>> import io
+        >>> a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> b = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+        >>> s = (a ** 2).sum() * b[0]                       # d^2 s / da db = 2 a
+        >>> out = io.StringIO()
+        >>> plan = xa.explain(s, query=xa.queries.Mixed((a, b)), file=out)
+        >>> plan.order, "mixed partials" in out.getvalue(), xa.mixed(s, (a, b)).tolist()   # what xa.mixed asks
+        (2, True, [[[2.0], [4.0]]])
+    """
 
     def __init__(self, wrt):
         if isinstance(wrt, torch.Tensor) or not isinstance(wrt, Sequence) or not wrt:

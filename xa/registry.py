@@ -31,6 +31,24 @@ def register(name: str, rule: Rule, *, override: bool = False) -> Rule:
 
     Raises:
         RegistryError: ``name`` already has a rule and ``override`` is false.
+
+    Example:
+        >>> class Cube(torch.autograd.Function):           # y = x ** 3: torch names its node CubeBackward
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         ctx.save_for_backward(x)
+        ...         return x ** 3
+        >>> def cube(ctx, k):                              # d^k x^3 from the saved x; None: zero
+        ...     (x,) = ctx.saved("tensors")
+        ...     return {1: 3 * x ** 2, 2: 6 * x, 3: 6 * torch.ones_like(x)}.get(k)
+        >>> import xa.extend as xe
+        >>> rule = xa.register("CubeBackward", xe.elementwise(cube))
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward(Cube.apply(x).sum(), order=2)
+        >>> x.xgrad[0].tolist(), x.xgrad[1][0].tolist()    # 3 x^2, diag(6 x)
+        ([[3.0, 12.0]], [[6.0, 0.0], [0.0, 12.0]])
+        >>> xe.unregister("CubeBackward") is rule          # leave the registry as it was
+        True
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"rule name must be a non-empty str, got {name!r}")
@@ -47,6 +65,17 @@ def unregister(name: str) -> Rule:
 
     Raises:
         KeyError: no rule is registered under ``name``.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> rule = xe.register("NothingBackward", lambda ctx, slots: None)
+        >>> "NothingBackward" in xe.supported(), xe.unregister("NothingBackward") is rule
+        (True, True)
+        >>> try:
+        ...     xe.unregister("NothingBackward")
+        ... except KeyError as e:
+        ...     print(e)
+        "no rule is registered for 'NothingBackward'"
     """
     if name not in _RULES:
         raise KeyError(f"no rule is registered for {name!r}")
@@ -62,7 +91,16 @@ def lookup(name: str) -> Optional[Rule]:
 
 
 def supported() -> list[str]:
-    """The sorted names of every torch node xa has a rule for."""
+    """The sorted names of every torch node xa has a rule for.
+
+    Example:
+        >>> names = xa.supported()
+        >>> "TanhBackward0" in names, "MmBackward0" in names, names == sorted(names)
+        (True, True, True)
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> torch.sin(x).grad_fn.name() in names                # the name a rule is registered under
+        True
+    """
     return sorted(_RULES)
 
 

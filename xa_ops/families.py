@@ -40,7 +40,16 @@ from xa.factor import LabelMaker, broadcast_port, planned
 
 
 def elementwise(deriv: Callable) -> Callable:
-    """Rule for a unary elementwise op; ``deriv(ctx, k)`` is ``f^(k)`` or ``None`` for zero."""
+    """Rule for a unary elementwise op; ``deriv(ctx, k)`` is ``f^(k)`` or ``None`` for zero.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> sin = xe.elementwise(lambda ctx, k: torch.sin(ctx.saved("self") + k * torch.pi / 2))   # sin^(k)
+        >>> x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward(torch.sin(x).sum(), order=2, configurations={"SinBackward0": sin})
+        >>> torch.allclose(x.xgrad[1][0], torch.diag(-torch.sin(x.detach())))   # the Hessian: diag(-sin x)
+        True
+    """
 
     def rule(ctx, slots):
         value = deriv(ctx, len(slots))
@@ -54,7 +63,17 @@ def elementwise(deriv: Callable) -> Callable:
 
 
 def polynomial_in_result(g: tuple) -> Callable:
-    """``deriv(ctx, k)`` for ``f' = g(y)``, ``g`` given by its coefficients, lowest first."""
+    """``deriv(ctx, k)`` for ``f' = g(y)``, ``g`` given by its coefficients, lowest first.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> tanh = xe.elementwise(xe.polynomial_in_result((1.0, 0.0, -1.0)))  # tanh' = 1 - y^2
+        >>> x = torch.tensor([0.0, 0.5], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward(torch.tanh(x).sum(), order=2, configurations={"TanhBackward0": tanh})
+        >>> y = torch.tanh(x.detach())
+        >>> torch.allclose(x.xgrad[1][0], torch.diag(-2 * y * (1 - y ** 2)))   # tanh'' = -2 y (1 - y^2)
+        True
+    """
 
     @lru_cache(maxsize=None)
     def poly(k: int) -> tuple:
@@ -88,6 +107,14 @@ def taylor(fn: Callable, saved: str = "self") -> Callable:
 
     Exact to rounding, like any closed form; costs ``2^k`` evaluations of
     ``fn`` on the input, small next to the contractions that use the result.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> sin = xe.elementwise(xe.taylor(lambda ctx, z: torch.sin(z)))   # SinBackward0 saves "self"
+        >>> x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward(torch.sin(x).sum(), order=3, configurations={"SinBackward0": sin})
+        >>> torch.allclose(x.xgrad[2][0].diagonal(dim1=0, dim2=1).diagonal(), -torch.cos(x.detach()))
+        True
     """
 
     def deriv(ctx, k):
@@ -103,7 +130,19 @@ def taylor(fn: Callable, saved: str = "self") -> Callable:
 
 
 def elementwise2(deriv: Callable) -> Callable:
-    """Rule for ``y = f(x0, x1)`` entrywise; ``deriv(ctx, i, j)`` is ``d^(i+j) f / dx0^i dx1^j`` or ``None``."""
+    """Rule for ``y = f(x0, x1)`` entrywise; ``deriv(ctx, i, j)`` is ``d^(i+j) f / dx0^i dx1^j`` or ``None``.
+
+    Example:
+        >>> import math, xa.extend as xe
+        >>> def div(ctx, i, j):                             # d^(i+j) (a / b) / da^i db^j
+        ...     a, b = ctx.saved("self"), ctx.saved("other")
+        ...     return None if i > 1 else (a if i == 0 else 1) * (-1) ** j * math.factorial(j) / b ** (j + 1)
+        >>> a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> b = torch.tensor([2.0, 4.0], dtype=torch.float64, requires_grad=True)
+        >>> H = xa.mixed((a / b).sum(), (a, b), configurations={"DivBackward0": xe.elementwise2(div)})
+        >>> H[0].tolist()                                   # d^2 / da db = diag(-1 / b^2)
+        [[-0.25, 0.0], [0.0, -0.0625]]
+    """
 
     def rule(ctx, slots):
         return _entrywise(ctx, slots, deriv(ctx, slots.count(0), slots.count(1)))
@@ -201,12 +240,34 @@ def linear_map(build: Callable, coef: Callable = lambda ctx, slot: 1.0, multi_ou
 
 
 def linear(ports: Callable, coef: float = 1.0) -> Callable:
-    """Rule for a one-input linear map that only relabels: ``ports(ctx, lab)`` returns ``(y_labels, x_labels)``."""
+    """Rule for a one-input linear map that only relabels: ``ports(ctx, lab)`` returns ``(y_labels, x_labels)``.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> def t_ports(ctx, lab):                          # x.t(): y[j, i] = x[i, j]
+        ...     i, j = lab.dims(ctx.in_shapes[0])
+        ...     return (j, i), (i, j)
+        >>> x = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+        >>> c = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+        >>> sup = xa.backward((x.t() * c).sum(), order=1, configurations={"TBackward0": xe.linear(t_ports)})
+        >>> x.xgrad[0].reshape(2, 3).tolist()               # c.T
+        [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+    """
     return linear_map(lambda ctx, lab, slot: (*ports(ctx, lab), ()), lambda ctx, slot: coef)
 
 
 def weighted_sum(coefs: Callable) -> Callable:
-    """Rule for ``y = sum_i c_i x_i`` (inputs broadcast to ``y``); ``coefs(ctx)`` gives the ``c_i``."""
+    """Rule for ``y = sum_i c_i x_i`` (inputs broadcast to ``y``); ``coefs(ctx)`` gives the ``c_i``.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> sub = xe.weighted_sum(lambda ctx: (1.0, -ctx.saved("alpha")))   # a - alpha * b
+        >>> a = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> b = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)     # broadcast to a's shape
+        >>> sup = xa.backward(((a - b) ** 2).sum(), order=2, configurations={"SubBackward0": sub})
+        >>> a.xgrad[0].tolist(), b.xgrad[0].tolist(), b.xgrad[1].tolist()   # 2 (a - b), -2 sum(a - b), 2 + 2
+        ([[-4.0, -2.0]], [[6.0]], [[[4.0]]])
+    """
 
     def build(ctx, lab, slot):
         out = lab.dims(ctx.out_shape)
@@ -228,6 +289,17 @@ def bilinear(ports: Callable, saved: tuple, coef: Callable = lambda ctx: 1.0, sl
         coef: the scalar in front, read from the node (addmm's ``alpha``).
         slot_offset: index of ``x0`` among the node's inputs (addmm's
             matrices are its slots 1 and 2).
+
+    Example:
+        >>> import xa.extend as xe
+        >>> mm = xe.bilinear(xe.einsum_ports("ik,kj->ij", ("self", "mat2")), saved=("self", "mat2"))
+        >>> A = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+        >>> B = torch.tensor([[3.0], [4.0]], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward((A @ B).sum(), order=1, configurations={"MmBackward0": mm})
+        >>> A.xgrad[0].tolist(), B.xgrad[0].tolist()        # d/dA = B.T, d/dB = A.T
+        ([[3.0, 4.0]], [[1.0, 2.0]])
+        >>> xa.mixed((A @ B).sum(), (A, B), configurations={"MmBackward0": mm})[0].tolist()   # identity wiring
+        [[1.0, 0.0], [0.0, 1.0]]
     """
 
     def rule(ctx, slots) -> Optional[object]:
@@ -256,6 +328,15 @@ def einsum_ports(spec: str, saved: tuple, first_slot: int = 0) -> Callable:
     Sizes come from the output and from whichever input shapes are known
     (an input that does not require grad is known by its saved value).
     ``first_slot`` is the node input slot of the first operand.
+
+    Example:
+        >>> import xa.extend as xe
+        >>> mv = xe.bilinear(xe.einsum_ports("ij,j->i", ("self", "vec")), saved=("self", "vec"))
+        >>> M = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+        >>> v = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+        >>> sup = xa.backward((M @ v).sum(), order=1, configurations={"MvBackward0": mv})
+        >>> v.xgrad[0].tolist(), M.xgrad[0].tolist()        # M's column sums; v in every row of M
+        ([[4.0, 6.0]], [[1.0, -1.0, 1.0, -1.0]])
     """
     lhs, out = spec.split("->")
     ins = lhs.split(",")
