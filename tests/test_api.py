@@ -135,7 +135,7 @@ def test_explain_prints_plan_without_running(capsys):
 
 
 def test_configurations_swap_a_rule_for_one_call():
-    from xa_ops.families import elementwise
+    from xa.families import elementwise
 
     x = leaf(3)
     y = torch.tanh(x)
@@ -393,7 +393,7 @@ def test_operator_list_is_exactly_the_registry():
 
 
 def test_rule_without_multi_output_is_refused_for_other_outputs():
-    from xa_ops.families import linear
+    from xa.families import linear
 
     x = leaf(4)
     y = torch.tanh(x.split(2)[1])

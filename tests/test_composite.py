@@ -24,6 +24,7 @@ from torch.func import vmap
 import xa
 import xa.composite
 from xa.capture import Graph
+from xa.resolve import resolve
 
 D = torch.float64
 EPS = 1e-5
@@ -155,7 +156,7 @@ def test_the_dense_rule_and_the_composite_agree(node, f, shapes):
         y = f(*leaves)
         graph = Graph(y)
         names = {v.name for v in graph.values}
-        graph.rules(configurations or {})
+        resolve(graph, configurations or {})
         assert (node in {v.name for v in graph.values}) == (configurations is not None), names
         xa.backward(y, 3, configurations=configurations)
         got.append([leaf.xgrad for leaf in leaves])

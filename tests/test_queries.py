@@ -5,6 +5,7 @@ networks, per-sample Laplacians with the sample dim anywhere, and the
 errors a user can trigger.
 """
 
+import io
 from unittest.mock import patch
 
 import pytest
@@ -18,8 +19,6 @@ from torch.func import hessian, vmap
 
 import xa
 from xa import execute
-from xa import plan as planner
-from xa.capture import Graph
 
 TOL = 1e-9
 
@@ -99,10 +98,7 @@ def test_laplacian_of_an_affine_source_is_zero_and_chunks_agree():
     net = pinn([2, 8, 1])
     u = net(x)
     whole = xa.laplacian(u, x, batch_dim=0)
-    graph = Graph(u)
-    i = graph.find(x)
-    ask = xa.queries.Laplacian(x).ask()
-    peak = planner.build(graph, 2, graph.rules({}), (i,), (), "forward", batch_dim=0, query=ask).peak_bytes
+    peak = xa.explain(u, query=xa.queries.Laplacian(x), batch_dim=0, direction="forward", file=io.StringIO()).peak_bytes
     calls = []
     real = execute.run
     with patch.object(execute, "run", lambda *a, **k: calls.append(a[0].batch.size) or real(*a, **k)):
@@ -145,7 +141,7 @@ def test_explain_shows_the_plan_that_runs(make, capsys):
     ran = []
     real = execute.run
     with patch.object(execute, "run", lambda *a, **k: ran.append(a[0]) or real(*a, **k)):
-        xa.queries._answer(u, query, 0, None, None, "auto", None)
+        xa.api._answer(u, query, 0, None, None, "auto", None)
     assert len(ran) == 1 and ran[0].direction == shown.direction and ran[0].flops == shown.flops
     assert [len(s.terms) for s in ran[0].steps] == [len(s.terms) for s in shown.steps]
 

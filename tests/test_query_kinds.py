@@ -15,6 +15,7 @@ directional jets, ``hessian(argnums=...)`` (and nested ``jacfwd``) for the mixed
 
 from __future__ import annotations
 
+import io
 from unittest.mock import patch
 
 import pytest
@@ -565,14 +566,11 @@ def test_pinn_queries_in_chunks_of_samples(direction):
 
 def _budget_for_chunks(u, X, name, coefficients, V, direction):
     """A budget of about a third of what the whole batch needs in the chosen direction."""
-    from xa.capture import Graph
     query = {"partials": lambda: xa.queries.Partials(X, PINN_INDICES),
              "operator": lambda: xa.queries.Operator(X, coefficients),
              "biharmonic": lambda: xa.queries.Biharmonic(X),
              "directional": lambda: xa.queries.Directional(X, V, 4)}[name]()
-    graph = Graph(u)
-    i = graph.find(X)
-    plan = xa.queries.plan_query(graph, graph.rules({}), i, query, 0, direction)
+    plan = xa.explain(u, query=query, batch_dim=0, direction=direction, file=io.StringIO())
     need = plan.peak_bytes + plan.result_elements * plan.itemsize
     return need / 3
 

@@ -15,6 +15,7 @@ term's share of ``.grad``, not only the total.
 from __future__ import annotations
 
 import gc
+import io
 import warnings
 import weakref
 from unittest.mock import patch
@@ -35,7 +36,6 @@ from torch.func import functional_call, jacfwd, jacrev, vmap
 import xa
 import xa.composite
 from xa import attach, execute, queries
-from xa.capture import Graph
 
 DTYPE = torch.float64
 TOL = 1e-10
@@ -350,8 +350,7 @@ def test_laplacian_in_chunks_of_samples():
     """A budget below the recorded plan: chunks of samples, each done again in the backward; same gradient."""
     X = points(24, 3, seed=4)
     Xl = X.clone().requires_grad_(True)
-    graph = Graph(NET3(Xl))
-    plan = queries.plan_query(graph, graph.rules({}), graph.find(Xl), queries.Laplacian(Xl), 0, "backward")
+    plan = xa.explain(NET3(Xl), query=queries.Laplacian(Xl), batch_dim=0, direction="backward", file=io.StringIO())
     budget = (plan.tape_bytes + plan.result_elements * plan.itemsize) // 3
     runs = []
 

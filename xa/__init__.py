@@ -27,7 +27,17 @@ if _torch_version(_torch.__version__) < OLDEST_TORCH:
 import xa_ops as _xa_ops  # noqa: E402,F401  (registers the built-in rules)
 
 from . import queries  # noqa: E402
-from .api import Superset, backward, clear_partials  # noqa: E402
+from .api import (  # noqa: E402
+    Superset,
+    backward,
+    biharmonic,
+    clear_partials,
+    differential_operator,
+    directional,
+    laplacian,
+    mixed,
+    partials,
+)
 from .errors import (  # noqa: E402
     BatchMixingError,
     GraphFreedError,
@@ -43,7 +53,6 @@ from .errors import (  # noqa: E402
 )
 from .explain import explain  # noqa: E402
 from .factor import Factor, LabelMaker  # noqa: E402
-from .queries import biharmonic, differential_operator, directional, laplacian, mixed, partials  # noqa: E402
 from .registry import register, supported  # noqa: E402
 
 __all__ = [

@@ -1,115 +1,25 @@
-"""The public surface: ``xa.backward`` and ``xa.Superset``; argument checks, then capture, plan, run, attach."""
+"""The public surface: ``xa.backward``, ``xa.Superset``, the queries and ``xa.mixed``.
+
+Each public function checks its arguments and builds one request
+(:mod:`xa.request`), then hands it down: the plan (:mod:`xa.plan`), the run
+within the budget (:mod:`xa.budget`), and the results onto leaves
+(:mod:`xa.attach`) or read as a query's answer (:mod:`xa.answer`,
+:mod:`xa.mixed`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import operator
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import attach
+from . import attach, budget, checks
 from . import plan as planner
-from .batch import Batching
+from . import request as requests
+from .answer import answer
 from .capture import Graph
-from .errors import TargetError
-
-
-def _check_order(order) -> int:
-    if isinstance(order, bool) or not hasattr(type(order), "__index__"):
-        raise TypeError(f"order must be a positive int, got {type(order).__name__} {order!r}")
-    order = operator.index(order)
-    if order < 1:
-        raise ValueError(f"order must be a positive int, got {order}")
-    return order
-
-
-def _budget(max_memory, device: torch.device) -> Optional[float]:
-    """The byte budget: the user's, or a safe share of what the device has free."""
-    if max_memory is None:
-        return attach.available_memory(device)
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)):
-        raise TypeError(f"max_memory must be a number of bytes or None, got {type(max_memory).__name__}")
-    if not max_memory > 0:
-        raise ValueError(f"max_memory must be positive, got {max_memory}")
-    return float(max_memory)
-
-
-def _check_direction(direction) -> str:
-    if direction not in planner.DIRECTIONS:
-        raise ValueError(f"direction must be one of {', '.join(map(repr, planner.DIRECTIONS))}, got {direction!r}")
-    return direction
-
-
-def _check_batch_dim(batch_dim, source: torch.Tensor) -> Optional[int]:
-    """The source's sample dim, wrapped into ``range(source.dim())``; ``None`` for none."""
-    if batch_dim is None:
-        return None
-    if isinstance(batch_dim, bool) or not hasattr(type(batch_dim), "__index__"):
-        raise TypeError(f"batch_dim must be an int (a dim of the source) or None, got {type(batch_dim).__name__}")
-    d = operator.index(batch_dim)
-    ndim = source.dim()
-    if ndim == 0:
-        raise IndexError(f"batch_dim={d}: the source is 0-d, it has no sample dim; per-sample derivatives need "
-                         "a source with one entry per sample (a loss with reduction='none', not its mean)")
-    if not -ndim <= d < ndim:
-        raise IndexError(f"batch_dim={d} is out of range for a source of shape {list(source.shape)} "
-                         f"(expected a dim in [{-ndim}, {ndim - 1}])")
-    return d % ndim
-
-
-def _samples(graph: Graph, batch_dim: Optional[int]):
-    """``(batch_dim to plan with, layout for the results)``: one sample is planned as no batch at all."""
-    if batch_dim is None:
-        return None, None
-    if graph.source_shape[batch_dim] == 1:
-        # One sample: its derivatives are those of the whole graph, laid out (1, s, n, ...).
-        return None, Batching(batch_dim, 1, (None,) * len(graph.values), 1)
-    return batch_dim, "plan"
-
-
-def _recording(create_graph) -> bool:
-    """Whether the results join torch's graph: ``create_graph``, or by default whether grad mode is on."""
-    if create_graph is None:
-        return torch.is_grad_enabled()
-    if not isinstance(create_graph, bool):
-        raise TypeError(f"create_graph must be True, False or None (follow grad mode), got "
-                        f"{type(create_graph).__name__}")
-    return create_graph
-
-
-def _overrides(configurations) -> dict:
-    """Rules swapped in for one call: a mapping, or an iterable of mappings, node name -> rule."""
-    if configurations is None:
-        return {}
-    if isinstance(configurations, dict):
-        configurations = [configurations]
-    merged: dict = {}
-    try:
-        items = list(configurations)
-    except TypeError:
-        raise TypeError("configurations must be a dict of node name -> rule, or a list of such dicts") from None
-    for conf in items:
-        if not isinstance(conf, dict):
-            raise TypeError(f"each configuration must be a dict of node name -> rule, got {type(conf).__name__}")
-        for name, rule in conf.items():
-            if not isinstance(name, str) or not callable(rule):
-                raise TypeError(f"configuration entry {name!r}: expected a node name and a callable rule")
-            merged[name] = rule
-    return merged
-
-
-def _as_tensors(tensors) -> list:
-    if isinstance(tensors, torch.Tensor):
-        tensors = [tensors]
-    out = list(tensors)
-    for i, t in enumerate(out):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.grad_fn is None:
-            raise ValueError(f"tensors[{i}] has no grad_fn: partials of leaves are set as .xgrad, "
-                             "retain_partials is for intermediate tensors")
-    return out
+from .mixed import blocks as mixed_blocks
+from .queries import Biharmonic, Directional, Laplacian, Mixed, Operator, Partials
 
 
 class Superset:
@@ -122,16 +32,14 @@ class Superset:
         >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
         >>> h = torch.tanh(x)
         >>> s = (h * h).sum()
-        >>> sup = xa.Superset.construct(s)
-        >>> sup.retain_partials(h)
-        >>> sup.backward(order=2)
+        >>> sup = xa.Superset.construct(s).retain_partials(h)
+        >>> _ = sup.backward(order=2)
         >>> [p.shape for p in sup.operator_partials(h)]
         [torch.Size([1, 3]), torch.Size([1, 3, 3])]
     """
 
     def __init__(self, source: torch.Tensor):
-        if not isinstance(source, torch.Tensor):
-            raise TypeError(f"source must be a torch.Tensor, got {type(source).__name__}")
+        checks.source(source)
         if source.grad_fn is None:
             Graph(source)  # raises the descriptive SourceError
         self.source = source
@@ -147,7 +55,7 @@ class Superset:
 
     def retain_partials(self, tensors: Union[torch.Tensor, Iterable[torch.Tensor]]) -> "Superset":
         """Keep ``d^k source / dT^k`` of these intermediate tensors at the next ``backward``."""
-        for t in _as_tensors(tensors):
+        for t in checks.intermediates(tensors):
             if not any(t is r for r in self._retain):
                 self._retain.append(t)
         return self
@@ -157,29 +65,6 @@ class Superset:
         self._retain.clear()
         self._partials.clear()
         return self
-
-    def _request(self, graph: Graph, target) -> tuple[tuple, tuple]:
-        retained = []
-        for t in self._retain:
-            i = graph.find(t)
-            if i is None:
-                raise TargetError(f"a retained tensor of shape {list(t.shape)} is not in the graph of the source")
-            retained.append(i)
-        if target is None:
-            requested = [v.index for v in graph.leaves]
-        else:
-            if not isinstance(target, torch.Tensor):
-                raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
-            i = graph.find(target)
-            if i is None:
-                raise TargetError(
-                    f"the source does not depend on target (a tensor of shape {list(target.shape)}, "
-                    f"{'a leaf' if target.grad_fn is None else target.grad_fn.name()})"
-                )
-            requested = [i]
-            if graph.values[i].leaf is None and i not in retained:
-                retained.append(i)
-        return tuple(sorted(requested)), tuple(sorted(set(retained)))
 
     def backward(self, order: int, target: Optional[torch.Tensor] = None, configurations=None,
                  direction: str = "auto", max_memory: Optional[int] = None,
@@ -201,22 +86,12 @@ class Superset:
             ``self``. Each leaf ``L`` reached gets ``L.xgrad``: a tuple whose
             ``k-1``-th entry has shape ``(source.numel(), *(k * (L.numel(),)))``.
         """
-        order = _check_order(order)
-        direction = _check_direction(direction)
-        batch_dim = _check_batch_dim(batch_dim, self.source)
-        overrides = _overrides(configurations)
-        graph = Graph(self.source)
-        requested, retained = self._request(graph, target)
-        budget = _budget(max_memory, graph.device)
-        rules = graph.rules(overrides, order)
-        planned, layout = _samples(graph, batch_dim)
-        with torch.set_grad_enabled(_recording(create_graph)):
-            plan, results, kept = attach.compute(graph, order, rules, requested, retained, direction, budget,
-                                                 planned)
-            if layout == "plan":
-                layout = dataclasses.replace(plan.batch, size=plan.batch.total)
+        with torch.set_grad_enabled(checks.create_graph(create_graph)):
+            request = requests.derivatives(self.source, order, target, configurations, direction, max_memory,
+                                           batch_dim, create_graph, retain=self._retain)
+            plan, results, kept = budget.compute(request, planner.build(request))
             self.plan = plan
-            self._leaves, self._partials = attach.attach(graph, order, requested, retained, results, kept, layout)
+            self._leaves, self._partials = attach.attach(request, plan, results, kept)
         return self
 
     def operator_partials(self, tensor: torch.Tensor) -> tuple:
@@ -296,7 +171,7 @@ def backward(source: torch.Tensor, order: int, target: Optional[torch.Tensor] = 
     Example:
         >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
         >>> y = torch.tanh(x).sum()
-        >>> xa.backward(y, order=3)
+        >>> _ = xa.backward(y, order=3)
         >>> x.xgrad[2].shape
         torch.Size([1, 3, 3, 3])
     """
@@ -321,15 +196,188 @@ def clear_partials() -> int:
     return attach.clear()
 
 
-def plan_for(source: torch.Tensor, order: int, target=None, configurations=None, direction="auto",
-             batch_dim=None) -> tuple:
-    """Capture and plan without running: ``(graph, plan)``."""
-    order = _check_order(order)
-    direction = _check_direction(direction)
-    batch_dim = _check_batch_dim(batch_dim, source)
-    overrides = _overrides(configurations)
-    graph = Graph(source)
-    requested, retained = Superset(source)._request(graph, target)
-    planned, _ = _samples(graph, batch_dim)
-    return graph, planner.build(graph, order, graph.rules(overrides, order), requested, retained, direction,
-                                batch_dim=planned)
+# --------------------------------------------------------------------------- queries
+
+_ARGS = """
+        batch_dim: the source's sample dim: each sample's answer w.r.t. its own
+            entries of ``wrt`` (``u`` of shape ``(B, 1)`` from points ``x`` of shape
+            ``(B, d)``: one number per point). See :func:`xa.backward`.
+        configurations: rules swapped in for this call, as in :func:`xa.backward`.
+        max_memory: bytes, as in :func:`xa.backward`; per sample, over budget, chunks of samples.
+        create_graph: whether the answer carries a gradient (to the parameters, to ``wrt``, to
+            coefficients and directions that require grad); by default whenever grad mode is on.
+            See :func:`xa.backward`.
+        direction: ``"auto"`` (the cheaper), ``"forward"`` (jets of the query's rows,
+            collapsed) or ``"backward"`` (backprop of the whole tensor, contracted at the leaf)."""
+
+
+def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
+              configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
+              create_graph: Optional[bool] = None) -> torch.Tensor:
+    """``sum_i d^2 source / dwrt_i^2``, shaped like ``source``, in its dtype and on its device.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (``i`` runs over all its entries, or, with
+            ``batch_dim``, over one sample's entries).{args}
+
+    Example:
+        >>> x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        >>> u = (x ** 2).sum(1, keepdim=True)
+        >>> xa.laplacian(u, x, batch_dim=0).flatten().tolist()   # 6 for every point
+        [6.0, 6.0, 6.0, 6.0, 6.0]
+    """
+    return _answer(source, Laplacian(wrt), batch_dim, configurations, max_memory, direction, create_graph)
+
+
+def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
+               configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
+               create_graph: Optional[bool] = None) -> torch.Tensor:
+    """``sum_(i,j) d^4 source / dwrt_i^2 dwrt_j^2`` (the Laplacian of the Laplacian), shaped like ``source``.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad.{args}
+
+    Example:
+        >>> x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+        >>> u = (x ** 4).sum(1, keepdim=True)
+        >>> xa.biharmonic(u, x, batch_dim=0).flatten().tolist()   # 48 for every point
+        [48.0, 48.0, 48.0, 48.0, 48.0]
+    """
+    return _answer(source, Biharmonic(wrt), batch_dim, configurations, max_memory, direction, create_graph)
+
+
+def partials(source: torch.Tensor, wrt: torch.Tensor, indices: Sequence, batch_dim: Optional[int] = None,
+             configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
+             create_graph: Optional[bool] = None) -> tuple:
+    """Chosen partials ``d^k source / dwrt_(i_1) .. dwrt_(i_k)``, all from one plan.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad.
+        indices: a list of multi-indices, each a tuple of entry positions in ``wrt``
+            flattened (one sample's entries with ``batch_dim``); an int ``i`` is ``(i,)``.
+            ``(1, 1)`` is ``d^2 / dwrt_1^2``, ``(0, 1, 1)`` is ``d^3 / dwrt_0 dwrt_1^2``.{args}
+
+    Returns:
+        A tuple with one tensor shaped like ``source`` per multi-index, in their order.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        >>> pts = torch.randn(100, 3, dtype=torch.float64, requires_grad=True)   # (t, x, y) per point
+        >>> u = net(pts)                                                        # (100, 1)
+        >>> T, X, Y = 0, 1, 2
+        >>> u_t, u_xx, u_yy = xa.partials(u, pts, [(T,), (X, X), (Y, Y)], batch_dim=0)
+        >>> u_t.shape
+        torch.Size([100, 1])
+    """
+    return _answer(source, Partials(wrt, indices), batch_dim, configurations, max_memory, direction,
+                   create_graph)
+
+
+def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients: dict,
+                          batch_dim: Optional[int] = None, configurations=None,
+                          max_memory: Optional[int] = None, direction: str = "auto",
+                          create_graph: Optional[bool] = None) -> torch.Tensor:
+    """``sum_k sum C_k[i_1..i_k] d^k source / dwrt_(i_1) .. dwrt_(i_k)``, shaped like ``source``.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (``n`` entries, per sample with ``batch_dim``).
+        coefficients: ``{k: C_k}`` for the orders the operator has. ``C_k`` is a
+            dense tensor of shape ``(n,) * k``; :class:`xa.queries.Diagonal`\\ ``(c)``
+            (``C_k[i, .., i] = c[i]``); :class:`xa.queries.RankOne`\\ ``(v)``
+            (``sum_r v_r ⊗ .. ⊗ v_r``, a directional jet); or a dict
+            ``{multi-index: number}`` of its nonzero entries. Their values are read
+            at every call; their structure (which kind, which entries) is planned.{args}
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        >>> pts = torch.randn(100, 3, dtype=torch.float64, requires_grad=True)   # (t, x, y) per point
+        >>> u = net(pts)
+        >>> # u_t - 0.1 (u_xx + u_yy)
+        >>> r = xa.differential_operator(u, pts, {1: {(0,): 1.0}, 2: {(1, 1): -0.1, (2, 2): -0.1}}, batch_dim=0)
+        >>> u_t, u_xx, u_yy = xa.partials(u, pts, [(0,), (1, 1), (2, 2)], batch_dim=0)
+        >>> torch.allclose(r, u_t - 0.1 * (u_xx + u_yy))
+        True
+    """
+    return _answer(source, Operator(wrt, coefficients), batch_dim, configurations, max_memory, direction,
+                   create_graph)
+
+
+def directional(source: torch.Tensor, wrt: torch.Tensor, directions: torch.Tensor, order: int,
+                batch_dim: Optional[int] = None, configurations=None, max_memory: Optional[int] = None,
+                direction: str = "auto", create_graph: Optional[bool] = None) -> tuple:
+    """Directional jets: ``d^k source [v, .., v]`` for k = 1..order and each direction ``v``.
+
+    ``d^k source [v, .., v] / k!`` is the k-th Taylor coefficient of ``t -> source(wrt + t v)``.
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (``n`` entries, per sample with ``batch_dim``).
+        directions: one direction (1-d, ``n`` entries), or ``m`` of them, ``(m, n)``
+            or ``(m, *one sample of wrt's shape)``; the same for every sample.
+        order: the highest order ``K``.{args}
+
+    Returns:
+        A tuple of ``order`` tensors: the k-th shaped like ``source`` for one
+        direction, ``(m, *source.shape)`` for ``m``.
+
+    Example:
+        >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        >>> v = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+        >>> d1, d2, d3 = xa.directional(torch.exp(x).sum(), x, v, order=3)   # Taylor terms times k!
+        >>> torch.allclose(d3, (torch.exp(x) * v ** 3).sum())
+        True
+    """
+    return _answer(source, Directional(wrt, directions, order), batch_dim, configurations, max_memory,
+                   direction, create_graph)
+
+
+for _f in (laplacian, biharmonic, partials, differential_operator, directional):
+    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS)
+
+
+def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurations=None,
+          max_memory: Optional[int] = None, create_graph: Optional[bool] = None):
+    """Mixed partials across leaves: ``d^k source / dwrt[0] .. dwrt[k-1]``.
+
+    Backprop's joint blocks of the leaves asked together (one plan serves every request).
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a sequence of leaves, repeats allowed: ``(A, B)`` is ``d^2 S / dA dB``,
+            ``(A, A, B)`` is ``d^3 S / dA^2 dB``; or a list of such sequences, all
+            computed in one plan.
+        batch_dim: the source's sample dim, as in :func:`xa.backward`.
+        configurations: rules swapped in for this call, as in :func:`xa.backward`.
+        max_memory: bytes, as in :func:`xa.backward`.
+        create_graph: whether the blocks carry a gradient, as in :func:`xa.backward`.
+
+    Returns:
+        For one request, ``(s, n_0, .., n_(k-1))``: xa's layout, ``s = source.numel()``,
+        ``n_j = wrt[j].numel()`` (per sample with ``batch_dim``: ``(B, s', n_0', ..)``).
+        ``.reshape(*source.shape, *A.shape, *B.shape)`` is
+        ``torch.func.hessian(f, argnums=(0, 1))(A, B)[0][1]``. For a list, a tuple of them.
+
+    Example:
+        >>> A = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        >>> B = torch.randn(3, dtype=torch.float64, requires_grad=True)
+        >>> loss = torch.tanh(A @ B).sum()
+        >>> xa.mixed(loss, (A, B)).shape                         # (1, A.numel(), B.numel())
+        torch.Size([1, 12, 3])
+        >>> H_AAB, H_AB = xa.mixed(loss, [(A, A, B), (A, B)])
+        >>> H_AAB.shape
+        torch.Size([1, 12, 12, 3])
+    """
+    query = Mixed(wrt)
+    with torch.set_grad_enabled(checks.create_graph(create_graph)):
+        request = requests.query(source, query, batch_dim, configurations, max_memory, "backward", create_graph)
+        return mixed_blocks(request, query)
+
+
+def _answer(source, query, batch_dim, configurations, max_memory, direction, create_graph):
+    with torch.set_grad_enabled(checks.create_graph(create_graph)):
+        request = requests.query(source, query, batch_dim, configurations, max_memory, direction, create_graph)
+        return answer(request, query)

@@ -11,7 +11,6 @@ those errors surface here, before anything is planned or computed.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import GraphFreedError, GraphModifiedError, SourceError, UnsupportedOperatorError
-from .registry import lookup, supported
+from .registry import supported
 
 LEAF = "torch::autograd::AccumulateGrad"
 NOT_IMPLEMENTED = "torch::autograd::NotImplemented"  # what torch records for an op it cannot differentiate
@@ -153,7 +152,7 @@ def _read_saved(fn, where) -> dict:
         if isinstance(item, list):
             item = tuple(item)
         saved[attr[len("_saved_"):]] = item
-    if _is_custom(fn):
+    if is_custom(fn):
         # a torch.autograd.Function: what its forward passed to ctx.save_for_backward
         try:
             saved["tensors"] = tuple(fn.saved_tensors)
@@ -162,7 +161,7 @@ def _read_saved(fn, where) -> dict:
     return saved
 
 
-def _is_custom(fn) -> bool:
+def is_custom(fn) -> bool:
     """A node of a ``torch.autograd.Function``."""
     return hasattr(fn, "saved_tensors") and hasattr(fn, "_raw_saved_tensors")
 
@@ -230,7 +229,7 @@ class Graph:
             if v.leaf is not None:
                 continue
             v.saved = _read_saved(v.fn, lambda v=v: v.where(self))
-            if _is_custom(v.fn):
+            if is_custom(v.fn):
                 v.attrs = dict(vars(v.fn))
             inputs = []
             for fn, output_nr in v.fn.next_functions:
@@ -277,32 +276,6 @@ class Graph:
                 return v.index
         return None
 
-    def rules(self, overrides: dict, order: int | None = None) -> dict:
-        """The rule of every node name in the graph (``None`` where there is none), overrides first.
-
-        A node whose rule is a composite (softmax, layer_norm: :mod:`xa.composite`) is
-        replaced here, in this graph, by its pieces, whose rules are then in the dict too
-        (at ``order``, only where its dense factors would be large).
-        """
-        from .composite import expand
-        from .fallback import fallback_rule
-
-        def resolve():  # a custom Function's node is named after the user's class: never an ATen op
-            return {v.name: overrides.get(v.name) or lookup(v.name)
-                    or (None if v.fn is not None and _is_custom(v.fn) else fallback_rule(v.name))
-                    for v in self.values if v.leaf is None}
-
-        rules = resolve()
-        if expand(self, rules, order):
-            rules = resolve()
-        for n, v in enumerate(self.values):
-            through = getattr(rules.get(v.name), "fallback", None)
-            if through is not None and v.leaf is None and "fallback" not in v.label:  # explain marks them
-                mark = f"(fallback: dense, aten::{through})"
-                self.values[n] = dataclasses.replace(v, label=f"{v.label or v.name} {mark}")
-                self.__dict__.pop("_signature", None)
-        return rules
-
     def rule(self, i: int, rules: dict):
         """The rule that describes value ``i``; a typed error where there is none."""
         v = self.values[i]
@@ -328,6 +301,10 @@ class Graph:
                 "describes output 0 (a rule for several outputs sets rule.multi_output = True and reads ctx.output)"
             )
         return rule
+
+    def forget_signature(self) -> None:
+        """Drop the cached signature: the graph's values were changed (composites expanded, labels)."""
+        self.__dict__.pop("_signature", None)
 
     def ctx(self, i: int, planning: bool) -> NodeCtx:
         return NodeCtx(self.values[i], self, planning)

@@ -12,11 +12,11 @@ contracts through them at the cost of the elementwise ops they are: a
 softmax of ``n`` classes at order 4 writes ``n^4``-entry blocks, never an
 ``n^5`` factor.
 
-A rule with a ``composite`` attribute is expanded this way when the graph's
-rules are resolved (:meth:`xa.capture.Graph.rules`), unless the user swapped
-in a rule of their own for the node. ``rule.composite(ctx)`` returns the
-pieces (:class:`Piece`), the last of which is the node's output, or ``None``
-to keep the node whole. Each piece is named by the torch node whose rule
+A rule built by the :func:`~xa.families.composite` family is expanded this
+way when the graph's rules are resolved (:mod:`xa.resolve`), unless the user
+swapped in a rule of their own for the node. Its ``pieces(ctx)`` returns the
+pieces (:class:`~xa.families.Piece`), the last of which is the node's output,
+or ``None`` to keep the node whole. Each piece is named by the torch node whose rule
 describes it (``ExpBackward0``, ``SumBackward1``, ``DivBackward0``) and
 carries the saved attributes that rule reads, computed from what torch saved
 on the node: the pieces are values of the graph like any other, planned on
@@ -31,29 +31,11 @@ so a retained or target tensor that is the node's output is still found.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 from .capture import Value
+from .families import Composite
 from .registry import lookup
-
-
-@dataclass
-class Piece:
-    """One value of a composite's graph.
-
-    ``name``: the torch node whose rule describes it; ``inputs``: per slot,
-    ``("in", slot)`` (the composite's own input slot), ``("piece", k)`` (an
-    earlier piece) or ``None`` (a constant); ``saved``: the attributes its
-    rule reads; ``what``: a few words for explain and error messages.
-    """
-
-    name: str
-    shape: tuple
-    inputs: tuple
-    saved: dict = field(default_factory=dict)
-    what: str = ""
-
 
 # A node whose dense factors at the call's order hold at most this many entries stays whole:
 # its one dense term costs less than the pieces' steps (softmax over 4 classes at order 2).
@@ -63,7 +45,7 @@ DENSE_LIMIT = 4096
 def expand(graph, rules: dict, order: int | None = None) -> bool:
     """Replace, in ``graph``, every node whose rule is a composite by its pieces; whether any was.
 
-    With ``order``, a node whose rule says its dense factors (``rule.dense_entries(ctx, order)``)
+    With ``order``, a node whose rule says its dense factors (``rule.entries(ctx, order)``)
     are small stays whole. The choice is made on shapes alone, and the graph's signature shows it.
     """
     changed = False
@@ -72,14 +54,12 @@ def expand(graph, rules: dict, order: int | None = None) -> bool:
         v = graph.values[n]
         n += 1
         rule = rules.get(v.name) or (lookup(v.name) if v.fn is None else None)
-        composite = getattr(rule, "composite", None)
-        if composite is None or v.leaf is not None or v.output != 0:
+        if not isinstance(rule, Composite) or v.leaf is not None or v.output != 0:
             continue
         ctx = graph.ctx(v.index, planning=False)
-        dense = getattr(rule, "dense_entries", None)
-        if order is not None and dense is not None and dense(ctx, order) <= DENSE_LIMIT:
+        if order is not None and rule.entries is not None and rule.entries(ctx, order) <= DENSE_LIMIT:
             continue
-        pieces = composite(ctx)
+        pieces = rule.pieces(ctx)
         if not pieces:
             continue
         changed = True
@@ -99,7 +79,7 @@ def expand(graph, rules: dict, order: int | None = None) -> bool:
                 made.append(index)
     if changed:
         graph.order = graph._reverse_topological()
-        graph.__dict__.pop("_signature", None)
+        graph.forget_signature()
     return changed
 
 

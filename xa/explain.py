@@ -1,15 +1,24 @@
-"""``xa.explain``: print the contraction plan before anything runs."""
+"""``xa.explain``: print the contraction plan before anything runs.
+
+It builds the same request as the call it explains (:mod:`xa.request`) and
+takes the same plan (:mod:`xa.plan`, from the cache where the call planned it
+before): the graph as captured, a query's rows and its price against the whole
+tensor, then the plan itself (``str(plan)``).
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional, TextIO
 
 import torch
 
-from .api import plan_for
-from .attach import size
+from . import plan as planner
+from . import request as requests
+from .jets import count
 from .plan import Plan
+from .queries import Mixed
 
 
 def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor] = None,
@@ -38,26 +47,36 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
             it keeps per order, and its FLOPs against building the whole tensor.
 
     Returns:
-        The :class:`~xa.plan.Plan`, for programs: ``plan.flops``,
+        The :class:`~xa.plan.Plan` (``str(plan)`` is what is printed after the graph), for programs: ``plan.flops``,
         ``plan.peak_bytes``, ``plan.prices``, ``plan.direction``,
         ``plan.steps`` (each with its ``terms``: equation, shapes, opt_einsum
         ``info``), ``plan.cached``.
 
     Example:
-        >>> x = torch.randn(3, dtype=torch.float64, requires_grad=True)
-        >>> plan = xa.explain(torch.tanh(x).sum(), order=2)
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+        >>> out = io.StringIO()
+        >>> plan = xa.explain(torch.tanh(x).sum(), order=2, file=out)
+        >>> out.getvalue().splitlines()[0]
+        'xa plan: order 2, source #0 of shape [], torch.float64, cpu'
+        >>> plan.order, plan.flops == min(plan.prices.values())
+        (2, True)
     """
     out = file if file is not None else sys.stdout
     w = out.write
     if query is not None:
-        from .queries import explain_query
-        graph, plan, lines = explain_query(source, query, configurations, direction, batch_dim)
+        request = requests.query(source, query, batch_dim, configurations, None, direction, caller="xa.explain")
     else:
-        graph, plan = plan_for(source, order, target, configurations, direction, batch_dim)
-        lines = []
+        request = requests.derivatives(source, order, target, configurations, direction, batch_dim=batch_dim,
+                                       caller="xa.explain")
+    plan = planner.build(request)
+    graph = request.graph
     w(f"xa plan: order {plan.order}, source #0 of shape {list(graph.source_shape)}, {graph.dtype}, {graph.device}\n")
-    for line in lines:
-        w(line + "\n")
+    if isinstance(query, Mixed):
+        w(_mixed_line(request) + "\n")
+    elif query is not None:
+        for line in _query_lines(request, plan):
+            w(line + "\n")
     wanted = set(plan.results)
     batch = plan.batch
     folded = {graph.values[c].inputs[slot]: c for c, slots in plan.folds.items() for slot in slots}
@@ -77,66 +96,37 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
             sample += f"  (folded: #{folded[v.index]} reads its input in place, no copy)"
         w(f"  #{v.index:<3} {kind} {name:<28} {str(list(v.shape)):<14} {('<- ' + ins) if ins else ''}{mark}"
           f"{sample}\n")
-    prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))
-    w(f"direction: {plan.direction} (FLOPs of each: {prices})\n")
-    if plan.query is not None and plan.direction == "forward":
-        w("blocks: jet(L, #v, k) = d^k #v / dL^k along the query's directions, one row per multi-index it "
-          "keeps at order k (above; the top order collapsed to its weighted sums), shaped (rows, [b], *#v.shape)\n")
-    elif batch is not None and plan.direction == "forward":
-        w("blocks: jet(L, #v, k) = d^k #v_b / dL_b^k per sample b, one row per sorted multi-index of L's "
-          "entries, shaped (C(n+k-1, k), b, *#v.shape'), n = L.numel()', ' = one sample (a shared value or "
-          "leaf: all of it, and no b for a shared value)\n")
-    elif batch is not None:
-        w("blocks: block (2, 5) = d^2 S_b / d#2_b d#5_b per sample b, shaped (b, *S.shape', *#2.shape', "
-          "*#5.shape'), ' = one sample (a shared value: all of it); block (0,) is the source itself\n")
-    elif plan.direction == "forward":
-        w("blocks: jet(L, #v, k) = d^k #v / dL^k, one row per sorted multi-index i1 <= .. <= ik of L's entries, "
-          "shaped (C(n+k-1, k), *#v.shape), n = L.numel()\n")
-    else:
-        w("blocks: block (2, 5) = d^2 S / d#2 d#5, shaped (*S.shape, *#2.shape, *#5.shape); "
-          "block (0,) is the source itself\n")
-    w("steps, in execution order; each term adds  coef * einsum(incoming block, local factors)  into its block:\n")
-    for step in plan.steps:
-        if step.snapshot and not step.terms:
-            w(f"step #{step.value} {step.name}: partials kept (retained)\n")
-            continue
-        w(f"step #{step.value} {step.name}: {len(step.terms)} terms\n")
-        for t in step.terms:
-            target = _block(t.target)
-            if t.info is None:
-                w(f"  (wiring only, no operands) -> {target}\n")
-                continue
-            gathers = t.gathers or (None,) * len(t.sources)
-            roles = [f"incoming {_block(key)} {list(shape)}{' read at sub-multi-indices' if g else ''}"
-                     for (key, shape), g in zip(t.sources, gathers)]
-            roles += [_operand(ref, shape) for ref, shape in zip(t.operands, t.shapes[len(t.sources):])]
-            w(f"  {t.equation:<30} -> {target}\n"
-              f"      operands: {'; '.join(roles) if roles else 'none'}\n"
-              f"      path {t.info.path}, FLOPs {int(t.info.naive_cost):.3g} naive / {t.flops:.3g} optimised, "
-              f"largest intermediate {int(t.info.largest_intermediate)} elements\n")
-    result = plan.result_elements * plan.itemsize
-    if batch is not None:
-        w(f"per sample: {plan.flops / batch.size:.4g} FLOPs, results {size(result / batch.size)}\n")
-    w(f"total: {plan.flops:.4g} FLOPs; estimated peak {size(plan.peak_bytes)} (blocks, factors and the "
-      f"rules' workspace), {size(plan.tape_bytes)} with what autograd keeps for the results' gradient "
-      f"(grad mode; create_graph=False or torch.no_grad() keeps nothing); results {size(result)}; "
-      f"plan {'from the cache' if plan.cached else 'new'}\n")
+    w(str(plan))
     return plan
 
 
-def _operand(ref, shape) -> str:
-    if ref[0] == "onehot":
-        return f"the leaf's identity jet at position {ref[3]} of each row {list(shape)}"
-    if ref[0] == "seed":
-        return f"the query's directions at position {ref[3]} of each row {list(shape)}"
-    if ref[0] == "weights":
-        return f"the query's weights, summing the top order's rows {list(shape)}"
-    slots, _ = ref
-    return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
+def _query_lines(request, plan: Plan) -> list:
+    """A query's leaf, the rows it keeps per order, and its FLOPs against the whole derivative tensor's."""
+    graph, ask, (i,) = request.graph, request.query, request.requested
+    batch = plan.batch
+    n = graph.values[i].numel if batch is None else batch.numel(graph, i)
+    rows = ask.rows(n)
+    whole = planner.build(request.replace(query=None, direction="forward"))
+    backward = plan.prices.get("backward")
+    per = " per sample" if batch is not None else ""
+    lines = [f"query: {ask.name} of the source w.r.t. leaf #{i} ({n} entries{per}), order {ask.order}, "
+             f"answered by {plan.direction} {'jets of its rows' if plan.direction == 'forward' else 'backprop'}"]
+    dirs = f"{rows.m} seeded directions" if rows.seeded else f"the leaf's {rows.m} entries"
+    kept = []
+    for k, kind in enumerate(rows.kinds, start=1):
+        note = f" summed into {rows.collapse} on the fly (collapsed)" if rows.collapse and k == rows.order else ""
+        kept.append(f"order {k}: {count(rows.m, kind)} of {math.comb(rows.m + k - 1, k)}{note}")
+    lines.append(f"rows kept (sorted multi-indices over {dirs}): " + "; ".join(kept))
+    full = min(whole.flops, backward if backward is not None else whole.flops)
+    lines.append(f"FLOPs: forward (the query's rows) {plan.prices['forward']:.4g}"
+                 + (f", backward (the whole tensor, contracted at the leaf) {backward:.4g}" if backward else "")
+                 + f"; the whole derivative tensor by forward jets: {whole.flops:.4g}; "
+                 f"this plan: {plan.flops:.4g} ({full / max(plan.flops, 1):.3g}x fewer than the whole tensor's "
+                 "cheaper plan)")
+    return lines
 
 
-def _block(key) -> str:
-    if key and key[0] == "jet":
-        _, leaf, value, k = key
-        return f"jet(#{leaf}, #{value}, {k})"
-    return f"block {key}"
+def _mixed_line(request) -> str:
+    asked = ", ".join("d^{} S / {}".format(len(k), " ".join(f"d#{u}" for u in k)) for k in request.mixed)
+    return (f"query: mixed partials {asked}, answered by backprop; the joint blocks of leaves "
+            f"{list(request.requested)} are kept (block (a, b) = d^2 S / d#a d#b)")

@@ -24,7 +24,8 @@ structure differs at execution raises ``xa.RuleError``). ``xa.extend.planned``
 skips building a costly operand while planning.
 """
 
-from xa_ops.families import (  # noqa: F401
+from .factor import Factor, LabelMaker, broadcast_port, planned, reshape_ports  # noqa: F401
+from .families import (  # noqa: F401
     bilinear,
     einsum_ports,
     elementwise,
@@ -34,8 +35,6 @@ from xa_ops.families import (  # noqa: F401
     taylor,
     weighted_sum,
 )
-
-from .factor import Factor, LabelMaker, broadcast_port, planned, reshape_ports  # noqa: F401
 from .registry import register, supported, unregister  # noqa: F401
 
 __all__ = [

@@ -53,7 +53,7 @@ def fold(graph: Graph, rules: dict, keep: set) -> tuple:
     if not folds:
         return graph, {}
     folded = copy.copy(graph)
-    folded.__dict__.pop("_signature", None)  # its values differ from the graph's
+    folded.forget_signature()  # its values differ from the graph's
     folded.values = list(graph.values)
     for c, slots in folds.items():
         v = graph.values[c]

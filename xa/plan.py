@@ -25,9 +25,9 @@ import torch
 
 from .backprop import build_backward
 from .batch import Batching, analyze
-from .capture import Graph
 from .fold import fold
 from .jets import build_forward
+from .request import Request
 
 
 @dataclass
@@ -102,38 +102,128 @@ class Plan:
         """Entries of every result."""
         return sum(self.result_numel(k) for keys in self.results.values() for k in keys)
 
+    def __str__(self) -> str:
+        """The plan as :func:`xa.explain` prints it after the graph: blocks, steps and terms, totals."""
+        return "".join(_describe(self))
 
-_PLANS: "OrderedDict[tuple, Plan]" = OrderedDict()
+
+def size(nbytes: float) -> str:
+    """Bytes in the unit that shows the number: ``512 B``, ``3.1 KiB``, ``208 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.3g} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.3g} TiB"
+
+
+def _describe(plan: Plan):
+    """The lines of ``str(plan)``: what a block is, each step's terms (opt_einsum's costs), the totals."""
+    batch = plan.batch
+    prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))
+    yield f"direction: {plan.direction} (FLOPs of each: {prices})\n"
+    if plan.query is not None and plan.direction == "forward":
+        yield ("blocks: jet(L, #v, k) = d^k #v / dL^k along the query's directions, one row per multi-index it "
+               "keeps at order k (the top order collapsed to its weighted sums), shaped (rows, [b], *#v.shape)\n")
+    elif batch is not None and plan.direction == "forward":
+        yield ("blocks: jet(L, #v, k) = d^k #v_b / dL_b^k per sample b, one row per sorted multi-index of L's "
+               "entries, shaped (C(n+k-1, k), b, *#v.shape'), n = L.numel()', ' = one sample (a shared value or "
+               "leaf: all of it, and no b for a shared value)\n")
+    elif batch is not None:
+        yield ("blocks: block (2, 5) = d^2 S_b / d#2_b d#5_b per sample b, shaped (b, *S.shape', *#2.shape', "
+               "*#5.shape'), ' = one sample (a shared value: all of it); block (0,) is the source itself\n")
+    elif plan.direction == "forward":
+        yield ("blocks: jet(L, #v, k) = d^k #v / dL^k, one row per sorted multi-index i1 <= .. <= ik of L's "
+               "entries, shaped (C(n+k-1, k), *#v.shape), n = L.numel()\n")
+    else:
+        yield ("blocks: block (2, 5) = d^2 S / d#2 d#5, shaped (*S.shape, *#2.shape, *#5.shape); "
+               "block (0,) is the source itself\n")
+    yield "steps, in execution order; each term adds  coef * einsum(incoming block, local factors)  into its block:\n"
+    for step in plan.steps:
+        if step.snapshot and not step.terms:
+            yield f"step #{step.value} {step.name}: partials kept (retained)\n"
+            continue
+        yield f"step #{step.value} {step.name}: {len(step.terms)} terms\n"
+        for t in step.terms:
+            target = _block(t.target)
+            if t.info is None:
+                yield f"  (wiring only, no operands) -> {target}\n"
+                continue
+            gathers = t.gathers or (None,) * len(t.sources)
+            roles = [f"incoming {_block(key)} {list(shape)}{' read at sub-multi-indices' if g else ''}"
+                     for (key, shape), g in zip(t.sources, gathers)]
+            roles += [_operand(ref, shape) for ref, shape in zip(t.operands, t.shapes[len(t.sources):])]
+            yield (f"  {t.equation:<30} -> {target}\n"
+                   f"      operands: {'; '.join(roles) if roles else 'none'}\n"
+                   f"      path {t.info.path}, FLOPs {int(t.info.naive_cost):.3g} naive / {t.flops:.3g} optimised, "
+                   f"largest intermediate {int(t.info.largest_intermediate)} elements\n")
+    result = plan.result_elements * plan.itemsize
+    if batch is not None:
+        yield f"per sample: {plan.flops / batch.size:.4g} FLOPs, results {size(result / batch.size)}\n"
+    yield (f"total: {plan.flops:.4g} FLOPs; estimated peak {size(plan.peak_bytes)} (blocks, factors and the "
+           f"rules' workspace), {size(plan.tape_bytes)} with what autograd keeps for the results' gradient "
+           f"(grad mode; create_graph=False or torch.no_grad() keeps nothing); results {size(result)}; "
+           f"plan {'from the cache' if plan.cached else 'new'}\n")
+
+
+def _operand(ref, shape) -> str:
+    if ref[0] == "onehot":
+        return f"the leaf's identity jet at position {ref[3]} of each row {list(shape)}"
+    if ref[0] == "seed":
+        return f"the query's directions at position {ref[3]} of each row {list(shape)}"
+    if ref[0] == "weights":
+        return f"the query's weights, summing the top order's rows {list(shape)}"
+    slots, _ = ref
+    return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
+
+
+def _block(key) -> str:
+    if key and key[0] == "jet":
+        _, leaf, value, k = key
+        return f"jet(#{leaf}, #{value}, {k})"
+    return f"block {key}"
+
+
+_PLANS: "OrderedDict[Request, Plan]" = OrderedDict()
 _CACHE_SIZE = 256
-DIRECTIONS = ("auto", "backward", "forward")
 
 
-def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
-          direction: str = "auto", rows: int | None = None, batch_dim: int | None = None,
-          samples: int | None = None, query=None, mixed: tuple = ()) -> Plan:
-    """The plan for ``graph`` at ``order``, from the cache when its key was seen before.
+def build(request: Request) -> Plan:
+    """The plan of ``request``, from the cache when an equal request was planned before.
 
-    Args:
-        graph: the captured graph.
-        order: the highest derivative order.
-        rules: node name -> rule (or ``None``) for every node of the graph,
-            as :meth:`Graph.rules` resolves them; the rule objects are in the key.
-        requested: value indices whose pure partials are wanted.
-        retained: intermediate values whose partials are kept.
-        direction: ``"backward"``, ``"forward"`` or ``"auto"`` (price both, keep the cheaper).
-        rows: plan a backward pass over a chunk of that many source rows.
-        batch_dim: the source's sample dim: per-sample derivatives (:mod:`xa.batch`).
-        samples: with ``batch_dim``, plan for a chunk of that many samples.
-        query: a query's structure (:class:`xa.queries.Ask`), forward jets only (:mod:`xa.queries`).
-        mixed: joint blocks of requested leaves to keep too, backward only (:func:`xa.mixed`).
+    ``direction="auto"`` builds both directions and keeps the cheaper. A query's plan
+    is forward jets of its rows, or, where cheaper (or asked for), backprop of the
+    whole derivative tensor to be contracted at the leaf: ``plan.prices`` holds both
+    (the backward one with that contraction). Everything the plan is built from is
+    compared in ``request``, which is the cache's key (:attr:`Request.key`, without the graph's tensors); values are read at execution.
     """
-    key = (graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])),
-           order, requested, retained, direction, rows, batch_dim, samples, query, mixed)
+    key = request.key
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
         return dataclasses.replace(plan, cached=True)
-    forward_ok = (rows is None and not retained and not mixed
+    plan = _query_plan(request) if request.query is not None else _build(request)
+    _PLANS[key] = plan
+    if len(_PLANS) > _CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _query_plan(request: Request) -> Plan:
+    forward = _build(request.replace(direction="forward"))
+    prices = {"forward": forward.flops}
+    chosen = forward
+    if request.direction in ("auto", "backward"):
+        backward = _build(request.replace(direction="backward", query=None))
+        prices["backward"] = backward.flops + backward.result_elements  # the contraction at the leaf
+        if request.direction == "backward" or prices["backward"] < prices["forward"]:
+            chosen = backward
+    return dataclasses.replace(chosen, prices=prices)
+
+
+def _build(request: Request) -> Plan:
+    graph, rules, direction = request.graph, request.rules, request.direction
+    requested, retained, mixed = request.requested, request.retained, request.mixed
+    forward_ok = (request.rows is None and not retained and not mixed
                   and all(graph.values[i].leaf is not None for i in requested))
     if direction == "forward" and not forward_ok:
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
@@ -144,29 +234,30 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     # must be on the CPU too, whatever torch.set_default_device says.
     with torch.device("cpu"):
         graph, folds = fold(graph, rules, set(requested) | set(retained))
-        if batch_dim is not None:
-            batch = analyze(graph, rules, batch_dim)
-            if samples is not None:
-                batch = batch.chunk(samples)
-        if direction in ("auto", "backward") and query is None:
-            steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows, batch, mixed)
-            candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
+        if request.batch_dim is not None:
+            batch = analyze(graph, rules, request.batch_dim)
+            if request.samples is not None:
+                batch = batch.chunk(request.samples)
+        if direction in ("auto", "backward") and request.query is None:
+            steps, shapes, results = build_backward(graph, request.order, rules, requested, retained, request.rows,
+                                                    batch, mixed)
+            candidates["backward"] = Plan(request.order, steps, shapes, results, tuple(retained),
+                                          direction="backward")
         if forward_ok and direction in ("auto", "forward"):
-            steps, shapes, results, expansions = build_forward(graph, order, rules, requested, batch, query)
-            candidates["forward"] = Plan(order, steps, shapes, results, (), direction="forward", expand=expansions)
+            steps, shapes, results, expansions = build_forward(graph, request.order, rules, requested, batch,
+                                                               request.query)
+            candidates["forward"] = Plan(request.order, steps, shapes, results, (), direction="forward",
+                                         expand=expansions)
     prices = {d: p.flops for d, p in candidates.items()}
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices
     plan.batch = batch
     plan.folds = folds
-    plan.query = query
+    plan.query = request.query
     plan.mixed = mixed
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     _mark_aliases(plan)
     plan.peak_elements = peak(plan)
-    _PLANS[key] = plan
-    if len(_PLANS) > _CACHE_SIZE:
-        _PLANS.popitem(last=False)
     return plan
 
 

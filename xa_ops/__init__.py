@@ -1,7 +1,8 @@
 """xa's operator rules; importing this package registers them all.
 
 Rules are grouped by family -- the shape their derivatives share -- so the
-first guess for an operator is the right file:
+first guess for an operator is the right file, and every overload of one
+torch operator (``mul`` by a tensor and by a number) is in the same file:
 
 * ``elementwise``: pointwise math and activations, one input or two
   broadcast ones (tanh, tan, exp, log, sin, pow, div, gelu, relu, clamp, where, atan, maximum, lerp,
@@ -11,13 +12,14 @@ first guess for an operator is the right file:
 * ``indexing``: selections and joins (select, slice, gather, index, cat,
   stack, repeat, pad, flip, roll, embedding, take, split, unbind).
 * ``bilinear``: products (mul, mm, mv, dot, bmm, addmm, baddbmm).
-* ``reductions``: operators dense along a dim (softmax, log_softmax,
-  logsumexp, prod, max, min, amax, amin, var, std, vector norms).
+* ``reductions``: operators along a dim (softmax, log_softmax,
+  logsumexp, prod, max, min, amax, amin, median, kthvalue, mode, var, std,
+  vector norms).
 * ``convolution``: convolutions and pooling; ``normalization``: layer,
   group and batch norm; ``attention``: scaled_dot_product_attention;
   ``losses``: mse, smooth_l1, huber, bce, nll.
 
-``families`` holds the helpers the rules are built from.
+The families the rules are built from are the engine's (:mod:`xa.families`).
 """
 
 from . import (  # noqa: F401

@@ -27,9 +27,9 @@ import math
 import torch
 from torch.func import jacfwd, vmap
 
-from xa.composite import Piece
 from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker
+from xa.families import Piece, composite
 from xa.registry import register
 
 from .reductions import softmax
@@ -158,21 +158,20 @@ def _saved_mask(ctx):
 
 
 def _sdpa_entries(ctx, order):
-    """``dense_entries``: per head, the output's entries times q, k and v's to the order."""
+    """The composite's ``entries``: per head, the output's entries times q, k and v's to the order."""
     q, k, v = (ctx.saved(n).shape for n in _QKV)
     heads = math.prod(q[:-2])
     per_head = [math.prod(t[-2:]) for t in (q, k, v)]
     return heads * q[-2] * v[-1] * sum(per_head) ** order
 
 
-_sdpa.composite = _sdpa_pieces
-_sdpa.dense_entries = _sdpa_entries
-register("ScaledDotProductFlashAttentionForCpuBackward0", _sdpa)
+_sdpa_rule = composite(_sdpa, _sdpa_pieces, _sdpa_entries)
+register("ScaledDotProductFlashAttentionForCpuBackward0", _sdpa_rule)
 # CUDA kernels: same saved names (query, key, value, scale, is_causal, dropout_p; the bias as attn_bias),
 # read from torch/include/torch/csrc/autograd/generated/Functions.h.
-register("ScaledDotProductEfficientAttentionBackward0", _sdpa)
-register("ScaledDotProductFlashAttentionBackward0", _sdpa)
-register("ScaledDotProductCudnnAttentionBackward0", _sdpa)
+register("ScaledDotProductEfficientAttentionBackward0", _sdpa_rule)
+register("ScaledDotProductFlashAttentionBackward0", _sdpa_rule)
+register("ScaledDotProductCudnnAttentionBackward0", _sdpa_rule)
 
 # ---------------------------------------------------------------- the unfused form's own node
 

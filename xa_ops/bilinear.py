@@ -1,9 +1,8 @@
 """Bilinear operators: products and matrix products (mul, mm, mv, dot, bmm, addmm, baddbmm)."""
 
 from xa.factor import LabelMaker, broadcast_port
+from xa.families import bilinear, einsum_ports, weighted_sum
 from xa.registry import register
-
-from .families import bilinear, einsum_ports, weighted_sum
 
 
 def _mul_ports(ctx, lab):

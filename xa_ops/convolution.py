@@ -43,9 +43,8 @@ saved ints, so the same code runs on the stand-ins of planning.
 import torch
 
 from xa.factor import LabelMaker, signed
+from xa.families import linear_map
 from xa.registry import register
-
-from .families import linear_map
 
 
 def _window(ctx, out_len: int, kernel: int, in_len: int, stride: int, dilation: int, padding: int):

@@ -1,16 +1,16 @@
 """Pointwise operators: each is its k-th derivative, as a function of what torch saved.
 
-One input (:func:`~xa_ops.families.elementwise`): the derivative is one
+One input (:func:`~xa.families.elementwise`): the derivative is one
 tensor shaped like the output whose labels every port shares -- a
 diagonal, never built. Two inputs broadcast against each other
-(:func:`~xa_ops.families.elementwise2`: div, pow, where, prelu): the mixed
+(:func:`~xa.families.elementwise2`: div, pow, where, prelu): the mixed
 partial ``d^(i+j) f / dx0^i dx1^j``.
 
 Where torch saved the result ``y`` (exp, sqrt, tanh, ...) the derivative is
 written in ``y``; where it saved the input ``x`` (log, sin, ...), in ``x``.
 Smooth activations without a handy closed form are written as the torch
 expression of the function and differentiated k times in forward mode
-(:func:`~xa_ops.families.taylor`). Piecewise ones (relu, abs, leaky_relu,
+(:func:`~xa.families.taylor`). Piecewise ones (relu, abs, leaky_relu,
 hardtanh, clamp, where, prelu) have the derivatives of the active piece, as
 torch's: the slope where the piece is linear, zero beyond.
 """
@@ -24,9 +24,7 @@ import torch
 
 from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker, normalize_dim
-from xa.registry import register
-
-from .families import (
+from xa.families import (
     elementwise,
     elementwise2,
     elementwise_n,
@@ -35,6 +33,7 @@ from .families import (
     taylor_partial,
     weighted_sum,
 )
+from xa.registry import register
 
 # ---------------------------------------------------------------- tanh, sigmoid, relu
 

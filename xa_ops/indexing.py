@@ -43,9 +43,8 @@ import torch
 
 from xa.errors import UnsupportedOperatorError
 from xa.factor import broadcast_port, broadcast_shapes, normalize_dim, signed
+from xa.families import linear, linear_map
 from xa.registry import register
-
-from .families import linear, linear_map
 
 
 def _one_hot(index, size: int, ctx):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from xa.composite import Piece
 from xa.fallback import fallback_rule
+from xa.families import Piece, composite
 from xa.registry import register
 
 
@@ -35,6 +35,5 @@ def _solve(ctx, slots):
     return fallback_rule("LinalgSolveExBackward0")(ctx, slots)
 
 
-_solve.composite = _solve_pieces
 _solve.multi_output = True
-register("LinalgSolveExBackward0", _solve)
+register("LinalgSolveExBackward0", composite(_solve, _solve_pieces))

@@ -1,5 +1,5 @@
 """Linear operators that relabel: views, permutations, broadcasts, sums and means, diagonals,
-sums of inputs, masks. Every order >= 2 is zero (:func:`~xa_ops.families.linear_map`).
+sums of inputs, masks. Every order >= 2 is zero (:func:`~xa.families.linear_map`).
 
 Indexing, joining and padding are linear too; they live in :mod:`xa_ops.indexing`.
 
@@ -14,9 +14,8 @@ import math
 import torch
 
 from xa.factor import LabelMaker, broadcast_port, normalize_dim, reshape_ports, signed
+from xa.families import linear, linear_map, weighted_sum
 from xa.registry import register
-
-from .families import linear, linear_map, weighted_sum
 
 # ---------------------------------------------------------------- identity and views
 

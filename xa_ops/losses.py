@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from xa.factor import LabelMaker, broadcast_port, broadcast_shapes, signed
+from xa.families import linear_map
 from xa.registry import register
-
-from .families import linear_map
 
 NONE, MEAN, SUM = 0, 1, 2  # torch's reduction enum, as saved on the node
 

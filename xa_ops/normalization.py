@@ -32,8 +32,8 @@ import math
 import torch
 from torch.func import jacfwd, vmap
 
-from xa.composite import Piece
 from xa.factor import LabelMaker
+from xa.families import Piece, composite
 from xa.registry import register
 
 JACFWD_WORKSPACE = 2
@@ -211,7 +211,7 @@ def _batch_pieces(ctx):
 
 
 def _group_entries(layout_of):
-    """``dense_entries``: the input's entries times a group's size to the order."""
+    """The composite's ``entries``: the input's entries times a group's size to the order."""
 
     def entries(ctx, order):
         layout = layout_of(ctx)
@@ -220,10 +220,8 @@ def _group_entries(layout_of):
     return entries
 
 
-_layer_norm = _affine_rule(_layer_layout, _recovered_eps)
-_layer_norm.composite = _layer_pieces
-_layer_norm.dense_entries = _group_entries(_layer_layout)
-register("NativeLayerNormBackward0", _layer_norm)
+register("NativeLayerNormBackward0", composite(_affine_rule(_layer_layout, _recovered_eps), _layer_pieces,
+                                                _group_entries(_layer_layout)))
 
 # ---------------------------------------------------------------- group_norm
 
@@ -235,10 +233,8 @@ def _group_layout(ctx):
                    lambda g, w: g + w, lambda g, w: (g[1], w[0]), (groups, c // groups))
 
 
-_group_norm = _affine_rule(_group_layout, _recovered_eps)
-_group_norm.composite = _group_pieces
-_group_norm.dense_entries = _group_entries(_group_layout)
-register("NativeGroupNormBackward0", _group_norm)
+register("NativeGroupNormBackward0", composite(_affine_rule(_group_layout, _recovered_eps), _group_pieces,
+                                                _group_entries(_group_layout)))
 
 # ---------------------------------------------------------------- batch_norm
 
@@ -287,7 +283,6 @@ def _batch_norm(ctx, slots):
     return lab.factor(port, [port], operands)
 
 
-_batch_norm.composite = _batch_pieces
-_batch_norm.dense_entries = _group_entries(_batch_layout)
-register("NativeBatchNormBackward0", _batch_norm)
-register("CudnnBatchNormBackward0", _batch_norm)  # CUDA: the same saved names, eps as epsilon (Functions.h)
+_batch_norm_rule = composite(_batch_norm, _batch_pieces, _group_entries(_batch_layout))
+register("NativeBatchNormBackward0", _batch_norm_rule)
+register("CudnnBatchNormBackward0", _batch_norm_rule)  # CUDA: the same saved names, eps as epsilon (Functions.h)

@@ -39,12 +39,10 @@ from functools import lru_cache
 import torch
 from torch.func import jacfwd, vmap
 
-from xa.composite import Piece
 from xa.errors import UnsupportedOperatorError
 from xa.factor import LabelMaker, normalize_dim, planned
+from xa.families import Piece, composite, linear_map
 from xa.registry import register
-
-from .families import linear_map
 
 # ---------------------------------------------------------------- softmax and prod
 
@@ -98,7 +96,7 @@ def softmax_derivative(ctx, s: torch.Tensor, k: int) -> torch.Tensor:
     return planned(ctx, (*batch, *([n] * total)), build)
 
 
-def softmax(ctx, slots):
+def _softmax(ctx, slots):
     k = len(slots)
     y = ctx.saved("result")
     d = normalize_dim(ctx.saved("dim"), y.dim())
@@ -228,7 +226,7 @@ def _logsumexp_pieces(ctx):
 
 
 def _along_entries(dims_of):
-    """``dense_entries``: the input's entries times the reduced run's size to the order."""
+    """The composite's ``entries``: the input's entries times the reduced run's size to the order."""
 
     def entries(ctx, order):
         shape = ctx.in_shapes[0] or ctx.out_shape
@@ -242,9 +240,7 @@ def _one_dim(ctx):
     return (ctx.saved("dim"),)
 
 
-softmax.composite = _softmax_pieces
-softmax.dense_entries = _along_entries(_one_dim)
-register("SoftmaxBackward0", softmax)
+softmax = register("SoftmaxBackward0", composite(_softmax, _softmax_pieces, _along_entries(_one_dim)))
 register("ProdBackward0", _prod)
 register("ProdBackward1", _prod_dim)
 
@@ -321,12 +317,9 @@ def _log_softmax(ctx, slots):
     return lab.factor(along.port(bl, i), [along.port(bl, j)], [(operand, bl + i + j)])
 
 
-_logsumexp.composite = _logsumexp_pieces
-_logsumexp.dense_entries = _along_entries(lambda ctx: ctx.saved("dim") or range(len(ctx.in_shapes[0] or ())))
-_log_softmax.composite = _log_softmax_pieces
-_log_softmax.dense_entries = _along_entries(_one_dim)
-register("LogsumexpBackward0", _logsumexp)
-register("LogSoftmaxBackward0", _log_softmax)
+register("LogsumexpBackward0", composite(_logsumexp, _logsumexp_pieces, _along_entries(
+    lambda ctx: ctx.saved("dim") or range(len(ctx.in_shapes[0] or ())))))
+register("LogSoftmaxBackward0", composite(_log_softmax, _log_softmax_pieces, _along_entries(_one_dim)))
 
 # ---------------------------------------------------------------- max and min
 
@@ -531,18 +524,12 @@ def _norm_pieces(ctx):
     ]
 
 
-_var = _group_rule("var")
-_var.composite = _var_pieces
-_var.dense_entries = _along_entries(_reduced_dims)
-_std = _group_rule("std")
-_std.composite = lambda ctx: _var_pieces(ctx, root=True)
-_std.dense_entries = _along_entries(_reduced_dims)
-_norm = _group_rule("norm")
-_norm.composite = _norm_pieces
-_norm.dense_entries = _along_entries(_reduced_dims)
-register("VarBackward0", _var)
-register("StdBackward0", _std)
-register("LinalgVectorNormBackward0", _norm)  # torch.linalg.vector_norm, torch.norm, Tensor.norm
+register("VarBackward0", composite(_group_rule("var"), _var_pieces, _along_entries(_reduced_dims)))
+register("StdBackward0", composite(_group_rule("std"), lambda ctx: _var_pieces(ctx, root=True),
+                                   _along_entries(_reduced_dims)))
+# torch.linalg.vector_norm, torch.norm, Tensor.norm
+_norm = register("LinalgVectorNormBackward0", composite(_group_rule("norm"), _norm_pieces,
+                                                        _along_entries(_reduced_dims)))
 register("NormBackward1", _norm)  # torch.norm(x, p, dim) on some paths: F.pairwise_distance
 
 
@@ -559,5 +546,4 @@ def _dist(ctx, slots):
     raise UnsupportedOperatorError(f"{ctx.name}: torch.dist runs as the norm of x - y (its composite)")
 
 
-_dist.composite = _dist_pieces
-register("DistBackward0", _dist)
+register("DistBackward0", composite(_dist, _dist_pieces))

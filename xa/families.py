@@ -22,10 +22,16 @@
   tensors (mul, mm, bmm, dot, ...): the first derivative in one slot is
   the other slot's saved value, the mixed second derivative is the
   identity wiring, everything else is zero.
+* :func:`composite` -- an operator whose derivatives are dense along a dim
+  (softmax, layer norm, attention), described as the small graph of simpler
+  nodes torch could have recorded (:class:`Piece`); :mod:`xa.composite`
+  expands it when a graph's rules are resolved, and its dense rule serves
+  where it declines.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional
 
@@ -33,8 +39,8 @@ import numpy as np
 import torch
 from torch.func import jvp
 
-from xa.errors import UnsupportedOperatorError
-from xa.factor import LabelMaker, broadcast_port, planned
+from .errors import UnsupportedOperatorError
+from .factor import LabelMaker, broadcast_port, planned
 
 # ---------------------------------------------------------------- elementwise
 
@@ -352,3 +358,53 @@ def einsum_ports(spec: str, saved: tuple, first_slot: int = 0) -> Callable:
         return tuple(tuple(label[ch] for ch in part) for part in (out, ins[0], ins[1]))
 
     return ports
+
+
+# ---------------------------------------------------------------- composites
+
+
+@dataclass
+class Piece:
+    """One value of a composite's graph.
+
+    ``name``: the torch node whose rule describes it; ``inputs``: per slot,
+    ``("in", slot)`` (the composite's own input slot), ``("piece", k)`` (an
+    earlier piece) or ``None`` (a constant); ``saved``: the attributes its
+    rule reads; ``what``: a few words for explain and error messages.
+    """
+
+    name: str
+    shape: tuple
+    inputs: tuple
+    saved: dict = field(default_factory=dict)
+    what: str = ""
+
+
+class Composite:
+    """A rule that is, where it pays, the small graph :attr:`pieces` returns (see :func:`composite`)."""
+
+    def __init__(self, dense: Callable, pieces: Callable, entries: Optional[Callable] = None):
+        self.dense, self.pieces, self.entries = dense, pieces, entries
+        self.multi_output = getattr(dense, "multi_output", False)
+
+    def __call__(self, ctx, slots):
+        return self.dense(ctx, slots)
+
+    def __repr__(self) -> str:
+        return f"composite({getattr(self.dense, '__name__', self.dense)!r})"
+
+
+def composite(dense: Callable, pieces: Callable, entries: Optional[Callable] = None) -> Composite:
+    """Rule for an operator that is a composition of simpler nodes (softmax: ``exp``, ``sum``, ``div``).
+
+    Args:
+        dense: the rule of the whole node, its dense factors; used where the
+            pieces decline and where the node is small.
+        pieces: ``pieces(ctx) -> [Piece, ...]``, the last piece being the node's
+            output, or ``None``/``[]`` to keep the node whole.
+        entries: ``entries(ctx, order) -> int``, the entries of the dense factors
+            at ``order``: a node whose dense factors are small
+            (``<= xa.composite.DENSE_LIMIT``) stays whole. ``None``: always expand.
+    """
+    return Composite(dense, pieces, entries)
+

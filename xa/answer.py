@@ -1,0 +1,83 @@
+"""Running a query: its one plan, within the budget, and the answer read from the source's jets.
+
+A query's plan (:func:`xa.plan.build`) is forward jets of the rows it asks
+(the top order collapsed to its weighted sums), or backprop of the whole
+derivative tensor, read at those rows here -- whichever was cheaper. Either
+way the query (:mod:`xa.queries`) turns the source's jets per order into its
+answer, shaped like the source.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import budget
+from . import plan as planner
+from .attach import flat
+from .capture import Graph
+from .jets import Rows, rows_of
+from .queries import Query
+from .request import Request
+
+
+def answer(request: Request, query: Query):
+    """The answer to ``query``, whose request is ``request`` (:func:`xa.request.query`)."""
+    graph, (i,) = request.graph, request.requested
+    plan = planner.build(request)
+    batch = plan.batch
+    n = graph.values[i].numel if batch is None else batch.numel(graph, i)
+    rows = request.query.rows(n)
+    seeds = query.seeds(rows, n, graph.dtype, graph.device)
+    ran, results, _ = budget.compute(request, plan, seeds)
+    if plan.direction == "forward":
+        jets = results[i]
+    else:
+        jets = _rows_from_blocks(graph, ran, i, results[i], rows, seeds)
+    return query.answer(jets, rows, n, _like(graph, ran, graph.dtype), seeds)
+
+
+def _like(graph: Graph, plan, dtype):
+    """Turn one row of the source's jet (``(*S)``, or ``(B, *S')`` per sample) into the source's shape."""
+    shape = graph.source_shape
+
+    def like(t):
+        if t is None:
+            return torch.zeros(shape, dtype=dtype, device=graph.device)
+        if plan.batch is not None:
+            d = plan.batch.source_dim
+            t = t.reshape((shape[d],) + shape[:d] + shape[d + 1:]).movedim(0, d)
+        return t.reshape(shape).to(dtype)
+    return like
+
+
+def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:
+    """The whole tensor's blocks read at a query's rows, laid out like the forward jets (backward direction)."""
+    batch = plan.batch
+    n = graph.values[i].numel if batch is None else batch.numel(graph, i)
+    lead = graph.source_shape if batch is None else (batch.total,) + batch.shape(graph, 0)
+    out = []
+    for k, t in enumerate(flat(graph, i, rows.order, blocks, batch), start=1):
+        kind = rows.kinds[k - 1]
+        rows_k = rows_of(rows.m, kind)
+        t = t.to(graph.dtype)
+        if not rows.seeded:
+            at = torch.tensor([sum(a[p] * n ** (k - 1 - p) for p in range(k)) for a in rows_k], dtype=torch.long,
+                              device=t.device)
+            r = t.reshape(t.shape[:t.dim() - k] + (n ** k,)).index_select(-1, at).movedim(-1, 0)
+        else:  # d^k S [d_(a_1), .., d_(a_k)]: contract one leaf position at a time with each row's direction
+            size = math.prod(t.shape[:t.dim() - k])
+            r = t.reshape(size, n, n ** (k - 1))
+            for p in range(k):
+                at = torch.tensor([a[p] for a in rows_k], dtype=torch.long, device=t.device)
+                Dp = seeds["directions"].index_select(0, at)
+                if p == 0:
+                    r = torch.einsum("lir,ai->alr", r, Dp)
+                else:
+                    r = torch.einsum("alir,ai->alr", r.reshape(len(rows_k), size, n, -1), Dp)
+        r = r.reshape((len(rows_k),) + tuple(lead))
+        if rows.collapse and k == rows.order:
+            r = torch.tensordot(seeds["weights"].to(r.dtype), r, dims=([1], [0]))
+        out.append(r)
+    return out
