@@ -10,6 +10,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "xa"
 RULES = ROOT / "xa_ops"
@@ -92,3 +94,81 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert imports(pkg / "plan.py", "xa") == {"api"}
     (pkg / "plan.py").write_text("def f():\n    from . import attach\n    import xa.explain\n")
     assert imports(pkg / "plan.py", "xa") == {"attach", "explain"}
+
+
+def _module_of(frame) -> str | None:
+    name = frame.f_globals.get("__name__", "")
+    return name[3:] if name.startswith("xa.") else None
+
+
+def _calls_between_modules(run) -> set:
+    """``(caller module, callee module)`` for every call from one xa module into another while ``run()`` runs."""
+    import sys
+
+    pairs = set()
+
+    def profile(frame, event, arg):
+        if event != "call":
+            return
+        callee = _module_of(frame)
+        caller = _module_of(frame.f_back) if frame.f_back is not None else None
+        if callee and caller and callee != caller:
+            pairs.add((caller, callee))
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return pairs
+
+
+def _calls():
+    import torch
+
+    import xa
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    X = torch.randn(16, 2, dtype=torch.float64, requires_grad=True)
+    return {
+        "backward": lambda: xa.backward(net(X), 2, batch_dim=0),
+        "backward in chunks": lambda: xa.backward(net(X).sum(1), 2, max_memory=6e5, create_graph=False),
+        "laplacian": lambda: xa.laplacian(net(X), X, batch_dim=0),
+        "laplacian in chunks": lambda: xa.laplacian(net(X), X, batch_dim=0, max_memory=3e4),
+        "partials backward": lambda: xa.partials(net(X), X, [(0, 1)], batch_dim=0, direction="backward"),
+        "mixed": lambda: xa.mixed(net(X).sum(), (X, net[0].weight)),
+        "explain": lambda: xa.explain(net(X), query=xa.queries.Laplacian(X), batch_dim=0, file=__import__("io").StringIO()),
+    }
+
+
+@pytest.mark.parametrize("name", ["backward", "backward in chunks", "laplacian", "laplacian in chunks",
+                                  "partials backward", "mixed", "explain"])
+def test_a_call_flows_downward(name):
+    """Followed at run time, every call from one engine module into another goes down the stated order."""
+    position = {module: n for n, module in enumerate(stated_order())}
+    pairs = _calls_between_modules(_calls()[name])
+    assert pairs, "nothing was traced"
+    upward = sorted(f"xa.{a} calls into xa.{b}" for a, b in pairs
+                    if a in position and b in position and position[b] > position[a])
+    assert not upward, "\n".join(upward)
+
+
+@pytest.mark.parametrize("name", ["backward", "laplacian", "mixed"])
+def test_a_call_builds_one_request_and_plans_once(name):
+    from unittest.mock import patch
+
+    import xa.plan
+    import xa.request
+
+    calls = _calls()[name]
+    calls()  # the plan is cached now; what follows counts the calls of a warm call, and of a cold one
+    for clear in (False, True):
+        if clear:
+            xa.plan._PLANS.clear()
+        made, built = [], []
+        real_make, real_build = xa.request._make, xa.plan.build
+        with patch.object(xa.request, "_make", lambda *a, **k: made.append(1) or real_make(*a, **k)), \
+                patch.object(xa.plan, "build", lambda *a, **k: built.append(1) or real_build(*a, **k)):
+            calls()
+        assert len(made) == 1 and len(built) == 1, (clear, made, built)

@@ -16,9 +16,8 @@ import torch
 from . import budget
 from . import plan as planner
 from .attach import flat
-from .capture import Graph
 from .jets import Rows, rows_of
-from .queries import Query
+from .queries import Query, SourceShape
 from .request import Request
 
 
@@ -35,21 +34,9 @@ def answer(request: Request, query: Query):
         jets = results[i]
     else:
         jets = _rows_from_blocks(graph, ran, i, results[i], rows, seeds)
-    return query.answer(jets, rows, n, _like(graph, ran, graph.dtype), seeds)
-
-
-def _like(graph: Graph, plan, dtype):
-    """Turn one row of the source's jet (``(*S)``, or ``(B, *S')`` per sample) into the source's shape."""
-    shape = graph.source_shape
-
-    def like(t):
-        if t is None:
-            return torch.zeros(shape, dtype=dtype, device=graph.device)
-        if plan.batch is not None:
-            d = plan.batch.source_dim
-            t = t.reshape((shape[d],) + shape[:d] + shape[d + 1:]).movedim(0, d)
-        return t.reshape(shape).to(dtype)
-    return like
+    d = None if ran.batch is None else ran.batch.source_dim
+    like = SourceShape(graph.source_shape, graph.dtype, graph.device, d)
+    return query.answer(jets, rows, n, like, seeds)
 
 
 def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:

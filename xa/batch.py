@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from .capture import Graph
 from .errors import BatchMixingError
-from .factor import Factor
+from .factor import Factor, port_labels, relabel, split_at
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
     reshape of every operand that carries it).
     """
     for boundary in (pre, pre * size):
-        factor = _break(factor, port, boundary, where)
-    labels = _labels(factor, port)
+        factor = split_at(factor, port, boundary, where)
+    labels = port_labels(factor, port)
     acc, inside = 1, []
     for label in labels:
         if pre <= acc and acc * factor.sizes[label] <= pre * size and factor.sizes[label] > 1:
@@ -119,24 +119,6 @@ def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
     if len(inside) != 1:
         raise BatchMixingError(f"{where}: the sample dim does not line up with the dims of this node")
     return factor, inside[0]
-
-
-def _labels(factor: Factor, port: tuple) -> tuple:
-    return factor.out if port[0] == "out" else factor.ins[port[1]]
-
-
-def _break(factor: Factor, port: tuple, boundary: int, where: str) -> Factor:
-    """Split the label of ``port`` that straddles ``boundary`` (a prefix product of the port's sizes)."""
-    acc = 1
-    for label in _labels(factor, port):
-        n = factor.sizes[label]
-        if acc < boundary < acc * n:
-            first = boundary // acc
-            if boundary % acc or n % first:
-                raise BatchMixingError(f"{where}: the sample dim does not line up with the dims of this node")
-            return _split(factor, label, (first, n // first))
-        acc *= n
-    return factor
 
 
 def _join(factor: Factor, run: tuple, where: str) -> Factor:
@@ -161,32 +143,7 @@ def _join(factor: Factor, run: tuple, where: str) -> Factor:
                 i += 1
         return tuple(out)
 
-    return _relabel(factor, sub, sizes)
-
-
-def _split(factor: Factor, label: int, pieces: tuple) -> Factor:
-    """Replace ``label`` everywhere by new labels of sizes ``pieces`` (row-major): a reshape."""
-    sizes = list(factor.sizes)
-    new = tuple(range(len(sizes), len(sizes) + len(pieces)))
-    sizes.extend(pieces)
-
-    def sub(labels):
-        out = []
-        for lb in labels:
-            out.extend(new if lb == label else (lb,))
-        return tuple(out)
-
-    return _relabel(factor, sub, sizes)
-
-
-def _relabel(factor: Factor, sub, sizes: list) -> Factor:
-    """``factor`` with every port and operand's labels rewritten by ``sub``: each operand reshaped to match."""
-    operands = []
-    for tensor, labels in factor.operands:
-        labels2 = sub(labels)
-        operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
-    return replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
-                   operands=tuple(operands))
+    return relabel(factor, sub, sizes)
 
 
 def operand_views(factor: Factor, adopted: list, label) -> list:

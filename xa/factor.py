@@ -23,11 +23,14 @@ structure; the engine never builds such terms.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from .errors import BatchMixingError
 
 Labels = tuple  # a tuple of label ids
 
@@ -210,3 +213,53 @@ def signed(value):
 def normalize_dim(dim: int, ndim: int) -> int:
     """Wrap ``dim`` into ``range(ndim)``; torch stores negative dims as unsigned."""
     return signed(dim) % max(ndim, 1)
+
+
+# ---------------------------------------------------------------- relabelling a factor's ports
+
+
+def port_labels(factor: Factor, port: tuple) -> tuple:
+    return factor.out if port[0] == "out" else factor.ins[port[1]]
+
+
+def split_at(factor: Factor, port: tuple, boundary: int, where: str) -> Factor:
+    """Split the label of ``port`` that straddles ``boundary`` (a prefix product of the port's sizes).
+
+    ``port`` is ``("out",)`` or ``("ins", slot)``. Where the boundary cuts no label whole
+    (a sample dim that does not line up with the node's dims), :class:`BatchMixingError` names ``where``.
+    """
+    acc = 1
+    for label in port_labels(factor, port):
+        n = factor.sizes[label]
+        if acc < boundary < acc * n:
+            first = boundary // acc
+            if boundary % acc or n % first:
+                raise BatchMixingError(f"{where}: the sample dim does not line up with the dims of this node")
+            return split_label(factor, label, (first, n // first))
+        acc *= n
+    return factor
+
+
+def split_label(factor: Factor, label: int, pieces: tuple) -> Factor:
+    """Replace ``label`` everywhere by new labels of sizes ``pieces`` (row-major): a reshape."""
+    sizes = list(factor.sizes)
+    new = tuple(range(len(sizes), len(sizes) + len(pieces)))
+    sizes.extend(pieces)
+
+    def sub(labels):
+        out = []
+        for lb in labels:
+            out.extend(new if lb == label else (lb,))
+        return tuple(out)
+
+    return relabel(factor, sub, sizes)
+
+
+def relabel(factor: Factor, sub, sizes: list) -> Factor:
+    """``factor`` with every port and operand's labels rewritten by ``sub``: each operand reshaped to match."""
+    operands = []
+    for tensor, labels in factor.operands:
+        labels2 = sub(labels)
+        operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
+    return dataclasses.replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
+                   operands=tuple(operands))

@@ -17,9 +17,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-from .batch import _break, _labels
 from .capture import Graph
-from .factor import Factor
+from .factor import Factor, port_labels, split_at
 
 
 def fold(graph: Graph, rules: dict, keep: set) -> tuple:
@@ -100,9 +99,9 @@ def _unpermute(f: Factor, pos: int, shape: tuple, dims: tuple) -> Factor:
         acc *= n
         bounds.append(acc)
     for b in bounds[:-1]:
-        f = _break(f, port, b, "a folded permutation")
+        f = split_at(f, port, b, "a folded permutation")
     groups, acc, d = [[] for _ in shape], 1, 0
-    for label in _labels(f, port):
+    for label in port_labels(f, port):
         acc *= f.sizes[label]
         while d < len(shape) - 1 and acc > bounds[d]:
             d += 1

@@ -39,6 +39,7 @@ import torch
 
 from .batch import BatchFactors, Batching, operand_views
 from .capture import Graph
+from .errors import QueryError
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
 IDENTITY = "identity"
@@ -369,3 +370,61 @@ def _retire_after_last_read(steps: list, keep: set) -> None:
             steps[index].retire.append(key)
 
 
+# ---------------------------------------------------------------- a query's rows
+
+
+@dataclass(frozen=True)
+class Ask:
+    """The structure of a query: what its plan depends on (in the plan key); no values.
+
+    ``wanted[k - 1]`` lists the patterns of rows asked at order ``k``: ``"all"``,
+    ``"diagonal"``, ``("rows", sorted multi-indices)``, ``("rank", offset, r)``
+    (the diagonal rows of ``r`` seeded directions). ``identity``: the leaf's own
+    entries are directions; ``extra``: how many seeded directions follow them.
+    ``collapse``: the top order is kept as that many weighted sums.
+    """
+
+    name: str
+    wanted: tuple
+    identity: bool = True
+    extra: int = 0
+    collapse: int = 0
+
+    @property
+    def order(self) -> int:
+        return len(self.wanted)
+
+    def rows(self, n: int) -> Rows:
+        return _rows(self, n)
+
+
+@lru_cache(maxsize=256)
+def _rows(ask: Ask, n: int) -> Rows:
+    ni = n if ask.identity else 0
+    m = ni + ask.extra
+    wanted: dict = {}
+    for k, patterns in enumerate(ask.wanted, start=1):
+        if not patterns:
+            continue
+        if "all" in patterns and m == n:
+            wanted[k] = ALL
+            continue
+        here: set = set()
+        for pat in patterns:
+            if pat == "all":
+                here |= set(multi_indices(n, k)[0])
+            elif pat == "diagonal":
+                here |= {(i,) * k for i in range(n)}
+            elif pat == "pairs":  # (i, i, j, j): the biharmonic's rows
+                here |= {(i, i, j, j) for i in range(n) for j in range(i, n)}
+            elif pat[0] == "rows":
+                for a in pat[1]:
+                    if a[0] < 0 or a[-1] >= n:
+                        raise QueryError(f"{ask.name}: the multi-index {a} names an entry outside the leaf's "
+                                         f"{n} entries (entries are 0..{n - 1} of the leaf flattened, one "
+                                         "sample's with batch_dim)")
+                here |= set(pat[1])
+            else:  # ("rank", offset, r)
+                here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
+        wanted[k] = here
+    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse)

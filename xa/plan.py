@@ -53,7 +53,7 @@ class Plan:
     batch: Batching | None = None  # the sample layout of a per-sample plan (batch_dim=)
     expand: dict = field(default_factory=dict)  # forward: result key -> how to expand its sorted rows (xa.jets)
     folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
-    query: Any = None  # a query's structure (xa.queries.Ask): the rows it keeps per order
+    query: Any = None  # a query's structure (xa.jets.Ask): the rows it keeps per order
     mixed: tuple = ()  # joint blocks of leaves kept too (xa.mixed)
 
     @property
@@ -194,7 +194,8 @@ def build(request: Request) -> Plan:
     is forward jets of its rows, or, where cheaper (or asked for), backprop of the
     whole derivative tensor to be contracted at the leaf: ``plan.prices`` holds both
     (the backward one with that contraction). Everything the plan is built from is
-    compared in ``request``, which is the cache's key (:attr:`Request.key`, without the graph's tensors); values are read at execution.
+    compared in ``request``, which is the cache's key (:attr:`Request.key`, without the
+    graph's tensors); values are read at execution.
     """
     key = request.key
     plan = _PLANS.get(key)

@@ -29,15 +29,13 @@ joint blocks (:mod:`xa.backprop`), kept for the leaves asked together.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Sequence
 
 import torch
 
 from . import checks
 from .errors import QueryError
-from .jets import ALL, Rows, closure, count, index, multi_indices, rows_of, where
+from .jets import Ask, Rows, count, index, multi_indices, rows_of, where
 
 __all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Diagonal", "RankOne", "Query"]
 
@@ -107,64 +105,23 @@ def _pattern(k: int, c, offset: int):
                     f"xa.queries.RankOne or a dict {{multi-index: number}}, got {type(c).__name__}")
 
 
-# --------------------------------------------------------------------------- structure
+class SourceShape:
+    """Turns one row of the source's jet (``(*S)``, or ``(B, *S')`` per sample) into the source's shape.
 
-
-@dataclass(frozen=True)
-class Ask:
-    """The structure of a query: what its plan depends on (in the plan key); no values.
-
-    ``wanted[k - 1]`` lists the patterns of rows asked at order ``k``: ``"all"``,
-    ``"diagonal"``, ``("rows", sorted multi-indices)``, ``("rank", offset, r)``
-    (the diagonal rows of ``r`` seeded directions). ``identity``: the leaf's own
-    entries are directions; ``extra``: how many seeded directions follow them.
-    ``collapse``: the top order is kept as that many weighted sums.
+    ``sample_dim``: the source's sample dim of a per-sample plan (the row has it first), else ``None``.
+    A row that is zero by structure (``None``) becomes zeros.
     """
 
-    name: str
-    wanted: tuple
-    identity: bool = True
-    extra: int = 0
-    collapse: int = 0
+    def __init__(self, shape: tuple, dtype, device, sample_dim=None):
+        self.shape, self.dtype, self.device, self.sample_dim = tuple(shape), dtype, device, sample_dim
 
-    @property
-    def order(self) -> int:
-        return len(self.wanted)
-
-    def rows(self, n: int) -> Rows:
-        return _rows(self, n)
-
-
-@lru_cache(maxsize=256)
-def _rows(ask: Ask, n: int) -> Rows:
-    ni = n if ask.identity else 0
-    m = ni + ask.extra
-    wanted: dict = {}
-    for k, patterns in enumerate(ask.wanted, start=1):
-        if not patterns:
-            continue
-        if "all" in patterns and m == n:
-            wanted[k] = ALL
-            continue
-        here: set = set()
-        for pat in patterns:
-            if pat == "all":
-                here |= set(multi_indices(n, k)[0])
-            elif pat == "diagonal":
-                here |= {(i,) * k for i in range(n)}
-            elif pat == "pairs":  # (i, i, j, j): the biharmonic's rows
-                here |= {(i, i, j, j) for i in range(n) for j in range(i, n)}
-            elif pat[0] == "rows":
-                for a in pat[1]:
-                    if a[0] < 0 or a[-1] >= n:
-                        raise QueryError(f"{ask.name}: the multi-index {a} names an entry outside the leaf's "
-                                         f"{n} entries (entries are 0..{n - 1} of the leaf flattened, one "
-                                         "sample's with batch_dim)")
-                here |= set(pat[1])
-            else:  # ("rank", offset, r)
-                here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
-        wanted[k] = here
-    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse)
+    def __call__(self, t):
+        shape, d = self.shape, self.sample_dim
+        if t is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if d is not None:
+            t = t.reshape((shape[d],) + shape[:d] + shape[d + 1:]).movedim(0, d)
+        return t.reshape(shape).to(self.dtype)
 
 
 class Query:

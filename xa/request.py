@@ -21,7 +21,8 @@ import torch
 from . import checks
 from .capture import Graph
 from .errors import TargetError
-from .queries import Ask, Mixed, Query
+from .jets import Ask
+from .queries import Mixed, Query
 from .resolve import resolve
 
 
@@ -34,7 +35,7 @@ class Request:
     whose pure partials are wanted), ``retained`` (intermediate values whose
     partials are kept), ``direction``, ``batch_dim`` (the sample dim planned with:
     ``None`` for one sample, which is planned as no batch), ``query`` (an
-    :class:`~xa.queries.Ask`), ``mixed`` (joint blocks: sorted value indices),
+    :class:`~xa.jets.Ask`), ``mixed`` (joint blocks: sorted value indices),
     ``rows`` / ``samples`` (a chunk of source rows or of samples).
 
     Carried, not compared: ``graph``, ``rules``, ``caller`` (``"xa.laplacian"``, for
