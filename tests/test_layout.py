@@ -124,6 +124,8 @@ def _calls_between_modules(run) -> set:
 
 
 def _calls():
+    import io
+
     import torch
 
     import xa
@@ -138,7 +140,7 @@ def _calls():
         "laplacian in chunks": lambda: xa.laplacian(net(X), X, batch_dim=0, max_memory=3e4),
         "partials backward": lambda: xa.partials(net(X), X, [(0, 1)], batch_dim=0, direction="backward"),
         "mixed": lambda: xa.mixed(net(X).sum(), (X, net[0].weight)),
-        "explain": lambda: xa.explain(net(X), query=xa.queries.Laplacian(X), batch_dim=0, file=__import__("io").StringIO()),
+        "explain": lambda: xa.explain(net(X), query=xa.queries.Laplacian(X), batch_dim=0, file=io.StringIO()),
     }
 
 
@@ -163,12 +165,52 @@ def test_a_call_builds_one_request_and_plans_once(name):
 
     calls = _calls()[name]
     calls()  # the plan is cached now; what follows counts the calls of a warm call, and of a cold one
+    real_make, real_build = xa.request._make, xa.plan.build
     for clear in (False, True):
         if clear:
             xa.plan._PLANS.clear()
         made, built = [], []
-        real_make, real_build = xa.request._make, xa.plan.build
-        with patch.object(xa.request, "_make", lambda *a, **k: made.append(1) or real_make(*a, **k)), \
-                patch.object(xa.plan, "build", lambda *a, **k: built.append(1) or real_build(*a, **k)):
+
+        def make(*a, made=made, **k):
+            made.append(1)
+            return real_make(*a, **k)
+
+        def build(*a, built=built, **k):
+            built.append(1)
+            return real_build(*a, **k)
+
+        with patch.object(xa.request, "_make", make), patch.object(xa.plan, "build", build):
             calls()
         assert len(made) == 1 and len(built) == 1, (clear, made, built)
+
+
+def registered_names(path: Path) -> set:
+    """The node names a rules file registers: ``register("Name", ...)``, or in a loop over names around it."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register" and node.args:
+            if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value)
+        loop = isinstance(node, ast.For) and isinstance(node.iter, (ast.Tuple, ast.List))
+        if loop and "register(" in ast.unparse(node):
+            for element in node.iter.elts:
+                first = element.elts[0] if isinstance(element, ast.Tuple) else element
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    names.add(first.value)
+    return names
+
+
+def test_every_overload_of_a_torch_operator_is_in_one_rules_file():
+    """``MulBackward0`` and ``MulBackward1`` (mul by a tensor, by a number) are registered in the same file."""
+    import xa
+
+    files: dict = {}
+    found = set()
+    for path in RULES.glob("*.py"):
+        for name in registered_names(path):
+            found.add(name)
+            files.setdefault(re.sub(r"Backward\d+$", "", name), set()).add(path.name)
+    assert len(found) > 150 and found <= set(xa.supported())  # the scan sees the registrations
+    split = {op: sorted(f) for op, f in files.items() if len(f) > 1}
+    assert not split, f"overloads of one operator in several files: {split}"
