@@ -459,6 +459,10 @@ ONLY_ONE_INPUT_REQUIRES_GRAD = [
      * x, (3,)),
     ("index_put", lambda x, v=_r(2): x.index_put((torch.tensor([2, 0]),), v) * x, (3,)),
     ("index_put broadcast value", lambda x, v=_r(1): x.index_put((torch.tensor([1]),), v).tanh(), (3,)),
+    # ... or of the shape the node's saved arguments give it (the slice a scatter or index_copy writes)
+    ("diagonal_scatter", lambda x, c=_r(2): torch.diagonal_scatter(x, c, 1) * x, (2, 3)),
+    ("select_scatter", lambda x, c=_r(2): torch.select_scatter(x, c, 1, -1).tanh(), (2, 3)),
+    ("index_copy", lambda x, c=_r(3, 1): x.index_copy(-1, torch.tensor([1]), c) * x, (3, 2)),
     ("addmv bias", lambda x, M=_r(3, 4), v=_r(4): torch.addmv(x, M, v, beta=0.5).tanh() * x, (3,)),
     ("addr bias", lambda x, a=_r(3), b=_r(4): torch.addr(x, a, b).sin(), (3, 4)),
     # a solve's B is not saved when it does not require grad: rebuilt from the saved matrix and solution
@@ -489,14 +493,12 @@ def test_a_constant_input_torch_did_not_save_is_a_typed_refusal():
         xa.backward(torch.hypot(x, _constants(1)(3)), 2)
 
 
-@pytest.mark.parametrize("scatter", [lambda x, c: torch.diagonal_scatter(x, c[:3, 0]),
-                                     lambda x, c: torch.select_scatter(x, c[0], 0, 1)], ids=["diagonal", "select"])
-def test_a_constant_whose_shape_torch_did_not_keep_is_a_typed_refusal(scatter):
-    """A scatter's ``src`` that does not require grad: torch keeps neither its value nor its shape, and the op
-    takes no stand-in of the output's shape or 0-d: refused, naming the argument, before any number is made."""
+def test_a_constant_whose_shape_torch_did_not_keep_is_a_typed_refusal():
+    """slice_scatter's ``src`` that does not require grad: torch keeps neither its value nor its shape, and the
+    op takes no stand-in of the output's shape or 0-d: refused, naming the argument, before any number is made."""
     x = leaf(3, 3)
     with pytest.raises(xa.UnsupportedOperatorError, match="'src'.*neither its value nor its shape"):
-        xa.backward(scatter(x, _constants(2)(3, 3)) * x, 2)
+        xa.backward(torch.slice_scatter(x, _constants(2)(3, 2), 1, 0, 2) * x, 2)
     assert not hasattr(x, "xgrad")
 
 

@@ -289,10 +289,13 @@ def _stand_ins(ctx, call, packet, f, values, unknown):
     operand broadcast against it), else 0-d (a fill value); the first the op takes and gives the output's
     shape with. Their value is never read by the derivatives; their shape is only checked by the op."""
     out_shape = tuple(ctx.out_shape)
+    out = torch.empty(out_shape, device="meta")
+    known = {s: STAND_IN_SHAPES[packet.__name__, call.slots[s]](ctx, out) for s in unknown
+             if (packet.__name__, call.slots[s]) in STAND_IN_SHAPES}
     for shape in (out_shape, ()):
         trial = list(values)
         for s in unknown:
-            trial[s] = torch.zeros(shape, dtype=ctx.dtype, device=ctx.device)
+            trial[s] = torch.zeros(known.get(s, shape), dtype=ctx.dtype, device=ctx.device)
         try:
             with torch.no_grad():
                 out = f(*trial)
@@ -300,12 +303,31 @@ def _stand_ins(ctx, call, packet, f, values, unknown):
             continue
         if isinstance(out, torch.Tensor) and tuple(out.shape) == out_shape:
             return trial
-    names = ", ".join(repr(call.slots[s]) for s in unknown)
+    names = ", ".join(repr(call.slots[s]) for s in unknown if s not in known)
     raise UnsupportedOperatorError(
         f"no rule for torch node {ctx.name}, and the generic fallback through aten::{packet.__name__} cannot "
         f"rebuild its input {names}: it does not require grad here, so torch kept neither its value nor its "
         "shape, and the op takes neither zeros of the output's shape nor a 0-d zero in its place; let it "
         "require grad, or register a rule (xa.extend.register)")
+
+
+# The shape of a constant input torch kept neither the value nor the shape of, where the node's saved
+# arguments determine it (the slice a scatter writes): (op, argument) -> shape, from a meta output.
+STAND_IN_SHAPES = {
+    ("diagonal_scatter", "src"): lambda ctx, out: out.diagonal(
+        *(_saved_value(ctx, name) for name in ("offset", "dim1", "dim2"))).shape,
+    ("select_scatter", "src"): lambda ctx, out: out.select(_saved_value(ctx, "dim"), _saved_value(ctx, "index")).shape,
+    ("index_copy", "source"): lambda ctx, out: _indexed_shape(out.shape, _saved_value(ctx, "dim"),
+                                                              ctx.saved("index").numel()),
+}
+
+
+def _indexed_shape(shape, dim, n):
+    """``shape`` with dim ``dim`` as long as an index of ``n`` entries (a 0-d shape stays 0-d)."""
+    shape = list(shape)
+    if shape:
+        shape[dim % len(shape)] = n
+    return tuple(shape)
 
 
 def _dense(ctx, call, packet, f, values, slots, dense_shape, out_shape, shapes):
