@@ -51,7 +51,8 @@ CASES = [
     ("F.conv2d depthwise", lambda x, w: (F.conv2d(x, w, groups=4) * F.conv2d(x, w, groups=4)).sum(),
      [(1, 4, 3, 3), (4, 1, 2, 2)], 4),
     ("F.conv2d unbatched", lambda x, w, b: F.conv2d(x, w, b, padding=1).tanh(), [(2, 3, 3), (2, 2, 2, 2), (2,)], 3),
-    ("nn.Conv2d groups", lambda x: CONV2(x).tanh(), [(2, 2, 4, 4)], 3),
+    # (2, 2, 4, 4) peaked at 13 GB in the batched test: the order-3 reference is out * in^3 entries
+    ("nn.Conv2d groups", lambda x: CONV2(x).tanh(), [(2, 2, 3, 3)], 3),
     ("nn.Conv2d padding='same' fan-out", lambda x: torch.tanh(CONV2_SAME(x)) * x, [(1, 2, 4, 4)], 3),
     ("conv2d then avg_pool2d", lambda x, w: F.avg_pool2d(torch.tanh(F.conv2d(x, w, padding=1)), 2).sum(),
      [(1, 1, 4, 4), (2, 1, 3, 3)], 4),
@@ -108,7 +109,7 @@ CASES = [
     # -- max_pool (piecewise linear: the first derivative selects the saved indices)
     ("F.max_pool2d", lambda x: torch.tanh(F.max_pool2d(x, 2)), [(1, 2, 4, 4)], 4),
     ("F.max_pool2d stride padding dilation",
-     lambda x: F.max_pool2d(x, 3, stride=2, padding=1, dilation=(1, 2)).tanh(), [(2, 2, 5, 6)], 3),
+     lambda x: F.max_pool2d(x, 3, stride=2, padding=1, dilation=(1, 2)).tanh(), [(2, 2, 4, 5)], 3),
     ("max_pool2d ceil_mode", lambda x: F.max_pool2d(x, (2, 3), stride=2, ceil_mode=True).tanh(), [(1, 1, 5, 6)], 3),
     ("max_pool2d return_indices fan-out",
      lambda x: torch.tanh(F.max_pool2d(x, 2, stride=1, return_indices=True)[0]).sum() * x, [(1, 1, 3, 3)], 4),

@@ -38,6 +38,13 @@ CASES = [
     ("torch.addmm", lambda m, a, b: torch.addmm(m, a, b), [(2, 3), (2, 4), (4, 3)], 3),
     ("addmm alpha beta bcast", lambda m, a, b: torch.addmm(m, a, b, beta=0.5, alpha=2.0).tanh(),
      [(3,), (2, 4), (4, 3)], 4),
+    ("torch.addmv alpha beta bcast", lambda m, a, v: torch.addmv(m, a, v, beta=0.5, alpha=2.0).tanh(),
+     [(1,), (3, 4), (4,)], 3),
+    # only the bias requires grad: torch saves neither the matrix nor the vector (nor their shapes)
+    ("addmv constant matrix and vector", lambda m: torch.addmv(m, C34, C4).tanh() * m, [(3,)], 3),
+    ("Tensor.addr", lambda m, a, b: m.addr(a, b, beta=2.0, alpha=-1.0).tanh(), [(3, 4), (3,), (4,)], 3),
+    ("addr constant vectors", lambda m, a: torch.addr(m, a, C4).sigmoid() * m, [(3, 4), (3,)], 3),
+    ("addr only the bias", lambda m: torch.addr(m, C4[:3], C4).sigmoid() * m, [(3, 4)], 3),
     ("torch.mm", lambda a, b: torch.mm(a, b).tanh(), [(2, 4), (4, 3)], 4),
     ("@ 2d", lambda a, b: (a @ b).sigmoid(), [(2, 4), (4, 3)], 3),
     ("matmul 1d@1d", lambda a, b: torch.matmul(a, b).tanh(), [(4,), (4,)], 5),

@@ -453,6 +453,26 @@ ONLY_ONE_INPUT_REQUIRES_GRAD = [
     ("div floor", lambda x, c=_r(3).abs() + 1: torch.div(x, c, rounding_mode="floor") + x * x, (3,)),
     ("masked_fill", lambda x: x.masked_fill(torch.tensor([True, False, True]), 2.0) * x, (3,)),
     ("bilinear", lambda x, y=_r(1, 3), W=_r(2, 4, 3): torch.nn.functional.bilinear(x.reshape(1, 4), y, W), (4,)),
+    # torch keeps neither the value nor the shape of these constants: the fallback calls the op with zeros
+    # of the output's shape in their place, else a 0-d zero (their value is never read by the derivatives)
+    ("masked_fill tensor value", lambda x, v=_r(1).reshape(()): x.masked_fill(torch.tensor([True, False, True]), v)
+     * x, (3,)),
+    ("index_put", lambda x, v=_r(2): x.index_put((torch.tensor([2, 0]),), v) * x, (3,)),
+    ("index_put broadcast value", lambda x, v=_r(1): x.index_put((torch.tensor([1]),), v).tanh(), (3,)),
+    # ... or of the shape the node's saved arguments give it (the slice a scatter or index_copy writes)
+    ("diagonal_scatter", lambda x, c=_r(2): torch.diagonal_scatter(x, c, 1) * x, (2, 3)),
+    ("select_scatter", lambda x, c=_r(2): torch.select_scatter(x, c, 1, -1).tanh(), (2, 3)),
+    ("index_copy", lambda x, c=_r(3, 1): x.index_copy(-1, torch.tensor([1]), c) * x, (3, 2)),
+    ("addmv bias", lambda x, M=_r(3, 4), v=_r(4): torch.addmv(x, M, v, beta=0.5).tanh() * x, (3,)),
+    ("addr bias", lambda x, a=_r(3), b=_r(4): torch.addr(x, a, b).sin(), (3, 4)),
+    # a solve's B is not saved when it does not require grad: rebuilt from the saved matrix and solution
+    ("linalg.lu_solve LU", lambda x, B=_r(3, 2): torch.linalg.lu_solve(x + 3 * torch.eye(3, dtype=x.dtype),
+                                                                       torch.tensor([1, 2, 3], dtype=torch.int32),
+                                                                       B, adjoint=True) * x[0, 0], (3, 3)),
+    ("solve_triangular", lambda x, B=_r(3, 2): torch.linalg.solve_triangular(x + 3 * torch.eye(3, dtype=x.dtype),
+                                                                              B, upper=True).tanh(), (3, 3)),
+    ("solve_triangular right unit", lambda x, B=_r(2, 3): torch.linalg.solve_triangular(
+        x, B, upper=False, left=False, unitriangular=True) * x.sum(), (3, 3)),
 ]
 
 
@@ -471,6 +491,26 @@ def test_a_constant_input_torch_did_not_save_is_a_typed_refusal():
     x = leaf(3)
     with pytest.raises(xa.UnsupportedOperatorError, match="HypotBackward0.*'other'"):
         xa.backward(torch.hypot(x, _constants(1)(3)), 2)
+
+
+def test_a_constant_whose_shape_torch_did_not_keep_is_a_typed_refusal():
+    """slice_scatter's ``src`` that does not require grad: torch keeps neither its value nor its shape, and the
+    op takes no stand-in of the output's shape or 0-d: refused, naming the argument, before any number is made."""
+    x = leaf(3, 3)
+    with pytest.raises(xa.UnsupportedOperatorError, match="'src'.*neither its value nor its shape"):
+        xa.backward(torch.slice_scatter(x, _constants(2)(3, 2), 1, 0, 2) * x, 2)
+    assert not hasattr(x, "xgrad")
+
+
+def test_a_solves_right_hand_side_rebuilt_from_its_solution():
+    """``B`` of solve_triangular, an intermediate torch did not save: rebuilt as ``A @ X``, checked against the
+    saved solution; both inputs' derivatives as torch's."""
+    f = lambda a, z: torch.linalg.solve_triangular(a + 3 * torch.eye(3, dtype=a.dtype), torch.tanh(z), upper=True)
+    a, z = leaf(3, 3), leaf(3, 2, seed=1)
+    xa.backward(f(a, z), 3)
+    for x, want in zip((a, z), torch_partials(f, [a, z], 3)):
+        for got, ref in zip(x.xgrad, want):
+            assert close(got, ref, 1e-12)
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["node whole", "pieces"])

@@ -19,8 +19,10 @@ index or a mask, is never differentiated). An argument is recovered from
   index or mask computed from it, no other tensor but the arguments): torch's
   backward formulas then never read that argument's value, so every first
   derivative is independent of it, the op is affine in it, and every
-  derivative is the same at zeros;
-* what the saved outputs determine (``linalg_inv_ex``'s ``A`` from its inverse);
+  derivative is the same at zeros (where the input does not require grad, torch keeps no shape for
+  it either: zeros of the output's shape, else 0-d, the first the op takes);
+* what the saved outputs determine (``linalg_inv_ex``'s ``A`` from its inverse, a solve's ``B``
+  from its matrix and solution);
 * the schema's default, only if a saved output lets the call be checked (an
   argument torch did not save because its backward does not read it may still
   change the output: eigh's ``UPLO``), or the argument cannot change a value.
@@ -175,9 +177,31 @@ def _bind(ctx, packet, leaves):
     return "; ".join(reasons) or "no overload of the operator takes these inputs"
 
 
-# Arguments torch does not save but that its saved outputs determine: (op, argument) -> how.
+def _solved_rhs(ctx, A):
+    """The right-hand side ``B`` of a solve whose matrix ``A`` and solution (``result``) torch saved."""
+    X = ctx.saved("result").to(ctx.dtype)
+    return A @ X if ctx.saved("left") else X @ A
+
+
+def _lu_rhs(ctx):
+    P, L, U = torch.lu_unpack(ctx.saved("LU").to(ctx.dtype), ctx.saved("pivots"))
+    A = P @ L @ U
+    return _solved_rhs(ctx, A.mH if ctx.saved("adjoint") else A)
+
+
+def _triangular_rhs(ctx):
+    A = ctx.saved("self").to(ctx.dtype)
+    unit = bool(ctx.saved("unitriangular"))  # the diagonal is not read: ones
+    T = A.triu(int(unit)) if ctx.saved("upper") else A.tril(-int(unit))
+    return _solved_rhs(ctx, T + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) if unit else T)
+
+
+# Arguments torch does not save but that its saved outputs determine: (op, argument) -> how. (A solve's B
+# is not saved when it does not require grad: the derivative in A reads the solution instead.)
 RECOVERED = {
     ("linalg_inv_ex", "A"): lambda ctx: torch.linalg.inv(ctx.saved("inverse").to(ctx.dtype)),
+    ("linalg_lu_solve", "B"): _lu_rhs,
+    ("linalg_solve_triangular", "B"): _triangular_rhs,
 }
 
 # Operators whose own higher derivatives torch gets wrong: the fallback would repeat the error.
@@ -218,6 +242,7 @@ def fallback_rule(node: str):
 
         def build():
             values = []
+            unknown = []  # constant inputs torch kept neither the value nor the shape of
             for s in range(len(shapes)):
                 kind, what = call.args[call.slots[s]]
                 if kind == "saved":
@@ -228,13 +253,18 @@ def fallback_rule(node: str):
                     values.append(leaves[what].to(device=ctx.device, dtype=ctx.dtype))
                 else:
                     # a constant input torch did not save enters affinely (nothing saved depends on it): any
-                    # value does, of a shape that broadcasts against the output's
+                    # value does, of a shape the op takes
+                    if shapes[s] is None:
+                        unknown.append(s)
                     shape = shapes[s] if shapes[s] is not None else out_shape
                     values.append(torch.zeros(shape, dtype=ctx.dtype, device=ctx.device))
 
             def f(*point):
                 out = _call(ctx, call, point)
                 return out[ctx.output] if isinstance(out, (tuple, list)) else out
+
+            if unknown:
+                values = _stand_ins(ctx, call, packet, f, values, unknown)
 
             try:
                 return _dense(ctx, call, packet, f, values, slots, dense_shape, out_shape, shapes)
@@ -252,6 +282,52 @@ def fallback_rule(node: str):
     rule.fallback = packet.__name__
     rule.multi_output = True
     return rule
+
+
+def _stand_ins(ctx, call, packet, f, values, unknown):
+    """Zeros for the constant inputs whose value and shape torch did not keep: of the output's shape (an
+    operand broadcast against it), else 0-d (a fill value); the first the op takes and gives the output's
+    shape with. Their value is never read by the derivatives; their shape is only checked by the op."""
+    out_shape = tuple(ctx.out_shape)
+    out = torch.empty(out_shape, device="meta")
+    known = {s: STAND_IN_SHAPES[packet.__name__, call.slots[s]](ctx, out) for s in unknown
+             if (packet.__name__, call.slots[s]) in STAND_IN_SHAPES}
+    for shape in (out_shape, ()):
+        trial = list(values)
+        for s in unknown:
+            trial[s] = torch.zeros(known.get(s, shape), dtype=ctx.dtype, device=ctx.device)
+        try:
+            with torch.no_grad():
+                out = f(*trial)
+        except (RuntimeError, IndexError, ValueError, TypeError):
+            continue
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == out_shape:
+            return trial
+    names = ", ".join(repr(call.slots[s]) for s in unknown if s not in known)
+    raise UnsupportedOperatorError(
+        f"no rule for torch node {ctx.name}, and the generic fallback through aten::{packet.__name__} cannot "
+        f"rebuild its input {names}: it does not require grad here, so torch kept neither its value nor its "
+        "shape, and the op takes neither zeros of the output's shape nor a 0-d zero in its place; let it "
+        "require grad, or register a rule (xa.extend.register)")
+
+
+# The shape of a constant input torch kept neither the value nor the shape of, where the node's saved
+# arguments determine it (the slice a scatter writes): (op, argument) -> shape, from a meta output.
+STAND_IN_SHAPES = {
+    ("diagonal_scatter", "src"): lambda ctx, out: out.diagonal(
+        *(_saved_value(ctx, name) for name in ("offset", "dim1", "dim2"))).shape,
+    ("select_scatter", "src"): lambda ctx, out: out.select(_saved_value(ctx, "dim"), _saved_value(ctx, "index")).shape,
+    ("index_copy", "source"): lambda ctx, out: _indexed_shape(out.shape, _saved_value(ctx, "dim"),
+                                                              ctx.saved("index").numel()),
+}
+
+
+def _indexed_shape(shape, dim, n):
+    """``shape`` with dim ``dim`` as long as an index of ``n`` entries (a 0-d shape stays 0-d)."""
+    shape = list(shape)
+    if shape:
+        shape[dim % len(shape)] = n
+    return tuple(shape)
 
 
 def _dense(ctx, call, packet, f, values, slots, dense_shape, out_shape, shapes):

@@ -1,4 +1,4 @@
-"""Bilinear operators: products and matrix products (mul, mm, mv, dot, bmm, addmm, baddbmm)."""
+"""Bilinear operators: products and matrix products (mul, mm, mv, dot, bmm, addmm, addmv, addr, baddbmm)."""
 
 from xa.factor import LabelMaker, broadcast_port
 from xa.families import bilinear, einsum_ports, weighted_sum
@@ -42,5 +42,7 @@ def beta_plus_alpha_product(spec: str, saved: tuple):
 
 
 register("AddmmBackward0", beta_plus_alpha_product("ik,kj->ij", ("mat1", "mat2")))
+register("AddmvBackward0", beta_plus_alpha_product("ik,k->i", ("mat", "vec")))
+register("AddrBackward0", beta_plus_alpha_product("i,j->ij", ("vec1", "vec2")))
 register("BaddbmmBackward0", beta_plus_alpha_product("bik,bkj->bij", ("batch1", "batch2")))
 register("AddbmmBackward0", beta_plus_alpha_product("bik,bkj->ij", ("batch1", "batch2")))  # the sum over b
