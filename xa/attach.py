@@ -66,7 +66,7 @@ def size(nbytes: float) -> str:
 
 def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple, direction: str,
             budget: float | None, batch_dim: int | None = None, query=None, seeds: dict | None = None,
-            mixed: tuple = ()) -> tuple:
+            mixed: tuple = (), caller: str = "xa.backward") -> tuple:
     """Plan and run within ``budget`` bytes: ``(plan, results, kept)``.
 
     ``results[i]`` are the blocks of requested value ``i`` for k = 1..order and
@@ -74,6 +74,7 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
     With ``batch_dim``, per-sample blocks; over budget, chunks of samples. A ``query``
     (:class:`xa.queries.Ask`) plans forward jets of its rows; ``seeds`` are its values.
     ``mixed``: joint blocks of requested leaves, ``results[("mixed", M)]`` (backward).
+    ``caller``: the function the user called, for the messages (``"xa.laplacian"``).
     """
     plan = planner.build(graph, order, rules, requested, retained, direction, batch_dim=batch_dim, query=query,
                          mixed=mixed)
@@ -89,16 +90,16 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
                 if alternative.need_bytes() <= budget:
                     return (alternative, *_run(alternative, graph, rules, retained))
     if batch_dim is not None:
-        return _run_in_samples(graph, order, rules, requested, retained, direction, budget, plan, seeds)
+        return _run_in_samples(graph, order, rules, requested, retained, direction, budget, plan, seeds, caller)
     if query is not None or mixed:
-        raise MemoryBudgetError(f"the query needs about {size(plan.need_bytes())}{_taped()}, over "
+        raise MemoryBudgetError(f"{caller} needs about {size(plan.need_bytes())}{_taped()}, over "
                                 f"max_memory={size(budget)}; with batch_dim= it runs in chunks of samples")
     if plan.direction == "forward" and direction == "forward":
         raise MemoryBudgetError(
-            f"the forward plan needs about {size(plan.need_bytes())}{_taped()}, over max_memory={size(budget)}; only "
+            f"{caller}: the forward plan needs about {size(plan.need_bytes())}{_taped()}, over max_memory={size(budget)}; only "
             "direction='backward' (or 'auto') can split the work into chunks of source rows"
         )
-    return _run_in_chunks(graph, order, rules, requested, retained, budget, plan)
+    return _run_in_chunks(graph, order, rules, requested, retained, budget, plan, caller)
 
 
 def _taped() -> str:
@@ -142,7 +143,7 @@ def _run(plan, graph, rules, retained, seeds=None) -> tuple:
 CHUNK_SLACK = 0.9
 
 
-def _run_in_chunks(graph, order, rules, requested, retained, budget, whole):
+def _run_in_chunks(graph, order, rules, requested, retained, budget, whole, caller="xa.backward"):
     """Backprop over chunks of source rows sized to the budget."""
     s = graph.values[0].numel
     itemsize = whole.itemsize
@@ -160,7 +161,7 @@ def _run_in_chunks(graph, order, rules, requested, retained, budget, whole):
             forward = planner.build(graph, order, rules, requested, retained, "forward")
             also = f"; the forward plan would need {size(forward.need_bytes())}"
         raise MemoryBudgetError(
-            f"xa.backward at order {order} needs about {size(one_row)} even one source row at a time "
+            f"{caller} at order {order} needs about {size(one_row)} even one source row at a time "
             f"({size(result_bytes)} of results, {size(one_row - result_bytes)} for one row's blocks and factors"
             f"{_taped()}){also}, over max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, "
             f"a lower order, or fewer source entries{_no_tape()}"
@@ -256,28 +257,43 @@ def _tile(plan, graph) -> int:
     return samples if samples < batch.total // 2 else 0
 
 
-def _run_in_samples(graph, order, rules, requested, retained, direction, budget, whole, seeds=None):
-    """Per-sample plans over chunks of samples sized to the budget: each chunk is a smaller batch."""
+def _run_in_samples(graph, order, rules, requested, retained, direction, budget, whole, seeds=None,
+                    caller="xa.backward"):
+    """Per-sample plans over chunks of samples sized to the budget: each chunk is a smaller batch.
+
+    Each chunk's factors are built from its slices of what torch saved (``sliced``, :func:`xa.batch.cut`),
+    so a chunk's plan counts its own factors; those of a node that cannot be cut are all samples' (narrowed).
+    """
     total = whole.batch.total
     directions = [d for d in ("backward", "forward") if d in whole.prices] if direction == "auto" else [direction]
     wanted = list(requested) + [i for i in retained if i not in requested] + _mixed_keys(whole)
+    # under autograd each chunk's results are kept and put together at the end (torch.cat): twice the results;
+    # and the backward holds the gradients of the saved tensors the chunks read, of all samples
+    record = torch.is_grad_enabled()
+    copies = 2 if record else 1
+
+    def fixed(plan):
+        results = copies * _result_bytes(plan, wanted, total)
+        return results, execute.gradient_bytes(plan, graph) if record else 0
 
     def need(samples):
         best = None
         for d in directions:
-            plan = _sample_plan(graph, order, rules, requested, retained, d, whole, samples)
-            cost = plan.need_bytes() + _result_bytes(plan, wanted, total)
+            plan = _sample_plan(graph, order, rules, requested, retained, d, whole, samples, sliced=True)
+            cost = plan.need_bytes() + sum(fixed(plan))
             if best is None or cost < best[1]:
                 best = (plan, cost)
         return best
 
     plan, one = need(1)
     if one > budget:
+        results, grads = fixed(plan)
+        backward = f", {size(grads)} for the gradients of what torch saved in the backward" if record else ""
         raise MemoryBudgetError(
-            f"xa.backward at order {order} needs about {size(one)} even one sample at a time "
-            f"({size(_result_bytes(plan, wanted, total))} of results for all {total} samples{_taped()}), over "
-            f"max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, a lower order, "
-            f"or fewer samples{_no_tape()}"
+            f"{caller} at order {order} needs about {size(one)} even one sample at a time "
+            f"({size(results)} of results for all {total} samples{backward}, {size(one - results - grads)} for one "
+            f"sample's blocks and factors{_taped()}), over max_memory={size(budget)}. Ways out: a larger "
+            f"max_memory, target= one leaf, a lower order, or fewer samples{_no_tape()}"
         )
     # cost(samples) is about fixed + samples * per: the factors are built for every sample once.
     per = max(need(min(2, total))[1] - one, 1) if total > 1 else 1
@@ -289,9 +305,9 @@ def _run_in_samples(graph, order, rules, requested, retained, direction, budget,
     return _run_samples(graph, order, rules, requested, retained, plan, samples, False, seeds)
 
 
-def _sample_plan(graph, order, rules, requested, retained, direction, whole, samples):
+def _sample_plan(graph, order, rules, requested, retained, direction, whole, samples, sliced=False):
     return planner.build(graph, order, rules, requested, retained, direction, batch_dim=whole.batch.source_dim,
-                         samples=samples, query=whole.query, mixed=whole.mixed)
+                         samples=samples, query=whole.query, mixed=whole.mixed, sliced=sliced)
 
 
 def _result_bytes(plan, wanted, total) -> int:
@@ -306,21 +322,24 @@ def _run_samples(graph, order, rules, requested, retained, plan, samples, keep_f
     """
     total = plan.batch.total
     wanted = list(requested) + [i for i in retained if i not in requested] + _mixed_keys(plan)
-    main = plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, samples)
+    sliced = not keep_factors  # budget chunks build their factors from their slices; cache tiles share them
+    main = plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, samples, sliced)
     factors: dict | None = {} if keep_factors else None
     results: dict = {}
     # a query's jets keep their rows first, (rows, samples, ..); every other block is (samples, ..)
     axis = 1 if plan.query is not None else 0
     parts: dict = {i: [_Chunks(axis, total) for _ in range(order)] for i in wanted}
+    # the chunks' slices of the saved tensors, each split once under autograd
+    slices = execute.Slices([min(samples, total - first) for first in range(0, total, samples)]) if sliced else None
     for first in range(0, total, samples):
         count = min(samples, total - first)
         if count != plan.batch.size:  # the last, smaller chunk
-            plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, count)
+            plan = _sample_plan(graph, order, rules, requested, retained, plan.direction, plan, count, sliced)
         if keep_factors:  # cache tiles: the whole plan fits, its tape included
             blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds)
         else:  # budget chunks: under autograd each chunk is run again in the backward, one at a time
             blocks, kept = _checkpointed(lambda plan=plan, first=first: execute.run(plan, graph, rules, first=first,
-                                                                                    seeds=seeds))
+                                                                                    seeds=seeds, slices=slices))
         for i in wanted:
             got = kept.get(i) or _found(plan, blocks, plan.results[i])
             for k, t in enumerate(got):

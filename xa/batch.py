@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .capture import Graph
+from .capture import Cut, Graph
 from .errors import BatchMixingError
 from .factor import Factor
 
@@ -62,9 +62,12 @@ class Batching:
     # values every path from which to the source has a zero first derivative (x in floor(x) * y):
     # constants for differentiation, left out of every plan (their sample dim cannot be known)
     dead: frozenset = frozenset()
+    # a chunk (size < total) whose nodes' factors are built from the chunk's slices of what torch saved
+    # (:func:`cut`) where they can be; otherwise every chunk reads its samples of all samples' factors
+    sliced: bool = False
 
-    def chunk(self, size: int) -> "Batching":
-        return replace(self, size=size)
+    def chunk(self, size: int, sliced: bool = False) -> "Batching":
+        return replace(self, size=size, sliced=sliced and size < self.total)
 
     def numel(self, graph: Graph, i: int) -> int:
         """Entries of value ``i`` per sample (all of them for a shared value)."""
@@ -108,6 +111,13 @@ def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
     for boundary in (pre, pre * size):
         factor = _break(factor, port, boundary, where)
     labels = _labels(factor, port)
+    if size == 1:  # a chunk of one sample: a label of size one where the sample dim is
+        acc = 1
+        for label in labels:
+            if acc == pre and factor.sizes[label] == 1:
+                return factor, label
+            acc *= factor.sizes[label]
+        raise BatchMixingError(f"{where}: no label of size one for the sample of a one-sample chunk")
     acc, inside = 1, []
     for label in labels:
         if pre <= acc and acc * factor.sizes[label] <= pre * size and factor.sizes[label] > 1:
@@ -291,6 +301,71 @@ def _merge(graph, dims, seen_by, x, e, here) -> None:
     )
 
 
+def cut(graph: Graph, batch: Batching, y: int, rule) -> Cut | None:
+    """How node ``y`` is seen on a chunk of ``batch.size`` samples, or ``None`` where that cannot be known.
+
+    Its factors can then be built by its rule from the chunk's slices of what torch saved, instead of
+    from all samples' and narrowed. Each saved tensor is located in the graph (:meth:`Graph.provenance`)
+    and sliced along that value's sample dim; one that is no value of the graph (a constant, an index
+    tensor) could carry the sample or not, so the node is not cut. Neither is one whose samples are a digit
+    inside a dim, nor a custom Function (its rule may read tensors off its ctx), nor a generic fallback.
+    """
+    v = graph.values[y]
+    if batch.at[y] is None or v.leaf is not None or v.attrs or "tensors" in v.saved:
+        return None
+    if getattr(rule, "fallback", None) is not None:
+        return None
+    out = batch.dim(graph, y)
+    if out is None:
+        return None
+    folds = getattr(graph, "folds", {}).get(y, {})
+    ins = []
+    for slot, x in enumerate(v.inputs):
+        if x is None or batch.at[x] is None:
+            ins.append(None)
+            continue
+        d = batch.dim(graph, x)
+        if d is None or slot in folds:  # (a folded slot sees the permutation of x, not x)
+            return None
+        ins.append(d)
+    provenance = graph.provenance()[y]
+
+    def dim_of(name, t, j):
+        if t is None or not hasattr(t, "dim"):  # a number, a flag
+            return None
+        if j is None:
+            if t.dim() == 0:
+                return None
+            raise LookupError(name)
+        if j in batch.dead:  # not planned (a permutation folded into its consumer): through its inputs
+            through = graph.values[j].inputs
+            if through and all(i is not None and i not in batch.dead and batch.at[i] is None for i in through):
+                return None
+            raise LookupError(name)
+        if batch.at[j] is None:
+            return None
+        d = batch.dim(graph, j)
+        if d is None:
+            raise LookupError(name)
+        return d
+
+    saved = {}
+    try:
+        for name, item in v.saved.items():
+            where = provenance.get(name)
+            if isinstance(item, tuple):
+                dims = tuple(dim_of(name, t, j) for t, j in zip(item, where))
+                if any(d is not None for d in dims):
+                    saved[name] = dims
+            else:
+                d = dim_of(name, item, where)
+                if d is not None:
+                    saved[name] = d
+    except LookupError:
+        return None
+    return Cut(out, tuple(ins), saved, batch.size)
+
+
 class BatchFactors:
     """A node's factors with the sample label found on every port, for building terms.
 
@@ -298,23 +373,49 @@ class BatchFactors:
     its labels split so that the sample dim of each batched port is one
     label, the output's sample label (``None`` for a shared output) and,
     per input port, the sample label if that input is batched.
+
+    In a sliced chunk (``batch.sliced``) of a node that can be :func:`cut`, the rule is
+    asked on the chunk's slices first (``factors.slicer``); slots where that fails in any way
+    (a rule that reads something else, a label of the sample it merges) take all samples' factors.
     """
 
     def __init__(self, graph: Graph, batch: Batching, y: int, inputs: tuple, factors):
         self.graph, self.batch, self.y, self.inputs, self.factors = graph, batch, y, inputs, factors
         self.cache: dict = {}
+        if batch.sliced:
+            c = cut(graph, batch, y, factors.rule)
+            if c is not None:
+                self.ctx = graph.ctx(y, planning=True, cut=c)
+                factors.cut, factors.slicer = c, self._slice
+
+    def _slice(self, slots) -> tuple:
+        """``(True, factor)`` built from the chunk's slices (split and checked), or ``(False, None)``."""
+        try:
+            f = self.factors.rule(self.ctx, slots)
+            if f is not None:
+                _check_chunk(f, self.ctx, slots)
+                self.cache[slots] = self._split(f, slots, self.batch.size)
+        except Exception:  # noqa: BLE001 -- any failure here means: build this factor from all samples instead
+            return False, None
+        return True, f
 
     def get(self, slots):
         hit = self.cache.get(slots)
         if hit is not None:
             return hit
         f = self.factors(slots)
+        hit = self.cache.get(slots)  # built from the chunk's slices
+        if hit is None:
+            hit = self.cache[slots] = self._split(f, slots, self.batch.total)
+        return hit
+
+    def _split(self, f, slots, total):
         graph, batch, y = self.graph, self.batch, self.y
         v = graph.values[y]
         here = f"{v.title} at {v.where(graph)}"
         p = None
         if batch.at[y] is not None:
-            f, p = split_port(f, ("out",), batch.at[y], batch.total, here)
+            f, p = split_port(f, ("out",), batch.at[y], total, here)
         ins = []
         for pos, s in enumerate(slots):
             e = batch.at[self.inputs[s]]
@@ -328,6 +429,19 @@ class BatchFactors:
                 raise BatchMixingError(f"{here}: its derivative of order {len(slots)} does not keep the sample "
                                        f"dim of input {s} tied to its output's (it couples samples)")
             ins.append(p)
-        hit = (f, p, tuple(ins))
-        self.cache[slots] = hit
-        return hit
+        return f, p, tuple(ins)
+
+
+def _check_chunk(f: Factor, ctx, slots: tuple) -> None:
+    """A factor built on a chunk's slices covers the chunk's shapes, each operand labelled by its sizes."""
+    def numel(labels):
+        return math.prod(f.sizes[i] for i in labels)
+
+    if len(f.ins) != len(slots) or numel(f.out) != math.prod(ctx.out_shape):
+        raise BatchMixingError("the output port does not cover the chunk")
+    for port, s in zip(f.ins, slots):
+        if ctx.in_shapes[s] is None or numel(port) != math.prod(ctx.in_shapes[s]):
+            raise BatchMixingError("an input port does not cover the chunk")
+    for tensor, labels in f.operands:
+        if tuple(tensor.shape) != tuple(f.sizes[i] for i in labels):
+            raise BatchMixingError("an operand does not match its labels")

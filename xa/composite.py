@@ -100,6 +100,7 @@ def expand(graph, rules: dict, order: int | None = None) -> bool:
     if changed:
         graph.order = graph._reverse_topological()
         graph.__dict__.pop("_signature", None)
+        graph.__dict__.pop("_provenance", None)
     return changed
 
 

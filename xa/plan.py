@@ -110,7 +110,7 @@ DIRECTIONS = ("auto", "backward", "forward")
 
 def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
           direction: str = "auto", rows: int | None = None, batch_dim: int | None = None,
-          samples: int | None = None, query=None, mixed: tuple = ()) -> Plan:
+          samples: int | None = None, query=None, mixed: tuple = (), sliced: bool = False) -> Plan:
     """The plan for ``graph`` at ``order``, from the cache when its key was seen before.
 
     Args:
@@ -126,9 +126,13 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
         samples: with ``batch_dim``, plan for a chunk of that many samples.
         query: a query's structure (:class:`xa.queries.Ask`), forward jets only (:mod:`xa.queries`).
         mixed: joint blocks of requested leaves to keep too, backward only (:func:`xa.mixed`).
+        sliced: with ``samples``, build the factors of the nodes that can be cut from the chunk's slices
+            of what torch saved (:func:`xa.batch.cut`), not from all samples' (then narrowed).
     """
     key = (graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])),
            order, requested, retained, direction, rows, batch_dim, samples, query, mixed)
+    if sliced and samples is not None:  # which saved tensor is which value decides how the nodes are cut
+        key += (True, tuple(tuple(sorted(p.items())) for p in graph.provenance()))
     plan = _PLANS.get(key)
     if plan is not None:
         _PLANS.move_to_end(key)
@@ -145,9 +149,9 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     with torch.device("cpu"):
         graph, folds = fold(graph, rules, set(requested) | set(retained))
         if batch_dim is not None:
-            batch = analyze(graph, rules, batch_dim)
+            batch = _analysis(graph, rules, batch_dim, key[:2], folds)
             if samples is not None:
-                batch = batch.chunk(samples)
+                batch = batch.chunk(samples, sliced)
         if direction in ("auto", "backward") and query is None:
             steps, shapes, results = build_backward(graph, order, rules, requested, retained, rows, batch, mixed)
             candidates["backward"] = Plan(order, steps, shapes, results, tuple(retained), direction="backward")
@@ -168,6 +172,23 @@ def build(graph: Graph, order: int, rules: dict, requested: tuple, retained: tup
     if len(_PLANS) > _CACHE_SIZE:
         _PLANS.popitem(last=False)
     return plan
+
+
+_ANALYSES: "OrderedDict[tuple, Batching]" = OrderedDict()
+
+
+def _analysis(graph: Graph, rules: dict, batch_dim: int, head: tuple, folds: dict) -> Batching:
+    """The sample layout (:func:`xa.batch.analyze`), once per graph structure, rules and folds: every plan
+    of a call's chunks reads it, and it asks every rule for all samples' first-order factors."""
+    key = (head, tuple(sorted((c, tuple(sorted(spec.items()))) for c, spec in folds.items())), batch_dim)
+    batch = _ANALYSES.get(key)
+    if batch is None:
+        batch = _ANALYSES[key] = analyze(graph, rules, batch_dim)
+        if len(_ANALYSES) > _CACHE_SIZE:
+            _ANALYSES.popitem(last=False)
+    else:
+        _ANALYSES.move_to_end(key)
+    return batch
 
 
 def _mark_aliases(plan: Plan) -> None:

@@ -495,12 +495,18 @@ def _run_query(source, query: Query, batch_dim, configurations, max_memory, dire
     budget = _budget(max_memory, graph.device)
     if plan.direction == "forward":
         plan, results, _ = attach.compute(graph, ask.order, rules, (i,), (), "forward", budget, batch_dim,
-                                          query=ask, seeds=seeds)
+                                          query=ask, seeds=seeds, caller=_caller(what))
         jets = results[i]
     else:
-        plan, results, _ = attach.compute(graph, ask.order, rules, (i,), (), "backward", budget, batch_dim)
+        plan, results, _ = attach.compute(graph, ask.order, rules, (i,), (), "backward", budget, batch_dim,
+                                          caller=_caller(what))
         jets = _rows_from_blocks(graph, plan, i, results[i], rows, seeds)
     return query.answer(jets, rows, n, _like(graph, plan, source.dtype), seeds)
+
+
+def _caller(name: str) -> str:
+    """The public function that answers a query named ``name``, as messages show it."""
+    return "xa." + {"operator": "differential_operator"}.get(name, name)
 
 
 # --------------------------------------------------------------------------- the public functions
@@ -669,7 +675,7 @@ def _mixed(source, query, batch_dim, configurations, max_memory):
     graph, rules, value, keys, batch_dim = _mixed_setup(source, query, batch_dim, configurations)
     plan, results, _ = attach.compute(graph, max(len(k) for k in keys), rules, tuple(sorted(set(value.values()))),
                                       (), "backward", _budget(max_memory, graph.device), batch_dim,
-                                      mixed=tuple(sorted(set(keys))))
+                                      mixed=tuple(sorted(set(keys))), caller="xa.mixed")
     batch = plan.batch
     out = []
     for r, key in zip(requests, keys):
