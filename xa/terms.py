@@ -280,8 +280,9 @@ class PlanFactors:
     def __init__(self, graph, y, rule, ctx, inputs):
         self.graph, self.y, self.rule, self.ctx, self.inputs = graph, y, rule, ctx, inputs
         self.cache: dict = {}
-        # per-sample chunks (xa.batch.BatchFactors): slots -> (built?, factor) from the chunk's slices
-        self.slicer, self.cut, self.sliced = None, None, {}
+        # per-sample plans (xa.batch.BatchFactors): slots -> (built?, factor) from the chunk's slices
+        # (kept in self.sliced), or for all samples from stand-ins of a few
+        self.slicer, self.scaler, self.cut, self.sliced = None, None, None, {}
 
     def __call__(self, slots):
         if slots in self.sliced:
@@ -292,7 +293,9 @@ class PlanFactors:
                 self.sliced[slots] = f
                 return f
         if slots not in self.cache:
-            f = self.rule(self.ctx, slots)
+            ok, f = self.scaler(slots) if self.scaler is not None else (False, None)
+            if not ok:
+                f = self.rule(self.ctx, slots)
             if f is not None:
                 _check_factor(f, self.graph, self.y, slots, self.inputs)
             self.cache[slots] = f
@@ -307,6 +310,8 @@ class PlanFactors:
         step.factor_elements = sum(t.numel() for slots in used for t, _ in got[slots].operands)
         step.sliced = frozenset(slots for slots in used if slots in self.sliced)
         step.cut = self.cut if step.sliced else None
+        # the hooks are bound methods of an xa.batch.BatchFactors that holds this: no cycle keeps the factors
+        self.slicer = self.scaler = None
         return step
 
 
