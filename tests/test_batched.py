@@ -506,7 +506,7 @@ def test_chunked_retained_intermediate():
 
 
 def test_a_chunk_of_samples_bounds_the_blocks_and_is_refused_below_one_sample():
-    """Chunking over samples shrinks the blocks; the rules' factors are made for every sample once.
+    """Chunking over samples shrinks the blocks and the factors (each chunk's built from its slices).
 
     So a budget a little under the whole plan's peak runs in chunks of samples (and gives the
     same numbers), and a budget under what one sample needs, factors included, is refused

@@ -10,10 +10,12 @@ budget. The graphs hold the fused rules whose dense derivatives are built at
 execution: softmax, layer_norm, attention.
 """
 
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 WORKLOAD = r"""
 import sys, torch, xa
@@ -75,3 +77,129 @@ def test_real_peak_stays_under_max_memory(case, fraction, mode):
     assert real <= budget, f"{case}: the call grew the resident set by {real} bytes, over max_memory={budget}"
     # a budget under the cheapest plan's estimate: xa chunks the source rows or takes the other direction
     assert rows < 4 * 40 or ran != first_choice, (case, rows, first_choice, ran)
+
+
+# ---------------------------------------------------------------------- chunks of samples: everything counted
+
+SAMPLES_WORKLOAD = r"""
+import json, sys, torch, xa
+from unittest.mock import patch
+from xa import execute
+
+B, budget, mode, device = int(sys.argv[1]), float(sys.argv[2]) * 2**20, sys.argv[3], sys.argv[4]
+record = mode == "recorded"
+D = torch.float64
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(),
+                          torch.nn.Linear(256, 1)).to(device=device, dtype=D)
+params = list(net.parameters())
+
+
+def status(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+
+def start():  # the call's own allocations: the resident set's peak on a CPU, the allocator's on a GPU
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return status("VmRSS")
+
+
+def grown(base):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return status("VmHWM") - base
+
+
+def call(u, X, max_memory, refused=None):
+    # the Laplacian of every point, and under autograd the gradient of a loss of it (every chunk again)
+    for p in params + [X]:
+        p.grad = None
+    try:
+        L = xa.laplacian(u, X, batch_dim=0, max_memory=max_memory, create_graph=record)
+    except xa.MemoryBudgetError as err:
+        if refused is None:
+            raise
+        refused.append(str(err))
+        return None, None
+    if record:
+        (L * L).sum().backward(retain_graph=True)
+        return L.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params + [X]]
+    return L, None
+
+
+# torch's own first use of each kernel at these sizes (its code, its GEMM buffers) is not the call's: warm
+# them on other points (another shape, so that no plan of the measured call is cached: it plans too)
+Xw = torch.randn(B - 7, 16, dtype=D, device=device, requires_grad=True)
+call(net(Xw), Xw, budget, [])
+del Xw
+X = torch.randn(B, 16, dtype=D, device=device, requires_grad=True)
+u = net(X)  # the user's forward pass, before the call
+refused, runs = [], []
+real = execute.run
+with patch.object(execute, "run", lambda *a, **k: runs.append(a[0].batch.size) or real(*a, **k)):
+    base = start()
+    got, got_grads = call(u, X, budget, refused)
+    peak = grown(base)
+out = {"peak": peak, "budget": budget, "runs": len(runs), "largest": max(runs, default=0), "refused": refused}
+if not refused:
+    want, want_grads = call(u, X, None)  # unbudgeted: whole
+    scale = max(1.0, want.abs().max().item())
+    out["error"] = (got - want).abs().max().item() / scale
+    if record:
+        out["grad_error"] = max(((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
+                                for a, b in zip(got_grads, want_grads))
+print(json.dumps(out))
+"""
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SLACK = 4 * 2**20  # what the model does not count: the allocator's small pieces, Python's objects
+
+
+def _samples(B, budget_mib, mode, device):
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", SAMPLES_WORKLOAD, str(B), str(budget_mib), mode, device], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,budget_mib,mode", [(8192, 32, "plain"), (8192, 64, "plain"), (8192, 128, "plain"),
+                                               (2048, 32, "recorded"), (2048, 64, "recorded"),
+                                               (4096, 128, "recorded")])
+def test_laplacian_in_chunks_of_samples_stays_under_max_memory(B, budget_mib, mode, device):
+    """The user's case: the Laplacian of a tanh MLP 16-256-256-1 over many points, under a budget well under
+    what the whole needs (the factors of all samples alone, 32 MiB at 8192 points, used to be built for
+    every chunk). Each chunk builds its factors from its slices of what torch saved, so the call's peak,
+    planning included (the plans are not cached) and under autograd the backward of a loss of the results
+    too, stays under max_memory; the numbers and gradients are the unbudgeted call's."""
+    got = _samples(B, budget_mib, mode, device)
+    assert not got["refused"], got["refused"]
+    assert got["runs"] > 1 and got["largest"] < B, got  # it did run in chunks of samples
+    assert got["peak"] <= got["budget"] + SLACK, (
+        f"grew by {got['peak'] / 2**20:.1f} MiB under max_memory={budget_mib} MiB (+{SLACK / 2**20:.0f} MiB slack)")
+    assert got["error"] <= 1e-10, got
+    if mode == "recorded":
+        assert got["grad_error"] <= 1e-10, got
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("device", DEVICES)
+def test_laplacian_refused_before_anything_large_is_allocated(device):
+    """Under autograd at 8192 points, the gradients of what torch saved alone are over 32 MiB: refused,
+    naming the function called, with one sample's need, before anything large is allocated."""
+    got = _samples(8192, 32, "recorded", device)
+    assert len(got["refused"]) == 1 and got["runs"] == 0, got
+    message = got["refused"][0]
+    assert message.startswith("xa.laplacian ") and "even one sample at a time" in message, message
+    assert "max_memory=32 MiB" in message, message
+    assert got["peak"] <= 4 * 2**20, f"grew by {got['peak'] / 2**20:.1f} MiB before refusing"

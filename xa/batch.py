@@ -33,7 +33,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .capture import Graph
+import torch
+
+from .capture import Cut, Graph
 from .errors import BatchMixingError
 from .factor import Factor, port_labels, relabel, split_at
 
@@ -62,9 +64,12 @@ class Batching:
     # values every path from which to the source has a zero first derivative (x in floor(x) * y):
     # constants for differentiation, left out of every plan (their sample dim cannot be known)
     dead: frozenset = frozenset()
+    # a chunk (size < total) whose nodes' factors are built from the chunk's slices of what torch saved
+    # (:func:`cut`) where they can be; otherwise every chunk reads its samples of all samples' factors
+    sliced: bool = False
 
-    def chunk(self, size: int) -> "Batching":
-        return replace(self, size=size)
+    def chunk(self, size: int, sliced: bool = False) -> "Batching":
+        return replace(self, size=size, sliced=sliced and size < self.total)
 
     def numel(self, graph: Graph, i: int) -> int:
         """Entries of value ``i`` per sample (all of them for a shared value)."""
@@ -108,6 +113,13 @@ def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
     for boundary in (pre, pre * size):
         factor = split_at(factor, port, boundary, where)
     labels = port_labels(factor, port)
+    if size == 1:  # a chunk of one sample: a label of size one where the sample dim is
+        acc = 1
+        for label in labels:
+            if acc == pre and factor.sizes[label] == 1:
+                return factor, label
+            acc *= factor.sizes[label]
+        raise BatchMixingError(f"{where}: no label of size one for the sample of a one-sample chunk")
     acc, inside = 1, []
     for label in labels:
         if pre <= acc and acc * factor.sizes[label] <= pre * size and factor.sizes[label] > 1:
@@ -183,22 +195,42 @@ def analyze(graph: Graph, rules: dict, source_dim: int) -> Batching:
         rule = graph.rule(y, rules)
         ctx = graph.ctx(y, planning=True)
         here = f"{v.title} at {v.where(graph)}"
+        # a large node is asked on stand-ins of a few samples, its inputs' sample dims guessed from their
+        # shapes; where the factor says otherwise, it is asked again on all samples
+        stand_in = None if dims[y] is None else standin(graph, y, rule, total, dims)
         for t, x in enumerate(v.inputs):
             if x is None:
                 continue
-            f = rule(ctx, (t,))
+            f = e = UNSET
+            if stand_in is not None:
+                ok, g = stand_in((t,))
+                try:
+                    if ok and g is None:
+                        f = None
+                    elif ok and _tie(g, t, graph, x, v, dims[y], total, here) == stand_in.expected(t):
+                        f, e = g, stand_in.expected(t)
+                except BatchMixingError:  # perhaps only on stand-ins: asked again on all samples
+                    pass
+            if f is UNSET:
+                f = rule(ctx, (t,))
+                e = None if f is None else _tie(f, t, graph, x, v, dims[y], total, here)
             if f is None:
                 continue
-            e = None
-            if dims[y] is not None:
-                f, p = split_port(f, ("out",), dims[y], total, here)
-                if p in f.ins[0]:
-                    e = position(f.ins[0], f.sizes, p)
-                else:
-                    _check_untied(f, p, graph.values[x], v, dims[y], total, here, t)
             _merge(graph, dims, seen_by, x, e, here)
     dead = frozenset(i for i, d in enumerate(dims) if d is UNSET and graph.values[i].leaf is None)
     return Batching(source_dim, total, tuple(None if d is UNSET else d for d in dims), total, dead)
+
+
+def _tie(f: Factor, t: int, graph: Graph, x: int, v, pre, total: int, here: str):
+    """Where input ``t`` (value ``x``) of ``v`` carries the samples by its first-order factor ``f``: ``None``
+    for shared; ``pre``, the output's sample digit, ``None`` for a shared output."""
+    if pre is None:
+        return None
+    f, p = split_port(f, ("out",), pre, total, here)
+    if p in f.ins[0]:
+        return position(f.ins[0], f.sizes, p)
+    _check_untied(f, p, graph.values[x], v, pre, total, here, t)
+    return None
 
 
 def _check_untied(f: Factor, p: int, x, y, pre: int, total: int, here: str, t: int) -> None:
@@ -248,6 +280,204 @@ def _merge(graph, dims, seen_by, x, e, here) -> None:
     )
 
 
+def cut(graph: Graph, batch: Batching, y: int, rule) -> Cut | None:
+    """How node ``y`` is seen on a chunk of ``batch.size`` samples, or ``None`` where that cannot be known.
+
+    Its factors can then be built by its rule from the chunk's slices of what torch saved, instead of
+    from all samples' and narrowed. Each saved tensor is located in the graph (:meth:`Graph.provenance`)
+    and sliced along that value's sample dim; one that is no value of the graph (a constant, an index
+    tensor) could carry the sample or not, so the node is not cut. Neither is one whose samples are a digit
+    inside a dim, nor a custom Function (its rule may read tensors off its ctx), nor a generic fallback.
+    """
+    if not _cuttable(graph.values[y], rule):
+        return None
+    try:
+        out, ins, saved = _layout(graph, y, batch.total, batch.at, False, batch.dead)
+    except LookupError:
+        return None
+    return Cut(out, ins, saved, batch.size)
+
+
+def _cuttable(v, rule) -> bool:
+    """Whether a node's rule can be asked on a chunk of samples: not a leaf, not a custom Function (its rule
+    may read tensors off its ctx), not the generic fallback (it reads the leaves)."""
+    return (v.leaf is None and not v.attrs and "tensors" not in v.saved
+            and getattr(rule, "fallback", None) is None)
+
+
+def _dim_at(shape: tuple, pre: int, total: int):
+    """The dim of ``shape`` that holds ``total`` samples after ``pre`` entries, or ``None`` (a digit inside one)."""
+    acc = 1
+    for d, n in enumerate(shape):
+        if acc == pre and n == total:
+            return d
+        acc *= n
+    return None
+
+
+def _layout(graph: Graph, y: int, total: int, known, guess: bool, dead=frozenset()) -> tuple:
+    """``(out, ins, saved)``: the sample dim of node ``y``'s output, of each input slot and of each saved tensor.
+
+    ``known[j]`` is value ``j``'s sample digit (:class:`Batching`'s ``at``; ``UNSET`` while analysing).
+    A value not known, or a saved tensor that is no value of the graph, is placed by its shape where
+    ``guess``: its one dim of ``total`` entries, or none (planning stand-ins, checked after); otherwise,
+    and where a shape has several such dims, ``LookupError``.
+    """
+    v = graph.values[y]
+    provenance = graph.provenance()[y]
+
+    def by_shape(shape):
+        if not guess:
+            raise LookupError("not known")
+        found = [d for d, n in enumerate(shape) if n == total]
+        if len(found) > 1:
+            raise LookupError("several dims of the samples' size")
+        return found[0] if found else None
+
+    def of_value(j):
+        pre = known[j]
+        if pre is UNSET or j in dead:
+            if guess:
+                return by_shape(graph.values[j].shape)
+            # not planned (a permutation folded into its consumer): whole if every input of it is shared
+            through = graph.values[j].inputs
+            if j in dead and through and all(i is not None and i not in dead and known[i] is None for i in through):
+                return None
+            raise LookupError("not planned")
+        if pre is None:
+            return None
+        d = _dim_at(graph.values[j].shape, pre, total)
+        if d is None:
+            raise LookupError("a digit inside a dim")
+        return d
+
+    def of_saved(t, j):
+        if not hasattr(t, "dim"):  # a number, a flag, None
+            return None
+        if j is None:  # no value of the graph: a constant, an index tensor
+            return None if t.dim() == 0 else by_shape(tuple(t.shape))
+        return of_value(j)
+
+    out = of_value(y)
+    if out is None:
+        raise LookupError("a shared output")
+    folds = getattr(graph, "folds", {}).get(y, {})
+    ins = []
+    for slot, x in enumerate(v.inputs):
+        d = None if x is None else of_value(x)
+        if d is not None and slot in folds:  # (a folded slot sees the permutation of x, not x)
+            raise LookupError("a folded slot")
+        ins.append(d)
+    saved = {}
+    for name, item in v.saved.items():
+        where = provenance.get(name)
+        if isinstance(item, tuple):
+            dims = tuple(of_saved(t, j) for t, j in zip(item, where or (None,) * len(item)))
+            if any(d is not None for d in dims):
+                saved[name] = dims
+        else:
+            d = of_saved(item, where)
+            if d is not None:
+                saved[name] = d
+    return out, tuple(ins), saved
+
+
+# Planning on stand-ins: a node whose tensors hold all samples' entries is asked, while planning, on
+# zeros of a few samples (two counts, so that a structure that depends on the count is caught), and its
+# factor's labels that hold the samples are scaled to all of them (operands as meta tensors: only their
+# shapes are planned on). Planning a large batch then allocates next to nothing; the factors are
+# built for all samples only at execution, where the plan's structure is checked as always.
+STANDINS = (5, 7)
+STANDIN_BYTES = 2**20  # a node whose output and saved tensors are all smaller is planned on all samples
+
+
+def standin(graph: Graph, y: int, rule, total: int, known, dead=frozenset()):
+    """A :class:`StandIn` for node ``y``, or ``None`` (small, or where its samples are cannot be told)."""
+    v = graph.values[y]
+    if total <= STANDINS[-1] or not _cuttable(v, rule):
+        return None
+    largest = max([v.numel * graph.dtype.itemsize] + [t.numel() * t.element_size() for item in v.saved.values()
+                                          for t in (item if isinstance(item, tuple) else (item,))
+                                          if isinstance(t, torch.Tensor)])
+    if largest < STANDIN_BYTES:
+        return None
+    try:
+        out, ins, saved = _layout(graph, y, total, known, True, dead)
+    except LookupError:
+        return None
+    return StandIn(graph, y, rule, total, out, ins, saved)
+
+
+class StandIn:
+    """A node's factors for all samples, planned from its rule asked on a few samples (see ``STANDINS``).
+
+    ``stand_in(slots)`` is ``(True, factor or None)``, the factor at the scale of all samples with meta
+    operands, or ``(False, None)`` where the stand-ins disagree or anything fails: then plan on all samples.
+    """
+
+    def __init__(self, graph: Graph, y: int, rule, total: int, out: int, ins: tuple, saved: dict):
+        self.rule, self.total, self.ins = rule, total, ins
+        self.full = graph.ctx(y, planning=True)  # (its shapes only)
+        self.ctxs = [graph.ctx(y, planning=True, cut=Cut(out, ins, saved, c)) for c in STANDINS]
+        self.out_pre = math.prod(self.full.out_shape[:out])
+        self.in_pre = tuple(None if d is None else math.prod(self.full.in_shapes[s][:d]) for s, d in enumerate(ins))
+
+    def expected(self, slot: int):
+        """Where input ``slot`` carries the samples as the stand-ins were cut (``None``: whole)."""
+        return self.in_pre[slot]
+
+    def __call__(self, slots: tuple) -> tuple:
+        try:
+            made, numels = [], []
+            for c, ctx in zip(STANDINS, self.ctxs):
+                g = self.rule(ctx, slots)
+                made.append(None if g is None else self._scaled(g, c, slots))
+                numels.append(0 if g is None else sum(t.numel() for t, _ in g.operands))
+            if made[0] is None or made[1] is None:
+                return (made[0] is None and made[1] is None), None
+            f, f2 = made
+            if (f.out, f.ins, f.sizes, [lb for _, lb in f.operands]) != (f2.out, f2.ins, f2.sizes,
+                                                                         [lb for _, lb in f2.operands]):
+                return False, None
+            numel = lambda labels: math.prod(f.sizes[i] for i in labels)  # noqa: E731
+            if numel(f.out) != math.prod(self.full.out_shape) or any(
+                    numel(port) != math.prod(self.full.in_shapes[s]) for port, s in zip(f.ins, slots)):
+                return False, None
+            # the rules' workspace for all samples: on a line through the two counts, or grown as the
+            # operands grew (a dense derivative over the samples' entries grows faster), whichever is more
+            (c1, c2), (w1, w2) = STANDINS, (f.workspace, f2.workspace)
+            line = -(-(w1 * (c2 - self.total) + w2 * (self.total - c1)) // (c2 - c1))
+            grown = -(-w2 * sum(t.numel() for t, _ in f.operands) // max(numels[1], 1))
+            return True, replace(f, workspace=int(max(w1, w2, line, grown)))
+        except Exception:  # noqa: BLE001 -- any failure here means: plan this factor on all samples
+            return False, None
+
+    def _scaled(self, g: Factor, c: int, slots: tuple) -> Factor:
+        """``g`` (on ``c`` samples) with the labels that hold the samples grown to all of them."""
+        ports = [(g.out, self.out_pre)] + [(port, self.in_pre[s]) for port, s in zip(g.ins, slots)
+                                           if self.in_pre[s] is not None]
+        grown: dict = {}
+        for labels, pre in ports:
+            acc = 1
+            for lb in labels:
+                n = g.sizes[lb]
+                if acc <= pre and pre * c <= acc * n:  # this label holds the samples' digit
+                    if pre % acc or (acc * n) % (pre * c) or grown.setdefault(lb, n // c * self.total) != \
+                            n // c * self.total:
+                        raise ValueError("the samples straddle labels")
+                    break
+                acc *= n
+            else:
+                raise ValueError("no label holds the samples")
+        for t, labels in g.operands:
+            if tuple(t.shape) != tuple(g.sizes[i] for i in labels):
+                raise ValueError("an operand does not match its labels")
+        sizes = tuple(grown.get(i, n) for i, n in enumerate(g.sizes))
+        operands = tuple((torch.empty([sizes[i] for i in labels], dtype=t.dtype, device="meta"), labels)
+                         for t, labels in g.operands)
+        return replace(g, sizes=sizes, operands=operands)
+
+
 class BatchFactors:
     """A node's factors with the sample label found on every port, for building terms.
 
@@ -255,23 +485,63 @@ class BatchFactors:
     its labels split so that the sample dim of each batched port is one
     label, the output's sample label (``None`` for a shared output) and,
     per input port, the sample label if that input is batched.
+
+    In a sliced chunk (``batch.sliced``) of a node that can be :func:`cut`, the rule is
+    asked on the chunk's slices first (``factors.slicer``); slots where that fails in any way
+    (a rule that reads something else, a label of the sample it merges) take all samples' factors.
     """
 
     def __init__(self, graph: Graph, batch: Batching, y: int, inputs: tuple, factors):
         self.graph, self.batch, self.y, self.inputs, self.factors = graph, batch, y, inputs, factors
         self.cache: dict = {}
+        if batch.sliced:
+            c = cut(graph, batch, y, factors.rule)
+            if c is not None:
+                self.ctx = graph.ctx(y, planning=True, cut=c)
+                factors.cut, factors.slicer = c, self._slice
+        self.stand_in = None if batch.at[y] is None else standin(graph, y, factors.rule, batch.total, batch.at,
+                                                                  batch.dead)
+        if self.stand_in is not None:
+            factors.scaler = self._scale
+
+    def _scale(self, slots) -> tuple:
+        """``(True, factor)`` for all samples planned on stand-ins (split and checked), or ``(False, None)``."""
+        ok, f = self.stand_in(slots)
+        if ok and f is not None:
+            try:
+                self.cache[slots] = self._split(f, slots, self.batch.total)
+            except Exception:  # noqa: BLE001 -- it does not keep the samples where the analysis found them
+                return False, None
+        return ok, f
+
+    def _slice(self, slots) -> tuple:
+        """``(True, factor)`` built from the chunk's slices (split and checked), or ``(False, None)``."""
+        try:
+            f = self.factors.rule(self.ctx, slots)
+            if f is not None:
+                _check_chunk(f, self.ctx, slots)
+                self.cache[slots] = self._split(f, slots, self.batch.size)
+        except Exception:  # noqa: BLE001 -- any failure here means: build this factor from all samples instead
+            return False, None
+        return True, f
 
     def get(self, slots):
         hit = self.cache.get(slots)
         if hit is not None:
             return hit
         f = self.factors(slots)
+        hit = self.cache.get(slots)  # built from the chunk's slices
+        if hit is None:
+            hit = self.cache[slots] = self._split(f, slots, self.batch.total)
+        return hit
+
+    def _split(self, f, slots, total):
         graph, batch, y = self.graph, self.batch, self.y
         v = graph.values[y]
         here = f"{v.title} at {v.where(graph)}"
         p = None
         if batch.at[y] is not None:
-            f, p = split_port(f, ("out",), batch.at[y], batch.total, here)
+            f, p = split_port(f, ("out",), batch.at[y], total, here)
         ins = []
         for pos, s in enumerate(slots):
             e = batch.at[self.inputs[s]]
@@ -285,6 +555,19 @@ class BatchFactors:
                 raise BatchMixingError(f"{here}: its derivative of order {len(slots)} does not keep the sample "
                                        f"dim of input {s} tied to its output's (it couples samples)")
             ins.append(p)
-        hit = (f, p, tuple(ins))
-        self.cache[slots] = hit
-        return hit
+        return f, p, tuple(ins)
+
+
+def _check_chunk(f: Factor, ctx, slots: tuple) -> None:
+    """A factor built on a chunk's slices covers the chunk's shapes, each operand labelled by its sizes."""
+    def numel(labels):
+        return math.prod(f.sizes[i] for i in labels)
+
+    if len(f.ins) != len(slots) or numel(f.out) != math.prod(ctx.out_shape):
+        raise BatchMixingError("the output port does not cover the chunk")
+    for port, s in zip(f.ins, slots):
+        if ctx.in_shapes[s] is None or numel(port) != math.prod(ctx.in_shapes[s]):
+            raise BatchMixingError("an input port does not cover the chunk")
+    for tensor, labels in f.operands:
+        if tuple(tensor.shape) != tuple(f.sizes[i] for i in labels):
+            raise BatchMixingError("an operand does not match its labels")

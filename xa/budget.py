@@ -263,28 +263,42 @@ def _tile(plan, graph) -> int:
 
 
 def _run_in_samples(request: Request, budget: float, whole, seeds=None):
-    """Per-sample plans over chunks of samples sized to the budget: each chunk is a smaller batch."""
-    total, order = whole.batch.total, request.order
+    """Per-sample plans over chunks of samples sized to the budget: each chunk is a smaller batch.
+
+    Each chunk's factors are built from its slices of what torch saved (``sliced``, :func:`xa.batch.cut`),
+    so a chunk's plan counts its own factors; those of a node that cannot be cut are all samples' (narrowed).
+    """
+    graph, total, order = request.graph, whole.batch.total, request.order
     directions = ([d for d in ("backward", "forward") if d in whole.prices] if request.direction == "auto"
                   else [request.direction])
     wanted = request.wanted + _mixed_keys(whole)
+    # under autograd each chunk's results are kept and put together at the end (torch.cat): twice the results;
+    # and the backward holds the gradients of the saved tensors the chunks read, of all samples
+    record = torch.is_grad_enabled()
+    copies = 2 if record else 1
+
+    def fixed(plan):
+        results = copies * _result_bytes(plan, wanted, total)
+        return results, execute.gradient_bytes(plan, graph) if record else 0
 
     def need(samples):
         best = None
         for d in directions:
-            plan = _sample_plan(request, d, samples)
-            cost = plan.need_bytes() + _result_bytes(plan, wanted, total)
+            plan = _sample_plan(request, d, samples, sliced=True)
+            cost = plan.need_bytes() + sum(fixed(plan))
             if best is None or cost < best[1]:
                 best = (plan, cost)
         return best
 
     plan, one = need(1)
     if one > budget:
+        results, grads = fixed(plan)
+        backward = f", {size(grads)} for the gradients of what torch saved in the backward" if record else ""
         raise MemoryBudgetError(
             f"{request.caller} at order {order} needs about {size(one)} even one sample at a time "
-            f"({size(_result_bytes(plan, wanted, total))} of results for all {total} samples{_taped()}), over "
-            f"max_memory={size(budget)}. Ways out: a larger max_memory, target= one leaf, a lower order, "
-            f"or fewer samples{_no_tape()}"
+            f"({size(results)} of results for all {total} samples{backward}, {size(one - results - grads)} for one "
+            f"sample's blocks and factors{_taped()}), over max_memory={size(budget)}. Ways out: a larger "
+            f"max_memory, target= one leaf, a lower order, or fewer samples{_no_tape()}"
         )
     # cost(samples) is about fixed + samples * per: the factors are built for every sample once.
     per = max(need(min(2, total))[1] - one, 1) if total > 1 else 1
@@ -296,8 +310,9 @@ def _run_in_samples(request: Request, budget: float, whole, seeds=None):
     return _run_samples(request, plan, samples, False, seeds)
 
 
-def _sample_plan(request: Request, direction: str, samples: int):
-    return planner.build(request.replace(direction=direction, samples=samples))
+def _sample_plan(request: Request, direction: str, samples: int, sliced: bool = False):
+    chunk = request.replace(direction=direction)
+    return planner.build(chunk.sliced_chunk(samples) if sliced else chunk.replace(samples=samples))
 
 
 def _result_bytes(plan, wanted, total) -> int:
@@ -313,21 +328,24 @@ def _run_samples(request: Request, plan, samples, keep_factors, seeds=None):
     graph, rules, order = request.graph, request.rules, request.order
     total = plan.batch.total
     wanted = request.wanted + _mixed_keys(plan)
-    main = plan = _sample_plan(request, plan.direction, samples)
+    sliced = not keep_factors  # budget chunks build their factors from their slices; cache tiles share them
+    main = plan = _sample_plan(request, plan.direction, samples, sliced)
     factors: dict | None = {} if keep_factors else None
     results: dict = {}
     # a query's jets keep their rows first, (rows, samples, ..); every other block is (samples, ..)
     axis = 1 if plan.query is not None else 0
     parts: dict = {i: [_Chunks(axis, total) for _ in range(order)] for i in wanted}
+    # the chunks' slices of the saved tensors, each split once under autograd
+    slices = execute.Slices([min(samples, total - first) for first in range(0, total, samples)]) if sliced else None
     for first in range(0, total, samples):
         count = min(samples, total - first)
         if count != plan.batch.size:  # the last, smaller chunk
-            plan = _sample_plan(request, plan.direction, count)
+            plan = _sample_plan(request, plan.direction, count, sliced)
         if keep_factors:  # cache tiles: the whole plan fits, its tape included
             blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds)
         else:  # budget chunks: under autograd each chunk is run again in the backward, one at a time
             blocks, kept = _checkpointed(lambda plan=plan, first=first: execute.run(plan, graph, rules, first=first,
-                                                                                    seeds=seeds))
+                                                                                    seeds=seeds, slices=slices))
         for i in wanted:
             got = kept.get(i) or _found(plan, blocks, plan.results[i])
             for k, t in enumerate(got):

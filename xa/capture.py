@@ -76,12 +76,20 @@ class NodeCtx:
     instead while planning. While executing, they are the tensors torch saved.
     """
 
-    def __init__(self, value: Value, graph: "Graph", planning: bool):
+    def __init__(self, value: Value, graph: "Graph", planning: bool, cut: Optional["Cut"] = None, first: int = 0,
+                 slices=None):
         self.name = value.name
         self.planning = planning
         self._device = graph.device
         self.out_shape = value.shape
         self.in_shapes = tuple(None if i is None else graph.values[i].shape for i in value.inputs)
+        # a chunk of samples (xa.batch.cut): the output, the inputs and the saved tensors that carry the
+        # sample are seen narrowed to samples first .. first + count - 1 along their sample dims
+        self._cut, self._first, self._slices = cut, first, slices
+        if cut is not None:
+            self.out_shape = _narrowed(self.out_shape, cut.out, cut.count)
+            self.in_shapes = tuple(None if s is None else _narrowed(s, d, cut.count)
+                                   for s, d in zip(self.in_shapes, cut.ins))
         self.dtype = graph.dtype
         self.device = torch.device("cpu") if planning else graph.device
         self._saved = value.saved
@@ -97,15 +105,22 @@ class NodeCtx:
         forward passed to ``ctx.save_for_backward``.
         """
         value = self._saved[name]
+        dims = None if self._cut is None else self._cut.saved.get(name)
         if isinstance(value, tuple):
-            return tuple(self._take(v) for v in value)
-        return self._take(value)
+            return tuple(self._take(v, None if dims is None else dims[k]) for k, v in enumerate(value))
+        return self._take(value, dims)
 
-    def _take(self, value):
+    def _take(self, value, dim=None):
         if not isinstance(value, torch.Tensor):
             return value
         if self.planning:
-            return torch.zeros(value.shape, dtype=value.dtype)
+            shape = value.shape if dim is None else _narrowed(value.shape, dim, self._cut.count)
+            return torch.zeros(shape, dtype=value.dtype)
+        if dim is not None:  # this chunk's samples: a view, so that a recorded run differentiates the saved tensor
+            if self._slices is not None:
+                value = self._slices(value, dim, self._first, self._cut.count)
+            else:
+                value = value.narrow(dim, self._first, self._cut.count)
         # torch saves a Python number operand (2 * x on a GPU) as a 0-d CPU tensor
         value = value if value.device == self._device else value.to(self._device)
         if value.dim() == 0 and not value.requires_grad:
@@ -116,6 +131,22 @@ class NodeCtx:
 
     def has(self, name: str) -> bool:
         return self._saved.get(name) is not None
+
+
+@dataclass
+class Cut:
+    """A node seen on a chunk of ``count`` samples (:func:`xa.batch.cut`): the sample dim of its output,
+    of each input slot and of each saved tensor (``{name: dim}``, a tuple of dims for a tuple), ``None`` for
+    one that is whole (shared by the samples, or a number)."""
+
+    out: int
+    ins: tuple
+    saved: dict
+    count: int
+
+
+def _narrowed(shape: tuple, dim: Optional[int], count: int) -> tuple:
+    return tuple(shape) if dim is None else tuple(shape[:dim]) + (count,) + tuple(shape[dim + 1:])
 
 
 _SAVED_NAMES: dict = {}  # node class -> its _saved_* attribute names (fixed per class; dir() is slow)
@@ -303,11 +334,48 @@ class Graph:
         return rule
 
     def forget_signature(self) -> None:
-        """Drop the cached signature: the graph's values were changed (composites expanded, labels)."""
+        """Drop what was read off the values once: they were changed (composites expanded, labels)."""
         self.__dict__.pop("_signature", None)
+        self.__dict__.pop("_provenance", None)
 
-    def ctx(self, i: int, planning: bool) -> NodeCtx:
-        return NodeCtx(self.values[i], self, planning)
+    def ctx(self, i: int, planning: bool, cut: Optional[Cut] = None, first: int = 0, slices=None) -> NodeCtx:
+        """What value ``i``'s rule sees; with ``cut``, ``cut.count`` samples from ``first`` (:func:`xa.batch.cut`),
+        taken by ``slices(tensor, dim, first, count)`` where given (:class:`xa.execute.Slices`), else narrowed."""
+        return NodeCtx(self.values[i], self, planning, cut, first, slices)
+
+    def provenance(self) -> list:
+        """Per value, which value of the graph each saved tensor is: ``{name: index}``, a tuple for a tuple.
+
+        ``None`` for one that is not a value of the graph (a constant, an integer index, a tensor a
+        composite computed) or whose shape is not the value's. Found by the tensor's node and output
+        (an unpacked saved tensor carries its ``grad_fn``) or, for a leaf, by identity.
+        """
+        cached = self.__dict__.get("_provenance")
+        if cached is not None:
+            return cached
+        by_node, by_leaf = {}, {}
+        for v in self.values:
+            if v.leaf is not None:
+                by_leaf[id(v.leaf)] = v.index
+            elif v.fn is not None:
+                by_node.setdefault((v.fn, v.output), v.index)
+
+        def source(t):
+            if not isinstance(t, torch.Tensor):
+                return None
+            if t.grad_fn is not None:
+                i = by_node.get((t.grad_fn, t.output_nr))
+            else:
+                i = by_leaf.get(id(t))
+                i = i if i is not None and self.values[i].leaf is t else None
+            return i if i is not None and tuple(t.shape) == self.values[i].shape else None
+
+        self._provenance = [
+            {name: tuple(source(t) for t in item) if isinstance(item, tuple) else source(item)
+             for name, item in v.saved.items()}
+            for v in self.values
+        ]
+        return self._provenance
 
     def signature(self) -> tuple:
         """Everything a plan depends on from the graph: names, shapes, wiring, saved shapes and numbers.

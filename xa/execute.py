@@ -22,7 +22,7 @@ from .terms import NodeFactors
 
 
 def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first: int = 0,
-        factors: dict | None = None, seeds: dict | None = None) -> tuple[dict, dict]:
+        factors: dict | None = None, seeds: dict | None = None, slices=None) -> tuple[dict, dict]:
     """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
 
     Under grad mode every operation is out of place, so torch's autograd records the derivatives as functions
@@ -31,6 +31,8 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
     A per-sample plan over a chunk of samples reads samples ``first`` on of every factor;
     ``factors`` (a dict) keeps the rules' factors from one chunk to the next.
     ``seeds`` holds a query's values (directions, weights: :mod:`xa.queries`), read here, never planned on.
+    A sliced chunk's plan builds factors from the chunk's slices of the saved tensors: ``slices``
+    (:class:`Slices`) takes them, else they are narrowed.
     """
     dtype, device = graph.dtype, graph.device
     record = torch.is_grad_enabled()
@@ -55,7 +57,10 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
             rule = graph.rule(step.value, rules)
             if step.value in plan.folds:  # it reads a permutation's input directly (xa.fold)
                 rule = fold.wrap(rule, plan.folds[step.value])
-            node = NodeFactors(step, rule, graph.ctx(step.value, planning=False))
+            # in a sliced chunk of samples, the factors the plan built from slices are built from this chunk's
+            sliced = None if step.cut is None else graph.ctx(step.value, planning=False, cut=step.cut, first=first,
+                                                              slices=slices)
+            node = NodeFactors(step, rule, graph.ctx(step.value, planning=False), sliced)
             if factors is not None:
                 factors[number] = node
         gathered: dict = {}  # this step's reads at sub-multi-indices, shared by its terms (xa.jets)
@@ -118,13 +123,79 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
     return blocks, retained
 
 
+class Slices:
+    """The chunks' slices of the saved tensors, for a call that runs in chunks of ``sizes`` samples in turn.
+
+    Under autograd, each saved tensor is split once (one ``split`` node, made by the first chunk that reads
+    it, which saves nothing) and each chunk reads its piece: the backward then puts the pieces' gradients
+    together once. A narrow per chunk would give each chunk's gradient as a zero-filled tensor of all
+    samples, one pass over the whole saved tensor per chunk. Without autograd a narrow is a plain view.
+    """
+
+    def __init__(self, sizes: list):
+        self.sizes = list(sizes)
+        self.index, at = {}, 0
+        for n, size in enumerate(self.sizes):
+            self.index[at] = n
+            at += size
+        self.made: dict = {}
+
+    def __call__(self, tensor: torch.Tensor, dim: int, first: int, count: int) -> torch.Tensor:
+        if not torch.is_grad_enabled() or tensor.shape[dim] != sum(self.sizes):
+            return tensor.narrow(dim, first, count)
+        key = (same(tensor), dim)
+        hit = self.made.get(key)
+        if hit is None:  # (the tensor is kept with its pieces: its id stays its own)
+            hit = self.made[key] = (tensor, tensor.split(self.sizes, dim))
+        piece = hit[1][self.index[first]]
+        return piece
+
+
+def same(tensor: torch.Tensor) -> tuple:
+    """A key equal for two unpackings of one saved tensor (two nodes that saved the same value): its memory,
+    layout and place in autograd. A split of one serves both, and its gradient is counted once."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.grad_fn if tensor.grad_fn is not None else id(tensor), tensor.output_nr)
+
+
+def gradient_bytes(plan: Plan, graph: Graph) -> int:
+    """What the backward of a recorded run in chunks of samples holds beyond one chunk's tape, in bytes.
+
+    Each saved tensor the chunks read that carries the samples and requires grad gets its gradient of
+    all samples, put together from the chunks' and held until the backward has run every chunk, plus the
+    largest of them once more (the split's backward concatenates its pieces). A factor built from all
+    samples and narrowed (a node that cannot be cut) gets a gradient of all samples in every chunk.
+    (A shared one, a weight, gets a gradient of its own size, as the parameter's ``.grad``: not counted.)
+    """
+    batch, provenance = plan.batch, graph.provenance()
+    seen: dict = {}
+    narrowed = 0
+    for step in plan.steps:
+        if not step.terms:
+            continue
+        where = provenance[step.value]
+        for name, item in graph.values[step.value].saved.items():
+            pairs = zip(item, where.get(name) or (None,) * len(item)) if isinstance(item, tuple) else \
+                [(item, where.get(name))]
+            for t, j in pairs:
+                if isinstance(t, torch.Tensor) and t.requires_grad and j is not None and batch.at[j] is not None:
+                    seen[same(t)] = t.numel() * t.element_size()
+        if step.cut is None or len(step.sliced) < len(step.structure):
+            narrowed = max(narrowed, step.factor_elements * plan.itemsize)
+    return sum(seen.values()) + max(seen.values(), default=0) + narrowed
+
+
 def _sample_view(operand, view, batch, first) -> torch.Tensor:
-    """A factor operand with its labels split as planned, narrowed to the chunk's samples."""
+    """A factor operand with its labels split as planned, narrowed to the chunk's samples.
+
+    One built from the chunk's slices (a sliced chunk, :func:`xa.batch.cut`) holds only them already.
+    """
     shape, axes = view
     operand = operand.reshape(shape)
     if batch.size != batch.total:
         for axis in axes:
-            operand = operand.narrow(axis, first, batch.size)
+            if shape[axis] != batch.size:
+                operand = operand.narrow(axis, first, batch.size)
     return operand
 
 

@@ -69,6 +69,7 @@ def fold(graph: Graph, rules: dict, keep: set) -> tuple:
 
     folded.rule = rule  # the consumers' rules read the input through the permutation
     folded.ctx = graph.ctx  # and see the node as torch recorded it (the permuted shape in its slot)
+    folded.folds = specs  # (xa.batch.cut: a folded slot is not cut)
     return folded, specs
 
 

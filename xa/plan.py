@@ -25,6 +25,7 @@ import torch
 
 from .backprop import build_backward
 from .batch import Batching, analyze
+from .capture import Graph
 from .fold import fold
 from .jets import build_forward
 from .request import Request
@@ -236,9 +237,9 @@ def _build(request: Request) -> Plan:
     with torch.device("cpu"):
         graph, folds = fold(graph, rules, set(requested) | set(retained))
         if request.batch_dim is not None:
-            batch = analyze(graph, rules, request.batch_dim)
+            batch = _analysis(graph, rules, request.batch_dim, (request.signature, request.rule_key), folds)
             if request.samples is not None:
-                batch = batch.chunk(request.samples)
+                batch = batch.chunk(request.samples, request.sliced)
         if direction in ("auto", "backward") and request.query is None:
             steps, shapes, results = build_backward(graph, request.order, rules, requested, retained, request.rows,
                                                     batch, mixed)
@@ -260,6 +261,23 @@ def _build(request: Request) -> Plan:
     _mark_aliases(plan)
     plan.peak_elements = peak(plan)
     return plan
+
+
+_ANALYSES: "OrderedDict[tuple, Batching]" = OrderedDict()
+
+
+def _analysis(graph: Graph, rules: dict, batch_dim: int, head: tuple, folds: dict) -> Batching:
+    """The sample layout (:func:`xa.batch.analyze`), once per graph structure, rules and folds: every plan
+    of a call's chunks reads it, and it asks every rule for all samples' first-order factors."""
+    key = (head, tuple(sorted((c, tuple(sorted(spec.items()))) for c, spec in folds.items())), batch_dim)
+    batch = _ANALYSES.get(key)
+    if batch is None:
+        batch = _ANALYSES[key] = analyze(graph, rules, batch_dim)
+        if len(_ANALYSES) > _CACHE_SIZE:
+            _ANALYSES.popitem(last=False)
+    else:
+        _ANALYSES.move_to_end(key)
+    return batch
 
 
 def _mark_aliases(plan: Plan) -> None:

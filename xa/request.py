@@ -36,7 +36,9 @@ class Request:
     partials are kept), ``direction``, ``batch_dim`` (the sample dim planned with:
     ``None`` for one sample, which is planned as no batch), ``query`` (an
     :class:`~xa.jets.Ask`), ``mixed`` (joint blocks: sorted value indices),
-    ``rows`` / ``samples`` (a chunk of source rows or of samples).
+    ``rows`` / ``samples`` (a chunk of source rows or of samples), ``sliced`` (the chunk's factors
+    built from its slices of what torch saved, :func:`xa.batch.cut`) with ``provenance`` (which value
+    of the graph each saved tensor is, which decides how a node is cut).
 
     Carried, not compared: ``graph``, ``rules``, ``caller`` (``"xa.laplacian"``, for
     messages), ``max_memory`` (the user's budget, ``None`` for the default),
@@ -55,6 +57,8 @@ class Request:
     mixed: tuple = ()
     rows: Optional[int] = None
     samples: Optional[int] = None
+    sliced: bool = False
+    provenance: tuple = ()
     graph: Graph = field(default=None, compare=False, repr=False)
     rules: dict = field(default_factory=dict, compare=False, repr=False)
     caller: str = field(default="xa.backward", compare=False)
@@ -65,6 +69,11 @@ class Request:
     def replace(self, **changes) -> "Request":
         """The same request with some fields changed (a chunk, the other direction)."""
         return dataclasses.replace(self, **changes)
+
+    def sliced_chunk(self, samples: int) -> "Request":
+        """A chunk of ``samples`` samples whose factors are built from its slices of what torch saved."""
+        provenance = tuple(tuple(sorted(p.items())) for p in self.graph.provenance())
+        return dataclasses.replace(self, samples=samples, sliced=True, provenance=provenance)
 
     @property
     def key(self) -> "Request":
@@ -166,7 +175,7 @@ def query(source: torch.Tensor, asked: Query, batch_dim=None, configurations=Non
         return _make(graph, rules, caller, max(len(k) for k in keys), leaves, (), "backward", sample_dim,
                      mixed=tuple(sorted(set(keys))), max_memory=max_memory, create_graph=create_graph)
     ask = asked.ask()
-    caller = caller or f"xa.{ask.name}"
+    caller = caller or "xa." + {"operator": "differential_operator"}.get(ask.name, ask.name)
     i = _leaf(graph, asked.wrt, caller)
     return _make(graph, rules, caller, ask.order, (i,), (), direction, sample_dim, query=ask,
                  max_memory=max_memory, create_graph=create_graph)

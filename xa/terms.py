@@ -106,6 +106,10 @@ class Step:
     structure: dict = field(default_factory=dict)
     workspace: int = 0  # entries the rules allocate for a while to build one factor (the largest)
     factor_elements: int = 0  # entries of every factor operand the step reads, as the rules build them
+    # a sliced chunk of samples (xa.batch.cut): the slot tuples whose factors the rule builds from the
+    # chunk's slices of what torch saved, and how the node is cut (the others: all samples', narrowed)
+    sliced: frozenset = frozenset()
+    cut: Any = None
 
 
 _PATHS: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -276,10 +280,22 @@ class PlanFactors:
     def __init__(self, graph, y, rule, ctx, inputs):
         self.graph, self.y, self.rule, self.ctx, self.inputs = graph, y, rule, ctx, inputs
         self.cache: dict = {}
+        # per-sample plans (xa.batch.BatchFactors): slots -> (built?, factor) from the chunk's slices
+        # (kept in self.sliced), or for all samples from stand-ins of a few
+        self.slicer, self.scaler, self.cut, self.sliced = None, None, None, {}
 
     def __call__(self, slots):
+        if slots in self.sliced:
+            return self.sliced[slots]
+        if slots not in self.cache and self.slicer is not None:
+            ok, f = self.slicer(slots)
+            if ok:
+                self.sliced[slots] = f
+                return f
         if slots not in self.cache:
-            f = self.rule(self.ctx, slots)
+            ok, f = self.scaler(slots) if self.scaler is not None else (False, None)
+            if not ok:
+                f = self.rule(self.ctx, slots)
             if f is not None:
                 _check_factor(f, self.graph, self.y, slots, self.inputs)
             self.cache[slots] = f
@@ -288,23 +304,28 @@ class PlanFactors:
     def finish(self, step: Step) -> Step:
         """Record on ``step`` what execution must find again (each factor's structure) and the rules' workspace."""
         used = {slots for t in step.terms for slots in t.factors}
-        step.structure = {slots: structure(self.cache[slots]) for slots in used}
-        step.workspace = max((self.cache[slots].workspace for slots in used), default=0)
-        step.factor_elements = sum(t.numel() for slots in used for t, _ in self.cache[slots].operands)
+        got = {slots: self.sliced[slots] if slots in self.sliced else self.cache[slots] for slots in used}
+        step.structure = {slots: structure(got[slots]) for slots in used}
+        step.workspace = max((got[slots].workspace for slots in used), default=0)
+        step.factor_elements = sum(t.numel() for slots in used for t, _ in got[slots].operands)
+        step.sliced = frozenset(slots for slots in used if slots in self.sliced)
+        step.cut = self.cut if step.sliced else None
+        # the hooks are bound methods of an xa.batch.BatchFactors that holds this: no cycle keeps the factors
+        self.slicer = self.scaler = None
         return step
 
 
 class NodeFactors:
     """A node's local derivatives while executing: the rule's real values, in the plan's structure."""
 
-    def __init__(self, step: Step, rule, ctx):
-        self.step, self.rule, self.ctx = step, rule, ctx
+    def __init__(self, step: Step, rule, ctx, sliced_ctx=None):
+        self.step, self.rule, self.ctx, self.sliced_ctx = step, rule, ctx, sliced_ctx
         self.cache: dict = {}
 
     def __getitem__(self, slots) -> Factor:
         f = self.cache.get(slots)
         if f is None:
-            f = self.rule(self.ctx, slots)
+            f = self.rule(self.sliced_ctx if slots in self.step.sliced else self.ctx, slots)
             if not isinstance(f, Factor) or structure(f) != self.step.structure[slots]:
                 got = "None (zero)" if f is None else "another structure"
                 raise RuleError(
