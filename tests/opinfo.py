@@ -11,7 +11,11 @@ where torch has no forward-mode derivative for the op, nested reverse mode,
 ``torch.autograd.functional.jacobian`` with ``create_graph``). The order is
 capped per sample so that the reference stays small.
 
-``python tests/opinfo.py [order]`` prints each op's outcome and the counts.
+The sweep runs in two modes: ``"all"`` (every float64 tensor argument requires
+grad) and ``"first"`` (only the first one does; the others are constants of the
+call, which torch may not save, so the fallback must rebuild them or refuse).
+
+``python tests/opinfo.py [order] [mode]`` prints each op's outcome and the counts.
 """
 
 from __future__ import annotations
@@ -70,16 +74,27 @@ class Sample:
         return out
 
 
-def _sample(op, s, shrink: bool):
-    items = [s.input, *s.args]
-    if shrink:
-        items = [_shrunk(x) for x in items]
+def _where(items) -> list:
     where = []
     for a, x in enumerate(items):
         if isinstance(x, torch.Tensor) and x.dtype == D and x.numel():
             where.append((a, None))
         elif isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
             where.extend((a, b) for b, t in enumerate(x) if t.dtype == D and t.numel())
+    return where
+
+
+def _sample(op, s, shrink: bool, mode: str):
+    items = [s.input, *s.args]
+    if shrink:
+        items = [_shrunk(x) for x in items]
+    where = _where(items)
+    if mode == "first":
+        # the first float64 tensor alone requires grad, every other one is a constant of the call; a
+        # sample with one such tensor is the same in both modes, and tested in "all"
+        if len(where) < 2:
+            return None
+        where = where[:1]
     if not where:
         return None
     return Sample(op, items, dict(s.kwargs), where)
@@ -96,8 +111,11 @@ def _shrunk(x):
     return x
 
 
-def samples(op, count: int = 2):
-    """Up to ``count`` usable samples, smallest first: each runs, gives a float64 tensor, is small."""
+def samples(op, count: int = 2, mode: str = "all"):
+    """Up to ``count`` usable samples, smallest first: each runs, gives a float64 tensor, is small, and
+    gives the same on a second call.
+    ``mode``: ``"all"`` differentiates every float64 tensor argument, ``"first"`` the first one alone
+    (only samples with another float64 tensor argument, which stays a constant)."""
     found = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -107,22 +125,35 @@ def samples(op, count: int = 2):
             return []
         for s in raw:
             for shrink in (True, False):
-                sample = _sample(op, s, shrink)
+                sample = _sample(op, s, shrink, mode)
                 if sample is None:
                     continue
                 try:
                     with torch.no_grad():
                         out = sample(*sample.tensors())
+                        again = sample(*sample.tensors())
                 except Exception:  # noqa: BLE001 - a shrunk sample the op refuses
                     continue
                 if not isinstance(out, torch.Tensor) or out.dtype != D or out.numel() == 0:
                     continue
+                if not torch.equal(out.nan_to_num(), again.nan_to_num()):
+                    continue  # a fresh random draw per call (dropout in training mode): no reference
                 n = max(t.numel() for t in sample.tensors())
                 if out.numel() * n > MAX_ENTRIES:
                     continue
                 found.append((out.numel() * n, len(found), sample))
                 break
     return [s for _, _, s in sorted(found, key=lambda t: t[:2])[:count]]
+
+
+def _has_constants(op) -> bool:
+    """Whether a sample of ``op`` has two float64 tensor arguments (without running the op)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return any(len(_where([s.input, *s.args])) > 1 for s in op.sample_inputs("cpu", D, requires_grad=False))
+        except Exception:  # noqa: BLE001 - torch's own sample generator failing is its problem
+            return False
 
 
 def order_for(sample, top: int) -> int:
@@ -134,14 +165,19 @@ def order_for(sample, top: int) -> int:
     return k
 
 
+class RandomSample(Exception):
+    """The sample's call draws random numbers (dropout in training mode): no reference; vmap says so."""
+
+
 def reference(sample, order: int):
     """``out[i][k-1]``: d^k op / d(tensor i)^k flattened to xa's layout; torch.func (the suite's own
     :func:`reference.torch_partials`), else, where torch has no forward-mode derivative, nested reverse mode."""
     base = [t.detach() for t in sample.tensors()]
     try:
         return torch_partials(sample, base, order)
-    except Exception:  # noqa: BLE001 - no forward-mode derivative (or no vmap rule): reverse mode
-        pass
+    except Exception as err:  # noqa: BLE001 - no forward-mode derivative (or no vmap rule): reverse mode
+        if "random operation" in str(err):
+            raise RandomSample from None
     s = sample(*base).numel()
     out = []
     for i, x in enumerate(base):
@@ -202,16 +238,19 @@ RANDOM = {"svd_lowrank", "pca_lowrank", "bernoulli", "nn.functional.rrelu", "nn.
           "multinomial", "nn.functional.gumbel_softmax"}
 
 
-def outcome(op, top: int = 3):
+def outcome(op, top: int = 3, mode: str = "all"):
     """``(status, detail)``: ``handled`` (with the error), ``refused`` (the typed error), ``no-sample``,
-    ``no-grad`` (torch records no graph), ``torch-fails`` (no reference), or ``wrong``."""
+    ``no-grad`` (torch records no graph), ``torch-fails`` (no reference), or ``wrong``; in mode
+    ``"first"`` (:func:`samples`), ``one-input`` where no sample has a second float64 tensor."""
     key = op.name + ("." + op.variant_test_name if op.variant_test_name else "")
     if key in RANDOM:
         return "random", "the op draws random numbers: no reference"
-    found = samples(op)
+    found = samples(op, mode=mode)
     if not found:
+        if mode == "first" and not _has_constants(op):
+            return "one-input", "no sample has a second float64 tensor argument: the same as mode 'all'"
         return "no-sample", "no float64 sample small enough"
-    worst = 0.0
+    worst, checked = 0.0, 0
     for sample in found:
         order = order_for(sample, top)
         leaves = [t.detach().clone().requires_grad_() for t in sample.tensors()]
@@ -220,6 +259,8 @@ def outcome(op, top: int = 3):
                 return "no-grad", "the op's output records no graph"
             written = REFERENCE.get(key)
             want = reference(sample if written is None else dataclasses.replace(sample, op=written), order)
+        except RandomSample:
+            continue
         except Exception as err:  # noqa: BLE001
             return "torch-fails", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]}"
         for direction in ("backward", "forward"):
@@ -229,11 +270,15 @@ def outcome(op, top: int = 3):
                 return "refused", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
             except Exception as err:  # noqa: BLE001 - an untyped error is a bug of xa: reported, not hidden
                 return "crash", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+        checked += 1
+    if not checked:
+        return "random", "every sample draws random numbers: no reference"
     return ("handled" if worst <= 1e-7 else "wrong"), f"{worst:.1e}"
 
 
 if __name__ == "__main__":
     import signal
+    import time
     from collections import Counter
 
     def _alarm(*_):
@@ -241,16 +286,18 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGALRM, _alarm)
     top = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    mode = sys.argv[2] if len(sys.argv) > 2 else "all"
     counts = Counter()
     for key, op in ops().items():
-        signal.alarm(20)
+        signal.alarm(60)
+        start = time.process_time()
         try:
-            status, detail = outcome(op, top)
+            status, detail = outcome(op, top, mode)
         except TimeoutError:
-            status, detail = "timeout", "over 20 s"
+            status, detail = "timeout", "over 60 s"
         signal.alarm(0)
         counts[status] += 1
-        print(f"{key:45} {status:12} {detail}", flush=True)
+        print(f"{key:45} {status:12} {time.process_time() - start:6.2f}s cpu  {detail}", flush=True)
     tested = counts["handled"] + counts["refused"] + counts["wrong"]
     print(dict(counts), f"handled {counts['handled']} of {tested} ({100 * counts['handled'] / max(tested, 1):.0f}%)",
           f"of {len(ops())} ops")
