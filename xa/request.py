@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -91,15 +91,31 @@ class Request:
         return list(self.requested) + [i for i in self.retained if i not in self.requested]
 
 
-def _make(graph: Graph, rules: dict, caller: str, order: int, requested: tuple, retained: tuple = (),
-          direction: str = "auto", sample_dim: Optional[int] = None, query: Optional[Ask] = None,
-          mixed: tuple = (), max_memory=None, create_graph=None) -> Request:
+class _How(NamedTuple):
+    """The checked arguments every request takes, before anything is captured."""
+
+    direction: str
+    sample_dim: Optional[int]
+    overrides: dict
+    max_memory: Optional[float]
+    record: bool
+
+
+def _checked(source, direction, batch_dim, configurations, max_memory, create_graph) -> _How:
+    return _How(checks.direction(direction), checks.batch_dim(batch_dim, checks.source(source)),
+                checks.configurations(configurations), checks.max_memory(max_memory),
+                checks.create_graph(create_graph))
+
+
+def _make(graph: Graph, rules: dict, caller: str, how: _How, order: int, requested: tuple, retained: tuple = (),
+          direction: Optional[str] = None, query: Optional[Ask] = None, mixed: tuple = ()) -> Request:
+    sample_dim = how.sample_dim
     # one sample: its derivatives are those of the whole graph (laid out (1, s, n, ...) by attach)
     planned = None if sample_dim is None or graph.source_shape[sample_dim] == 1 else sample_dim
     return Request(graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])), order,
-                   tuple(requested), tuple(retained), direction, planned, query, tuple(mixed),
-                   graph=graph, rules=rules, caller=caller, max_memory=checks.max_memory(max_memory),
-                   record=checks.create_graph(create_graph), sample_dim=sample_dim)
+                   tuple(requested), tuple(retained), direction or how.direction, planned, query, tuple(mixed),
+                   graph=graph, rules=rules, caller=caller, max_memory=how.max_memory, record=how.record,
+                   sample_dim=sample_dim)
 
 
 def _asked(graph: Graph, target, retain: Sequence) -> tuple:
@@ -132,16 +148,11 @@ def derivatives(source: torch.Tensor, order, target=None, configurations=None, d
                 caller: str = "xa.backward") -> Request:
     """The request of :func:`xa.backward`: whole derivative tensors of leaves and retained tensors."""
     order = checks.order(order)
-    direction = checks.direction(direction)
-    sample_dim = checks.batch_dim(batch_dim, checks.source(source))
-    overrides = checks.configurations(configurations)
-    checks.max_memory(max_memory)
-    checks.create_graph(create_graph)
+    how = _checked(source, direction, batch_dim, configurations, max_memory, create_graph)
     graph = Graph(source)
-    rules = resolve(graph, overrides, order)
+    rules = resolve(graph, how.overrides, order)
     requested, retained = _asked(graph, target, retain)
-    return _make(graph, rules, caller, order, requested, retained, direction, sample_dim,
-                 max_memory=max_memory, create_graph=create_graph)
+    return _make(graph, rules, caller, how, order, requested, retained)
 
 
 def _leaf(graph: Graph, wrt, caller: str) -> int:
@@ -161,21 +172,16 @@ def query(source: torch.Tensor, asked: Query, batch_dim=None, configurations=Non
     if not isinstance(asked, Query):
         raise TypeError(f"query must be one of xa.queries' queries (Laplacian, Partials, Operator, Biharmonic, "
                         f"Directional, Mixed), got {type(asked).__name__}")
-    direction = checks.direction(direction)
-    sample_dim = checks.batch_dim(batch_dim, checks.source(source))
-    overrides = checks.configurations(configurations)
-    checks.max_memory(max_memory)
-    checks.create_graph(create_graph)
+    how = _checked(source, direction, batch_dim, configurations, max_memory, create_graph)
     graph = Graph(source)
-    rules = resolve(graph, overrides)
+    rules = resolve(graph, how.overrides)
     if isinstance(asked, Mixed):
         caller = caller or "xa.mixed"
         keys = asked.keys({id(w): _leaf(graph, w, caller) for w in asked.leaves})
         leaves = tuple(sorted({i for key in keys for i in key}))
-        return _make(graph, rules, caller, max(len(k) for k in keys), leaves, (), "backward", sample_dim,
-                     mixed=tuple(sorted(set(keys))), max_memory=max_memory, create_graph=create_graph)
+        return _make(graph, rules, caller, how, max(len(k) for k in keys), leaves, direction="backward",
+                     mixed=tuple(sorted(set(keys))))
     ask = asked.ask()
     caller = caller or "xa." + {"operator": "differential_operator"}.get(ask.name, ask.name)
     i = _leaf(graph, asked.wrt, caller)
-    return _make(graph, rules, caller, ask.order, (i,), (), direction, sample_dim, query=ask,
-                 max_memory=max_memory, create_graph=create_graph)
+    return _make(graph, rules, caller, how, ask.order, (i,), query=ask)
