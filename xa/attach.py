@@ -96,8 +96,9 @@ def compute(graph: Graph, order: int, rules: dict, requested: tuple, retained: t
                                 f"max_memory={size(budget)}; with batch_dim= it runs in chunks of samples")
     if plan.direction == "forward" and direction == "forward":
         raise MemoryBudgetError(
-            f"{caller}: the forward plan needs about {size(plan.need_bytes())}{_taped()}, over max_memory={size(budget)}; only "
-            "direction='backward' (or 'auto') can split the work into chunks of source rows"
+            f"{caller}: the forward plan needs about {size(plan.need_bytes())}{_taped()}, over "
+            f"max_memory={size(budget)}; only direction='backward' (or 'auto') can split the work into chunks of "
+            "source rows"
         )
     return _run_in_chunks(graph, order, rules, requested, retained, budget, plan, caller)
 
