@@ -296,7 +296,8 @@ def _run_in_samples(graph, order, rules, requested, retained, direction, budget,
             f"sample's blocks and factors{_taped()}), over max_memory={size(budget)}. Ways out: a larger "
             f"max_memory, target= one leaf, a lower order, or fewer samples{_no_tape()}"
         )
-    # cost(samples) is about fixed + samples * per: the factors are built for every sample once.
+    # cost(samples) is about fixed + samples * per: the results and the backward's gradients of all samples, the
+    # shared factors and those of nodes that cannot be cut are fixed; the rest (blocks, sliced factors) per sample
     per = max(need(min(2, total))[1] - one, 1) if total > 1 else 1
     samples = max(1, min(total, int((budget - (one - per)) // per)))
     plan, cost = need(samples)
