@@ -13,9 +13,12 @@ execution: softmax, layer_norm, attention.
 import json
 import subprocess
 import sys
+from unittest.mock import patch
 
 import pytest
 import torch
+
+import xa
 
 WORKLOAD = r"""
 import sys, torch, xa
@@ -203,3 +206,69 @@ def test_laplacian_refused_before_anything_large_is_allocated(device):
     assert message.startswith("xa.laplacian ") and "even one sample at a time" in message, message
     assert "max_memory=32 MiB" in message, message
     assert got["peak"] <= 4 * 2**20, f"grew by {got['peak'] / 2**20:.1f} MiB before refusing"
+
+
+def _mlp_point_cloud(B=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(16, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    W2 = torch.randn(1, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(B, 16, generator=g, dtype=torch.float64)  # per-sample data that is no value of the graph
+    return x, W1, W2, c
+
+
+def test_a_chunk_builds_its_factors_from_its_slices():
+    """A sliced chunk's plan asks each rule on the chunk's slices of what torch saved: its factors are the
+    chunk's; a node that saved a tensor found nowhere in the graph (here a constant, which might carry the
+    samples or not) takes all samples' factors, narrowed, counted whole. The numbers are the whole run's."""
+    from xa import execute
+    from xa import plan as planner
+    from xa import request
+
+    x, W1, W2, c = _mlp_point_cloud()
+    u = torch.tanh(torch.tanh(x @ W1.T) * c) @ W2.T  # (B, 1)
+    ask = request.derivatives(u, 2, target=x, direction="backward", batch_dim=0)
+    whole = planner.build(ask)
+    sliced = planner.build(ask.sliced_chunk(8))
+    narrowed = planner.build(ask.replace(samples=8))
+    by_name = {}
+    for s, n, w in zip(sliced.steps, narrowed.steps, whole.steps):
+        if s.terms:
+            by_name.setdefault(s.name, []).append((s, n, w))
+    for s, n, w in by_name["TanhBackward0"]:
+        assert s.cut is not None and s.sliced == frozenset(s.structure)
+        assert s.factor_elements * 8 == n.factor_elements == w.factor_elements  # a chunk's, not all 64 samples'
+    (s, n, w), = by_name["MulBackward0"]
+    assert s.cut is None and not s.sliced and s.factor_elements == n.factor_elements
+    assert sliced.peak_bytes < narrowed.peak_bytes
+    want = xa.laplacian(u, x, batch_dim=0, direction="backward", create_graph=False)
+    runs = []
+    real = execute.run
+    with patch.object(execute, "run", lambda *a, **k: runs.append(a[0]) or real(*a, **k)):
+        got = xa.laplacian(u, x, batch_dim=0, direction="backward", create_graph=False,
+                           max_memory=0.3 * whole.peak_bytes)
+    assert len(runs) > 1 and all(p.batch.sliced for p in runs)  # in sliced chunks of samples
+    assert (got - want).abs().max().item() <= 1e-12 * max(1.0, want.abs().max().item())
+
+
+def test_a_refusal_names_the_function_called():
+    x, W1, W2, c = _mlp_point_cloud(B=6)
+    u = torch.tanh(x @ W1.T) @ W2.T
+
+    def calls():
+        yield "xa.backward", lambda m: xa.backward(u, 2, batch_dim=0, max_memory=m)
+        yield "xa.backward", lambda m: xa.backward(u, 2, max_memory=m)
+        yield "xa.laplacian", lambda m: xa.laplacian(u, x, batch_dim=0, max_memory=m)
+        yield "xa.laplacian", lambda m: xa.laplacian(u, x, max_memory=m)
+        yield "xa.biharmonic", lambda m: xa.biharmonic(u, x, batch_dim=0, max_memory=m)
+        yield "xa.partials", lambda m: xa.partials(u, x, [(0, 1)], batch_dim=0, max_memory=m)
+        yield "xa.differential_operator", lambda m: xa.differential_operator(u, x, {2: torch.eye(3)}, batch_dim=0,
+                                                                             max_memory=m)
+        yield "xa.directional", lambda m: xa.directional(u, x, torch.ones(3), 2, batch_dim=0, max_memory=m)
+        yield "xa.mixed", lambda m: xa.mixed(u, (x, W1), batch_dim=0, max_memory=m)
+
+    for name, call in calls():
+        for record in (False, True):
+            with torch.set_grad_enabled(record), pytest.raises(xa.MemoryBudgetError) as err:
+                call(64)
+            assert str(err.value).startswith(name + " "), (name, str(err.value))

@@ -147,8 +147,7 @@ class Slices:
         hit = self.made.get(key)
         if hit is None:  # (the tensor is kept with its pieces: its id stays its own)
             hit = self.made[key] = (tensor, tensor.split(self.sizes, dim))
-        piece = hit[1][self.index[first]]
-        return piece
+        return hit[1][self.index[first]]
 
 
 def same(tensor: torch.Tensor) -> tuple:
