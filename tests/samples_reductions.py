@@ -73,7 +73,7 @@ CASES = [
     ("Tensor.std all", lambda x: x.std().tanh() * x, [(2, 3)], 3),
     ("std correction=0 keepdim", lambda x: x.std(0, correction=0, keepdim=True) * x, [(3, 2)], 3),
     ("std pieces", lambda x: x.std(-1).log() * x.sum(-1), [(4, 8)], 3),
-    ("std pieces dims", lambda x: x.std((1, 2), unbiased=False, keepdim=True) * x, [(3, 4, 3)], 3),
+    ("std pieces dims", lambda x: x.std((1, 2), unbiased=False, keepdim=True) * x, [(2, 3, 3)], 3),
     # -- vector norms
     ("torch.linalg.vector_norm", lambda x: torch.linalg.vector_norm(x), [(2, 3)], 4),
     ("vector_norm dim keepdim", lambda x: torch.linalg.vector_norm(x, dim=1, keepdim=True) * x, [(2, 3)], 3),

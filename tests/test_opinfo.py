@@ -32,7 +32,7 @@ def _sweep(mode):
 
 @pytest.fixture(scope="module", params=MODES)
 def outcomes(request):
-    """``(mode, {key: outcome})``: every op's outcome in one mode, computed once (about half a minute)."""
+    """``(mode, {key: outcome})``: every op's outcome in one mode, computed once (a minute or two)."""
     mode = request.param
     # in a thread of its own, on a short stack: torch's sample generators walk the whole call stack (with
     # source lines: inspect.stack() looking for a unittest test, format_stack() in every manual_seed), and
