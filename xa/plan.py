@@ -173,6 +173,10 @@ def _operand(ref, shape) -> str:
         return f"the query's directions at position {ref[3]} of each row {list(shape)}"
     if ref[0] == "weights":
         return f"the query's weights, summing the top order's rows {list(shape)}"
+    if ref[0] == "items":
+        return f"the one-hot placing each item's rows among the leaf's rows {list(shape)}"
+    if ref[0] == "item_weights":
+        return f"the query's weights of each item's rows, summing the top order's rows {list(shape)}"
     slots, _ = ref
     return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
 
@@ -181,6 +185,9 @@ def _block(key) -> str:
     if key and key[0] == "jet":
         _, leaf, value, k = key
         return f"jet(#{leaf}, #{value}, {k})"
+    if key and key[0] == "tied":
+        _, leaf, value, k = key
+        return f"jet per item(#{leaf}, #{value}, {k})"
     return f"block {key}"
 
 
@@ -247,7 +254,7 @@ def _build(request: Request) -> Plan:
                                           direction="backward")
         if forward_ok and direction in ("auto", "forward"):
             steps, shapes, results, expansions = build_forward(graph, request.order, rules, requested, batch,
-                                                               request.query)
+                                                               request.query, request.sparse)
             candidates["forward"] = Plan(request.order, steps, shapes, results, (), direction="forward",
                                          expand=expansions)
     prices = {d: p.flops for d, p in candidates.items()}
