@@ -91,6 +91,9 @@ class Rows:
     kinds: tuple
     seeded: bool = False
     collapse: int = 0
+    # the constant that collapses the top order: the query's weights ``(q, rows)``, or, for jets kept per
+    # item (xa.sparsity), its weights gathered per item and laid out over the samples and items ``(q, rows, T)``
+    weights: tuple = ("weights",)
 
     @property
     def order(self) -> int:
@@ -211,6 +214,9 @@ def constant(ref: tuple, seeds: dict | None, dtype, device) -> torch.Tensor:
         return embedding(ref[1:], dtype, device)
     if ref[0] == "item_weights":
         return item_weights(ref[1:], seeds["weights"].to(dtype))
+    if ref[0] == "item_weights_joint":  # (q, rows, N) repeated for every sample: (q, rows, samples * N)
+        w = item_weights(ref[1:6], seeds["weights"].to(dtype))
+        return w[:, :, None, :].expand(w.shape[0], w.shape[1], ref[6], w.shape[2]).reshape(w.shape[0], w.shape[1], -1)
     return seeds["weights"].to(dtype)
 
 
@@ -246,7 +252,7 @@ def item_weights(spec: tuple, weights: torch.Tensor) -> torch.Tensor:
 
 def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None,
                   query=None, sparse: bool = True) -> tuple:
-    """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
+    """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand, tied)``.
 
     ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
     With ``batch``, a batched value's jet is per sample, ``(M_k, samples, *v.shape')``
@@ -260,13 +266,16 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
     unexpanded (:mod:`xa.queries` reads them).
 
     With ``sparse``, a leaf whose items stay apart up to some node (:mod:`xa.sparsity`) has the jets of the
-    values before that node kept per item, over the item's own entries.
+    values before that node kept per item, over the item's own entries: ``tied[leaf]`` is then
+    ``(items, rows kept per item)``.
     """
-    steps, shapes, results, expansions = [], {}, {}, {}
+    steps, shapes, results, expansions, sparse_ = [], {}, {}, {}, {}
     for leaf in leaves:
         n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
         rows_ = full_rows(n, order) if query is None else query.rows(n)
         tied = _tied(graph, rules, leaf, batch, rows_) if sparse else None
+        if tied is not None:
+            sparse_[leaf] = tied
         steps.extend(_leaf_steps(graph, rows_, leaf, rules, shapes, batch, tied))
         results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         for key in results[leaf]:
@@ -274,7 +283,7 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
             if query is None:
                 expansions[key] = (n, key[3])
     _retire_after_last_read(steps, {k for keys in results.values() for k in keys})
-    return steps, shapes, results, expansions
+    return steps, shapes, results, expansions, sparse_
 
 
 def expand(t: torch.Tensor, how: tuple) -> torch.Tensor:
@@ -316,10 +325,15 @@ def _tied(graph: Graph, rules: dict, leaf: int, batch, rows_: Rows):
         if not wanted[k]:
             return None
     kinds = closure(items.numel, wanted)
-    if any(count(rows_.m, kind) * count(items.numel, kt) * items.items > EMBED_LIMIT
-           for kind, kt in zip(rows_.kinds, kinds)):
+    embedded = zip(rows_.kinds[:-1], kinds[:-1]) if rows_.collapse else zip(rows_.kinds, kinds)
+    if any(count(rows_.m, kind) * count(items.numel, kt) * items.items > EMBED_LIMIT for kind, kt in embedded):
         return None
-    return items, Rows(items.numel, kinds)
+    if not rows_.collapse:
+        return items, Rows(items.numel, kinds)
+    # a collapsed top order is collapsed per item too, with the query's weights of each item's rows
+    weights = ("item_weights_joint", items, rows_.m, rows_.kinds[-1], items.numel, kinds[-1],
+               items.batch.size // items.items)
+    return items, Rows(items.numel, kinds, collapse=rows_.collapse, weights=weights)
 
 
 def tied_key(leaf: int, value: int, k: int) -> tuple:
@@ -384,8 +398,8 @@ def _embed(step, graph, rows_: Rows, rows_t: Rows, items: Items, leaf, x, kept, 
     """Terms writing value ``x``'s jets kept per item into its jets over the leaf's rows (a row across items: 0).
 
     The kept jet ``(rows per item, samples * items, *rest)`` is read as ``(t, [b], m, i, j)``, ``x`` being
-    ``(i, [b], m, j)`` flattened, and written ``(r, [b], i, m, j)`` through a one-hot ``E[r, t, m]``, or, for a
-    collapsed top order, the query's weights gathered per item ``W[w, t, m]``.
+    ``(i, [b], m, j)`` flattened, and written ``(r, [b], i, m, j)`` through a one-hot ``E[r, t, m]``; a
+    collapsed top order, collapsed per item with the query's weights of each item's rows, is only permuted.
     """
     jets[x] = {}
     joint = items.batch.size
@@ -395,18 +409,20 @@ def _embed(step, graph, rows_: Rows, rows_t: Rows, items: Items, leaf, x, kept, 
     for k, source in kept[x].items():
         lab = TermLabels()
         kind, kind_t = rows_.kinds[k - 1], rows_t.kinds[k - 1]
-        t = lab.new(count(rows_t.m, kind_t))
+        collapsed = rows_.collapse and k == rows_.order
+        t = lab.new(rows_t.collapse if collapsed else count(rows_t.m, kind_t))
         b = lab.new(samples) if batch is not None else None
         m, i, j = lab.new(items.items), lab.new(pre), lab.new(post)
-        spec = (items, rows_.m, kind, rows_t.m, kind_t)
-        if rows_.collapse and k == rows_.order:
-            r, ref = lab.new(rows_.collapse), ("item_weights",) + spec
-        else:
-            r, ref = lab.new(count(rows_.m, kind)), ("items",) + spec
         lead = (b,) if b is not None else ()
         target = jet_key(leaf, x, k)
-        term = compile_term(lab, [(source, (t,) + lead + (m, i, j))], [(ref, (r, t, m))], [],
-                            [r] + list(lead) + [i, m, j], target, unit_sums=True, keep=(r,))
+        if collapsed:  # collapsed per item already: a permutation
+            term = compile_term(lab, [(source, (t,) + lead + (m, i, j))], [], [], [t] + list(lead) + [i, m, j],
+                                target, unit_sums=True, keep=(t,))
+        else:
+            r = lab.new(count(rows_.m, kind))
+            ref = ("items", items, rows_.m, kind, rows_t.m, kind_t)
+            term = compile_term(lab, [(source, (t,) + lead + (m, i, j))], [(ref, (r, t, m))], [],
+                                [r] + list(lead) + [i, m, j], target, unit_sums=True, keep=(r,))
         term.gathers = (None,)
         step.terms.append(term)
         jets[x][k] = target
@@ -464,7 +480,8 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         read_all = _reads_in_order(m, kind, tuple(block), lower)  # (a Laplacian's J_x[i] at (i, i)): no copy
         gathers.append(None if read_all else (0, count(m, lower), (m, kind, tuple(block), lower)))
     if q and (constants or any(g is not None or labels[0] == alpha for (_, labels), g in zip(sources, gathers))):
-        constants.append((("weights",), (omega, alpha)))  # sum the rows with the query's weights
+        # sum the rows with the query's weights (per sample and item where the jets are kept per item)
+        constants.append((rows_.weights, (omega, alpha) if len(rows_.weights) == 1 else (omega, alpha, ps)))
     head = [omega] if q else [alpha]
     out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
     # the rows' label stays, even of size one, where a gather reads along it; a collapsed target of one
