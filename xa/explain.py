@@ -138,7 +138,9 @@ def _sparsity_lines(request, plan: Plan, leaf: int, items, rows_t) -> list:
     """Block sparsity of a leaf's jets: its items, the values that keep them apart, the rows kept, the FLOPs saved."""
     dense = planner.build(request.replace(sparse=False, direction="forward"))
     n = items.numel * items.items
-    kept = "; ".join(f"order {k}: {count(rows_t.m, kind)} per item" for k, kind in enumerate(rows_t.kinds, start=1))
+    kept = "; ".join(f"order {k}: {count(rows_t.m, kind)} per item"
+                     + (f" summed into {rows_t.collapse}" if rows_t.collapse and k == rows_t.order else "")
+                     for k, kind in enumerate(rows_t.kinds, start=1))
     return [f"block sparsity: leaf #{leaf} is {items.items} items of {items.numel} entries each"
             f"{' per sample' if plan.batch is not None else ''} ({n} in all); {len(items.tied)} values keep its items "
             f"apart (marked below), their jets kept per item over its own entries ({kept}), written into the "
