@@ -193,8 +193,10 @@ def _sample_view(operand, view, batch, first) -> torch.Tensor:
     operand = operand.reshape(shape)
     if batch is not None and batch.size != batch.total:
         for axis in axes:
-            if shape[axis] != batch.size:
-                operand = operand.narrow(axis, first, batch.size)
+            # all samples' (times the items of a jet kept per item, xa.sparsity): narrowed to the chunk's
+            if shape[axis] != batch.size and shape[axis] % batch.total == 0:
+                per = shape[axis] // batch.total
+                operand = operand.narrow(axis, first * per, batch.size * per)
     return operand
 
 

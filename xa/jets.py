@@ -309,8 +309,8 @@ def _depends_on(graph: Graph, leaf: int, dead=()) -> list:
 
 def _tied(graph: Graph, rules: dict, leaf: int, batch, rows_: Rows):
     """``(items, tied rows)`` where the leaf's items stay apart through some nodes (:mod:`xa.sparsity`), or
-    ``None``: seeded directions span items; a chunk of samples; an order no row of which lies in one item."""
-    if rows_.seeded or (batch is not None and batch.size != batch.total):
+    ``None``: seeded directions span items; an order no row of which lies in one item."""
+    if rows_.seeded:
         return None
     items = sparsity.find(graph, rules, leaf, batch)
     if items is None:

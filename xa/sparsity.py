@@ -47,6 +47,7 @@ class Items:
     Args:
         batch: the tied layout as a :class:`~xa.batch.Batching`: ``at[v]`` the joint digit of samples and items
             of each tied value (``None`` elsewhere), ``size`` the joint count (samples of this plan times items).
+            Never sliced: in a chunk of samples these nodes read all samples' factors, narrowed.
         tied: the values (the leaf's consumers up to the frontier) whose jets are kept per item.
         items: ``N``, items per sample.
         pre, post: one sample of the leaf flattened is ``(pre, N, post)``: entry ``i = (a * N + m) * post + f``;
@@ -86,7 +87,7 @@ def find(graph: Graph, rules: dict, leaf: int, batch: Batching | None) -> Items 
         samples, size = 1, 1
     else:
         s = batch.dim(graph, leaf)
-        if s is None or batch.size != batch.total and batch.sliced:
+        if s is None:
             return None
         runs = [(s, hi) for hi in range(s + 2, len(shape) + 1)]
         samples, size = batch.total, batch.size
