@@ -156,6 +156,23 @@ def _check_explain(scope):
     assert scope["lap_plan"].query is not None
 
 
+def _check_randomized(scope):
+    """The estimate is Hutchinson's mean along the documented draw, by nested autograd; unbiased; it trained."""
+    field, Z, lap_est, lap_exact = scope["field"], scope["Z"], scope["lap_est"], scope["lap_exact"]
+    B, d, S = Z.shape[0], Z.shape[1], 16
+    V = (2 * torch.randint(0, 2, (B, S, d), generator=torch.Generator().manual_seed(0)) - 1).double()
+    z = Z.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(field(z).sum(), z, create_graph=True)
+    est = sum((torch.autograd.grad((g * V[:, s]).sum(), z, retain_graph=True)[0] * V[:, s]).sum(1)
+              for s in range(S)) / S
+    _same(lap_est.detach(), est[:, None])
+    D2 = vmap(hessian(lambda p: field(p)[0]))(Z.detach()[:4])
+    _same(lap_exact.detach()[:4], D2.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None])
+    err = lap_est.detach() - lap_exact.detach()
+    assert err.abs().max() > 0 and abs(err.mean()) < 4 * err.std() / B ** 0.5
+    assert field[0].weight.grad is not None and field[0].weight.grad.abs().max() > 0
+
+
 # (names a block defines, its check): a block may match several
 CHECKS = [
     (("x", "W", "y"), _check_network),
@@ -167,6 +184,7 @@ CHECKS = [
     (("pinn_losses",), _check_training),
     (("H_W1", "H_W1W2"), _check_per_sample_hessians),
     (("plan", "sup", "lap_plan"), _check_explain),
+    (("lap_est", "lap_exact"), _check_randomized),
 ]
 
 
