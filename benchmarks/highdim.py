@@ -80,7 +80,7 @@ def problem(key: str):
 def directions(B: int, d: int) -> torch.Tensor:
     """xa's draw for ``samples=S`` with ``torch.Generator().manual_seed(SEED)``: ``(B, S, d)`` Rademacher."""
     g = torch.Generator().manual_seed(SEED)
-    return (2 * torch.randint(0, 2, (B, S, d), generator=g) - 1).double()
+    return torch.randint(0, 2, (B, S, d), generator=g, dtype=torch.float64).mul_(2).sub_(1)
 
 
 def _xa_estimate(net):

@@ -52,7 +52,7 @@ def points(B, d, seed=1):
 def rademacher(shape, seed):
     """The documented draw of ``samples=`` with ``distribution="rademacher"`` and a generator seeded ``seed``."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return (2 * torch.randint(0, 2, shape, generator=g, device=DEVICE) - 1).to(DTYPE)
+    return 2 * torch.randint(0, 2, shape, generator=g, dtype=DTYPE, device=DEVICE) - 1
 
 
 def gaussian(shape, seed):

@@ -100,12 +100,12 @@ def layout(caller: str, source: torch.Tensor, wrt: torch.Tensor, sample_dim: Opt
 def draw(shape: tuple, distribution: str, generator, dtype, device) -> torch.Tensor:
     """Random directions of ``shape``: Rademacher ``±1`` or standard Gaussian entries.
 
-    Rademacher: ``2 * torch.randint(0, 2, shape, generator=generator) - 1``; Gaussian:
-    ``torch.randn(shape, generator=generator)``; in ``dtype``, on ``device``.
+    Rademacher: ``2 * torch.randint(0, 2, shape, generator=generator, dtype=dtype) - 1``; Gaussian:
+    ``torch.randn(shape, generator=generator, dtype=dtype)``; on ``device``. (In place: one tensor of
+    ``shape`` is all they allocate, 128 MB for 100 points of 10 000 entries and 16 directions in float64.)
     """
     if distribution == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=device)
-        return (2 * bits - 1).to(dtype)
+        return torch.randint(0, 2, shape, generator=generator, dtype=dtype, device=device).mul_(2).sub_(1)
     return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
@@ -166,7 +166,8 @@ class Sampled(Query):
             if g.directions.shape[-1] != n:
                 raise QueryError(f"{self.name}: the directions have {g.directions.shape[-1]} entries, the leaf has "
                                  f"{n} (per sample with batch_dim)")
-        out = {"directions": torch.cat([g.directions.to(dtype=dtype, device=device) for g in self.groups], dim=-2)}
+        parts = [g.directions.to(dtype=dtype, device=device) for g in self.groups]
+        out = {"directions": parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)}  # one group: no copy
         if self.collapse:
             w = torch.zeros(count(rows.m, rows.kinds[self.top - 1]), dtype=dtype, device=device)
             for g, offset in zip(self.groups, self.offsets):
