@@ -76,7 +76,7 @@ def check(caller: str, samples, distribution, generator, wrt, default: str = "ra
         if not isinstance(generator, torch.Generator):
             raise SamplingError(f"{caller}: generator must be a torch.Generator or None, got "
                                 f"{type(generator).__name__}")
-        if isinstance(wrt, torch.Tensor) and torch.device(generator.device).type != wrt.device.type:
+        if isinstance(wrt, torch.Tensor) and torch.device(generator.device) != wrt.device:
             raise SamplingError(f"{caller}: generator is on {generator.device}, wrt on {wrt.device}; the directions "
                                 f"are drawn where wrt is: torch.Generator(device={str(wrt.device)!r})")
     return samples, distribution, generator
@@ -337,7 +337,10 @@ def _importance(caller, k, c, B, n, S, generator, dtype, device) -> Group:
     total = size.sum()
     p = size / total if total > 0 else torch.full_like(size, 1.0 / size.numel())
     draws = 1 if B is None else B
-    picked = torch.multinomial(p, draws * S, replacement=True, generator=generator).reshape(draws, S)
+    # inverse CDF (any number of entries: torch.multinomial takes at most 2^24), never an entry of p = 0
+    cdf = p.cumsum(0)
+    u = torch.rand(draws * S, generator=generator, dtype=cdf.dtype, device=device) * cdf[-1]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=p.numel() - 1).reshape(draws, S)
     weight = values[picked] / (p[picked] * S)  # (draws, S): C[a] / p_a / S, p a constant
     multi = (picked[..., None] // digits) % n if index is None else index[picked]  # (draws, S, arity)
     directions = torch.nn.functional.one_hot(multi, n).to(dtype).reshape(draws, S * arity, n)
