@@ -348,6 +348,9 @@ class Partials(Query):
 class Directional(Query):
     """``d^k S [v, .., v]`` for k = 1..order and each direction ``v`` (the Taylor coefficients times ``k!``).
 
+    ``per_sample=True``: ``directions`` is ``(B, m, n)``, each sample's own ``m`` (a per-sample plan
+    seeds them with the sample label; :func:`xa.directional` sets it for such a tensor with ``batch_dim``).
+
     Example:
         >>> import io
         >>> x = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
