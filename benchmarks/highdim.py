@@ -78,9 +78,10 @@ def problem(key: str):
 
 
 def directions(B: int, d: int) -> torch.Tensor:
-    """xa's draw for ``samples=S`` with ``torch.Generator().manual_seed(SEED)``: ``(B, S, d)`` Rademacher."""
+    """xa's draw for ``samples=S`` with ``torch.Generator().manual_seed(SEED)``: ``(B, S, d)`` Rademacher,
+    drawn ``(S, B, d)`` and transposed, as xa documents it."""
     g = torch.Generator().manual_seed(SEED)
-    return torch.randint(0, 2, (B, S, d), generator=g, dtype=torch.float64).mul_(2).sub_(1)
+    return torch.randint(0, 2, (S, B, d), generator=g, dtype=torch.float64).mul_(2).sub_(1).transpose(0, 1)
 
 
 def _xa_estimate(net):

@@ -50,14 +50,21 @@ def points(B, d, seed=1):
 
 
 def rademacher(shape, seed):
-    """The documented draw of ``samples=`` with ``distribution="rademacher"`` and a generator seeded ``seed``."""
+    """The documented draw of ``samples=`` with ``distribution="rademacher"`` and a generator seeded ``seed``:
+    ``(B, S, n)`` drawn as ``(S, B, n)`` and transposed (``(S, n)`` as is)."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return 2 * torch.randint(0, 2, shape, generator=g, dtype=DTYPE, device=DEVICE) - 1
+    drawn = 2 * torch.randint(0, 2, _drawn(shape), generator=g, dtype=DTYPE, device=DEVICE) - 1
+    return drawn if len(shape) == 2 else drawn.transpose(0, 1)
 
 
 def gaussian(shape, seed):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=DTYPE, device=DEVICE)
+    drawn = torch.randn(_drawn(shape), generator=g, dtype=DTYPE, device=DEVICE)
+    return drawn if len(shape) == 2 else drawn.transpose(0, 1)
+
+
+def _drawn(shape):
+    return shape if len(shape) == 2 else (shape[1], shape[0], shape[2])
 
 
 def generator(seed):

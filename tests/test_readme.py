@@ -160,7 +160,8 @@ def _check_randomized(scope):
     """The estimate is Hutchinson's mean along the documented draw, by nested autograd; unbiased; it trained."""
     field, Z, lap_est, lap_exact = scope["field"], scope["Z"], scope["lap_est"], scope["lap_exact"]
     B, d, S = Z.shape[0], Z.shape[1], 16
-    V = 2 * torch.randint(0, 2, (B, S, d), generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 1
+    g = torch.Generator().manual_seed(0)
+    V = (2 * torch.randint(0, 2, (S, B, d), generator=g, dtype=torch.float64) - 1).transpose(0, 1)
     z = Z.detach().requires_grad_(True)
     (g,) = torch.autograd.grad(field(z).sum(), z, create_graph=True)
     est = sum((torch.autograd.grad((g * V[:, s]).sum(), z, retain_graph=True)[0] * V[:, s]).sum(1)

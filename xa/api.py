@@ -221,10 +221,11 @@ def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] 
         source: a tensor with a ``grad_fn``, of any shape.
         wrt: a leaf that requires grad (``i`` runs over all its entries, or, with
             ``batch_dim``, over one sample's entries).{args}{sampling}
-            Here the estimate is Hutchinson's ``mean_s d^2 source [v_s, v_s]``, with
-            ``V = 2 * torch.randint(0, 2, (B, S, n), generator=generator, dtype=wrt.dtype) - 1`` (Rademacher,
-            ``distribution=None`` or ``"rademacher"``) or ``torch.randn((B, S, n), generator=generator,
-            dtype=wrt.dtype)`` (``"gaussian"``), drawn on ``wrt``'s device (``(S, n)`` without ``batch_dim``).
+            Here the estimate is Hutchinson's ``mean_s d^2 source [v_s, v_s]``, ``v_s = V[b, s]`` for sample
+            ``b``, with ``V = (2 * torch.randint(0, 2, (S, B, n), generator=generator, dtype=wrt.dtype) - 1)``
+            ``.transpose(0, 1)`` (Rademacher, ``distribution=None`` or ``"rademacher"``) or
+            ``torch.randn((S, B, n), generator=generator, dtype=wrt.dtype).transpose(0, 1)`` (``"gaussian"``),
+            drawn on ``wrt``'s device (``(S, n)``, not transposed, without ``batch_dim``).
 
     Example:
         >>> x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
@@ -253,8 +254,9 @@ def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int]
         source: a tensor with a ``grad_fn``, of any shape.
         wrt: a leaf that requires grad.{args}{sampling}
             Here the estimate is ``mean_s d^4 source [v_s, .., v_s] / 3`` with Gaussian
-            ``V = torch.randn((B, S, n), generator=generator, dtype=wrt.dtype)`` (``E[d^4 u [v, .., v]]`` is 3 times the
-            biharmonic for ``v ~ N(0, I)``); ``distribution`` must be ``None`` or ``"gaussian"``:
+            ``V = torch.randn((S, B, n), generator=generator, dtype=wrt.dtype).transpose(0, 1)``
+            (``E[d^4 u [v, .., v]]`` is 3 times the biharmonic for ``v ~ N(0, I)``); ``distribution``
+            must be ``None`` or ``"gaussian"``:
             Rademacher directions give no unbiased estimate here (:class:`xa.SamplingError`).
 
     Example:

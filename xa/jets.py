@@ -200,16 +200,19 @@ def seed(directions: torch.Tensor, m: int, k, pos: int) -> torch.Tensor:
 
 
 def sample_seed(directions: torch.Tensor, m: int, k, pos: int, first: int = 0, size=None) -> torch.Tensor:
-    """``D[b, a[pos], i]`` over the samples ``first .. first + size`` and the rows ``a`` of kind ``k``:
-    the leaf's jet along each sample's own directions ``D`` of shape ``(B, m, n')``, laid out ``(b, rows, i)``.
+    """``D[b, a[pos], i]`` over the rows ``a`` of kind ``k`` and the samples ``first .. first + size``:
+    the leaf's jet along each sample's own directions ``D`` of shape ``(B, m, n')``, laid out
+    ``(rows, b, i)`` like the jets.
 
-    No copy where the rows read every direction once, in order, over all samples (order 1 of a
-    directional query): the directions themselves are the operand.
+    Directions stored ``(m, B, n')`` (``D`` a transposed view of them, as :mod:`xa.sampling` draws
+    them) are the operand itself, with no copy, where the rows read every direction once, in order,
+    over all samples (order 1 of a directional query or an estimator).
     """
+    directions = directions.transpose(0, 1)
     if not (count(m, k) == m and _reads_in_order(m, k, (pos,), 1)):
-        directions = directions.index_select(1, index(m, k, (pos,), directions.device, lower=1))
-    if size is not None and size != directions.shape[0]:
-        directions = directions.narrow(0, first, size)
+        directions = directions.index_select(0, index(m, k, (pos,), directions.device, lower=1))
+    if size is not None and size != directions.shape[1]:
+        directions = directions.narrow(1, first, size)
     return directions
 
 
@@ -352,12 +355,12 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         kept = tuple(shift[i] for i in port if pin is None or i != pin)
         key = jets[inputs[a]][len(block)]
         if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (rows, n), or the seeded directions
-            if rows_.per_sample and sampled is not None:  # each sample's own directions: (b, rows, n')
+            if rows_.per_sample and sampled is not None:  # each sample's own directions: (rows, b, n')
                 if pin is None:
                     raise QueryError("per-sample directions: the leaf does not carry the sample dim of batch_dim= "
                                      "(it is shared by every sample, as a weight is); each sample's own directions "
                                      "need a leaf with one slice per sample, such as the points")
-                constants.append((("sample_seed", m, kind, block[0]), (ps, alpha) + kept))
+                constants.append((("sample_seed", m, kind, block[0]), (alpha, ps) + kept))
                 continue
             ref = ("seed", m, kind, block[0]) if rows_.seeded else ("onehot", m, kind, block[0])
             constants.append((ref, (alpha,) + kept))

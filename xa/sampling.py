@@ -109,6 +109,15 @@ def draw(shape: tuple, distribution: str, generator, dtype, device) -> torch.Ten
     return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
 
+def directions(B, S: int, n: int, distribution: str, generator, dtype, device) -> torch.Tensor:
+    """``S`` random directions per sample: ``(B, S, n)``, ``V[b, s]`` for sample ``b``, or ``(S, n)`` for one
+    sample (``B = None``). Per sample they are drawn as ``(S, B, n)`` and ``V`` is its transposed view, the
+    layout the jets read them in (:func:`xa.jets.sample_seed`: no copy of them is made)."""
+    if B is None:
+        return draw((S, n), distribution, generator, dtype, device)
+    return draw((S, B, n), distribution, generator, dtype, device).transpose(0, 1)
+
+
 # --------------------------------------------------------------------------- the query
 
 
@@ -167,7 +176,13 @@ class Sampled(Query):
                 raise QueryError(f"{self.name}: the directions have {g.directions.shape[-1]} entries, the leaf has "
                                  f"{n} (per sample with batch_dim)")
         parts = [g.directions.to(dtype=dtype, device=device) for g in self.groups]
-        out = {"directions": parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)}  # one group: no copy
+        if len(parts) == 1:  # as drawn: no copy
+            together = parts[0]
+        elif self.per_sample:  # put together in the (m, B, n) layout the jets read (xa.jets.sample_seed)
+            together = torch.cat([p.transpose(0, 1) for p in parts]).transpose(0, 1)
+        else:
+            together = torch.cat(parts)
+        out = {"directions": together}
         if self.collapse:
             w = torch.zeros(count(rows.m, rows.kinds[self.top - 1]), dtype=dtype, device=device)
             for g, offset in zip(self.groups, self.offsets):
@@ -202,10 +217,6 @@ class Sampled(Query):
 # --------------------------------------------------------------------------- the estimators
 
 
-def _shape(B, r: int, n: int) -> tuple:
-    return (r, n) if B is None else (B, r, n)
-
-
 def _per_sample(t: torch.Tensor, B) -> torch.Tensor:
     """A shared ``(r, n)`` set of directions, the same for every sample: ``(B, r, n)`` (a view)."""
     return t if B is None else t.expand(B, *t.shape)
@@ -213,7 +224,7 @@ def _per_sample(t: torch.Tensor, B) -> torch.Tensor:
 
 def laplacian(wrt, B, n, S, distribution, generator, dtype, device) -> Sampled:
     """Hutchinson: ``mean_s d^2 u [v_s, v_s]``, ``v_s`` drawn as :func:`draw` of ``(B, S, n)`` (or ``(S, n)``)."""
-    V = draw(_shape(B, S, n), distribution, generator, dtype, device)
+    V = directions(B, S, n, distribution, generator, dtype, device)
     return Sampled(wrt, [Group(2, V, 1, 1.0 / S)], "laplacian", B is not None)
 
 
@@ -223,7 +234,7 @@ def biharmonic(caller, wrt, B, n, S, distribution, generator, dtype, device) -> 
         raise SamplingError(f"{caller}: distribution={distribution!r} gives no unbiased biharmonic: for Rademacher "
                             "directions E[d^4 u [v, v, v, v]] = 3 sum_(i,j) u_iijj - 2 sum_i u_iiii (E[v_i^4] is 1, "
                             "not 3); use distribution='gaussian', for which it is 3 times the biharmonic")
-    V = draw(_shape(B, S, n), "gaussian", generator, dtype, device)
+    V = directions(B, S, n, "gaussian", generator, dtype, device)
     return Sampled(wrt, [Group(4, V, 1, 1.0 / (3 * S))], "biharmonic", B is not None)
 
 
@@ -269,7 +280,7 @@ def _vector(caller, c, n, dtype, device) -> torch.Tensor:
 
 def _hutchinson(caller, c, B, n, S, distribution, generator, dtype, device) -> Group:
     """``sum_ij A_ij u_ij = E[d^2 u [A^T v, v]]``: rows ``(2s, 2s + 1)`` over the directions ``A^T v_s, v_s``."""
-    V = draw(_shape(B, S, n), distribution, generator, dtype, device)
+    V = directions(B, S, n, distribution, generator, dtype, device)
     if isinstance(c, Diagonal):
         cc = torch.as_tensor(c.c, dtype=dtype, device=device)
         if cc.dim() == 0:  # c tr H: Hutchinson's own d^2 u [v, v]
