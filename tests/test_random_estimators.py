@@ -9,8 +9,9 @@
   mean is within 4 standard errors of the exact value (``xa.laplacian`` without ``samples``), and the
   empirical variance matches the estimator's formula (Rademacher: ``2 (||H||_F^2 - sum H_ii^2)``,
   Gaussian: ``2 ||H||_F^2``, divided by ``S``).
-- Training: the gradient of a loss built from the estimate w.r.t. the network's weights equals nested
-  autograd's of the same estimate with the same directions (the directions constants), and is not zero.
+- Training: the gradient of a loss built from the estimate w.r.t. the network's weights (and the points)
+  equals nested autograd's of the same estimate with the same directions (the directions constants), and is
+  not zero; a coefficient that requires grad gets the gradient of the same terms.
 - Errors: typed, naming the argument, the user's graph left as it was.
 """
 
@@ -73,8 +74,9 @@ def generator(seed):
 
 def nested(u_of, X, dirs, sample_axis=0, create_graph=False):
     """``d^k u_b [v_1, .., v_k]`` for every sample by nested ``torch.autograd.grad``: ``dirs`` are ``k``
-    tensors shaped like ``X`` (each sample's direction in its own slice); the result is ``(B,)``."""
-    X = X.detach().requires_grad_(True)
+    tensors shaped like ``X`` (each sample's direction in its own slice); the result is ``(B,)``. A leaf ``X``
+    that requires grad is differentiated as it is (the result then has a gradient w.r.t. it)."""
+    X = X if X.is_leaf and X.requires_grad else X.detach().requires_grad_(True)
     other = tuple(a for a in range(X.dim()) if a != sample_axis)
     t = u_of(X)  # (B, 1) or (1, B): one output per sample
     t = t.reshape(-1)
@@ -342,15 +344,16 @@ def test_gradient_of_a_loss_on_the_estimate(query):
     X0 = points(B, d, seed=12)
     f = torch.sin(X0.sum(1))
     X = X0.clone().requires_grad_(True)
+    Xr = X0.clone().requires_grad_(True)  # the reference's points, a gradient w.r.t. them too
     coefficients = operators(d)["dense"]
     if query == "laplacian":
         est = xa.laplacian(net(X), X, batch_dim=0, samples=S, generator=generator(21)).flatten()
         V = rademacher((B, S, d), 21)
-        ref = lambda: sum(nested(net, X0, [V[:, s]] * 2, create_graph=True) for s in range(S)) / S
+        ref = lambda: sum(nested(net, Xr, [V[:, s]] * 2, create_graph=True) for s in range(S)) / S
     elif query == "biharmonic":
         est = xa.biharmonic(net(X), X, batch_dim=0, samples=S, generator=generator(21)).flatten()
         V = gaussian((B, S, d), 21)
-        ref = lambda: sum(nested(net, X0, [V[:, s]] * 4, create_graph=True) for s in range(S)) / (3 * S)
+        ref = lambda: sum(nested(net, Xr, [V[:, s]] * 4, create_graph=True) for s in range(S)) / (3 * S)
     else:
         est = xa.differential_operator(net(X), X, coefficients, batch_dim=0, samples=S,
                                        generator=generator(21)).flatten()
@@ -363,13 +366,13 @@ def test_gradient_of_a_loss_on_the_estimate(query):
                     dirs = [g.directions[:, j]] * g.k if g.arity == 1 else \
                         [g.directions[:, j * g.k + p] for p in range(g.k)]
                     w = g.weight[:, j] if g.per_term else g.weight
-                    total = total + w * nested(net, X0, dirs, create_graph=True)
+                    total = total + w * nested(net, Xr, dirs, create_graph=True)
             return total
     loss = ((est - f) ** 2).mean()
-    got = torch.autograd.grad(loss, params, materialize_grads=True)
+    got = torch.autograd.grad(loss, params + [X], materialize_grads=True)
     want_est = ref()
     close(est.detach(), want_est.detach(), "the estimate")
-    want = torch.autograd.grad(((want_est - f) ** 2).mean(), params, materialize_grads=True)
+    want = torch.autograd.grad(((want_est - f) ** 2).mean(), params + [Xr], materialize_grads=True)
     assert loss.item() > 1e-6 and max(g.abs().max().item() for g in got) > 1e-6  # a loss that trains
     for a, b in zip(got, want):
         close(a, b, f"{query}: gradient")
