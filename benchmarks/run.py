@@ -7,6 +7,7 @@
     python benchmarks/run.py --only batched --plot-batch benchmarks/pinn_batch.png   # and time against B
     python benchmarks/run.py --only queries  # the query cases (j)-(n) alone (queries.py)
     python benchmarks/run.py --only train    # one PINN training step, cases (q)-(u) (train.py)
+    python benchmarks/run.py --only highdim  # a step on a randomized Laplacian in d = 100..10 000 (highdim.py)
 
 Every method computes the same thing as ``xa.backward(y, order)``: all
 derivatives of orders 1..N of the source with respect to each listed leaf,
@@ -49,6 +50,12 @@ PDE operator, loss, backward to the parameters) of xa against nested
 child with the default malloc settings, peak memory per method in a fresh
 process. They are not in the default run (``--only train`` or ``--cases``
 runs them) and write ``results/train.md`` only.
+
+Case (x), in ``highdim.py`` (keys ``x100``, ``x1000``, ``x10000``), times one
+training step on a randomized Laplacian (``samples=16``) in d = 100, 1000 and
+10 000 against nested-autograd Hutchinson and torch-jet's randomized
+Laplacian, the same way; ``--only highdim`` runs it and writes
+``results/highdim.md`` only.
 """
 
 from __future__ import annotations
@@ -73,12 +80,14 @@ import xa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batched  # noqa: E402  (benchmarks/batched.py: the per-sample cases f-i)
+import highdim  # noqa: E402  (benchmarks/highdim.py: the randomized Laplacian in high dimension, x)
 import queries  # noqa: E402  (benchmarks/queries.py: the query cases j-n)
 import train  # noqa: E402  (benchmarks/train.py: the training-step cases q-u)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MMAP_MARK = "XA_BENCH_SET_MMAP_THRESHOLD"   # set when this script set MALLOC_MMAP_THRESHOLD_ itself
-TIMING_CHILDREN = ("--batched-child", "--queries-child", "--train-child")   # run with glibc's default malloc settings
+# run with glibc's default malloc settings
+TIMING_CHILDREN = ("--batched-child", "--queries-child", "--train-child", "--highdim-child")
 PEAK_TIMEOUT_S = 600.0   # seconds before one peak-memory child of the query cases is given up
 DT = torch.float64
 DEVICE = torch.device("cpu")
@@ -392,6 +401,8 @@ def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
         fn = queries.way(key, method)
     elif key in train.CASES:
         fn = train.way(key, method)
+    elif key in highdim.CASES:
+        fn = highdim.way(key, method)
     else:
         _, f, leaves, wrt, order = make_case(key)
         fn = lambda: METHODS[method](f, leaves, wrt, order)
@@ -449,10 +460,11 @@ def fmt_mb(mb):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join([*CASES, *batched.CASES, *queries.CASES]))
-    ap.add_argument("--only", choices=["batched", "queries", "train"],
+    ap.add_argument("--only", choices=["batched", "queries", "train", "highdim"],
                     help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0); "
                     "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...); "
-                    "train: only the training-step cases " + ",".join(train.CASES))
+                    "train: only the training-step cases " + ",".join(train.CASES) + "; "
+                    "highdim: only the randomized-Laplacian steps " + ",".join(highdim.CASES))
     ap.add_argument("--plot-batch", type=Path, metavar="PNG",
                     help="also time case (f) against B = " + ", ".join(map(str, batched.PLOT_SIZES))
                     + " and plot it there (a CSV beside it; the PNG needs matplotlib)")
@@ -465,6 +477,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batched-child", help=argparse.SUPPRESS)
     ap.add_argument("--queries-child", help=argparse.SUPPRESS)
     ap.add_argument("--train-child", help=argparse.SUPPRESS)
+    ap.add_argument("--highdim-child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu", help="where the cases run (jacobian only on the CPU)")
@@ -479,11 +492,15 @@ def main(argv=None) -> int:
         return batched_child(args.queries_child, args, queries)
     if args.train_child:
         return batched_child(args.train_child, args, train)
+    if args.highdim_child:
+        return batched_child(args.highdim_child, args, highdim)
     if args.only:
-        args.cases = ",".join({"batched": batched, "queries": queries, "train": train}[args.only].CASES)
+        args.cases = ",".join({"batched": batched, "queries": queries, "train": train,
+                               "highdim": highdim}[args.only].CASES)
     batched_keys = [key for key in args.cases.split(",") if key in batched.CASES]
     query_keys = [key for key in args.cases.split(",") if key in queries.CASES]
     train_keys = [key for key in args.cases.split(",") if key in train.CASES]
+    highdim_keys = [key for key in args.cases.split(",") if key in highdim.CASES]
     rows = []
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{os.cpu_count()} CPUs"
     header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -491,7 +508,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
     print(f"first xa.backward in a fresh process (import excluded): {first_call_seconds():.3f} s", flush=True)
     for key in args.cases.split(","):
-        if key in batched.CASES or key in queries.CASES or key in train.CASES:
+        if key in batched.CASES or key in queries.CASES or key in train.CASES or key in highdim.CASES:
             continue
         title, f, leaves, wrt, order = make_case(key)
         results = {}
@@ -524,10 +541,10 @@ def main(argv=None) -> int:
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append((key, title, "write result once", t_write, t_write / ref_t, None, 0.0))
         del results
-    summaries, query_summaries, train_summaries = [], [], []
-    if (batched_keys or query_keys or train_keys) and DEVICE.type != "cpu":
-        print(f"\n({', '.join(batched_keys + query_keys + train_keys)}) skipped: the per-sample, query and "
-              "training-step cases run on the CPU only", flush=True)
+    summaries, query_summaries, train_summaries, highdim_summaries = [], [], [], []
+    if (batched_keys or query_keys or train_keys or highdim_keys) and DEVICE.type != "cpu":
+        print(f"\n({', '.join(batched_keys + query_keys + train_keys + highdim_keys)}) skipped: the per-sample, "
+              "query and training-step cases run on the CPU only", flush=True)
     else:
         if batched_keys or args.plot_batch:
             summaries = run_batched(batched_keys, args)
@@ -535,11 +552,15 @@ def main(argv=None) -> int:
             query_summaries = run_batched(query_keys, args, "--queries-child")
         if train_keys:
             train_summaries = run_batched(train_keys, args, "--train-child")
+        if highdim_keys:
+            highdim_summaries = run_batched(highdim_keys, args, "--highdim-child")
     for s in query_summaries:
         if s["key"] in queries.PEAK:
             query_peaks(s)
     for s in train_summaries:
         train.peaks(s, lambda key, method: measure_isolated(key, method, 1, math.inf, PEAK_TIMEOUT_S))
+    for s in highdim_summaries:
+        highdim.peaks(s, lambda key, method: measure_isolated(key, method, 1, math.inf, PEAK_TIMEOUT_S))
     for s in summaries + query_summaries:
         peak = s.get("peak", {})
         for name, t in s["ways"].items():
@@ -557,7 +578,7 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {title} | {method} | {t:.4f} s | {ratio:.2f} | {fmt_mb(mb)} | {err:.1e} |")
     table = "\n".join(lines) + "\n"
-    if rows or not train_summaries:   # a run of the training steps alone leaves the last results.md alone
+    if rows or not (train_summaries or highdim_summaries):   # a run of the training steps alone leaves it alone
         (args.out / "results.md").write_text(f"# Benchmarks\n\n{header}\n\n" + table)
         print(f"\nwrote {args.out / 'results.md'}")
     if summaries:
@@ -572,6 +593,11 @@ def main(argv=None) -> int:
         md = train.markdown(train_summaries)
         (args.out / "train.md").write_text(f"# One PINN training step\n\n{header}\n\n" + md)
         print(f"\nTraining-step cases:\n\n{md}\nwrote {args.out / 'train.md'}")
+    if highdim_summaries:
+        md = highdim.markdown(highdim_summaries)
+        (args.out / "highdim.md").write_text(f"# A training step on a randomized Laplacian in high dimension\n\n"
+                                             f"{header}\n\n" + md)
+        print(f"\nHigh-dimensional cases:\n\n{md}\nwrote {args.out / 'highdim.md'}")
     if args.plot_orders and "b" in args.cases.split(","):
         plot_pinn(args.plot_orders, args)
     return 0

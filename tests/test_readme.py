@@ -167,6 +167,22 @@ def _check_block_sparsity(scope):
     assert plan.tied and "block sparsity: leaf" in text
     saved = float(re.search(r"the dense plan \(every row through every node\) \S+ \((\S+)x\)", text).group(1))
     assert 30 < saved < 50, saved  # the README says "about 40x"
+def _check_randomized(scope):
+    """The estimate is Hutchinson's mean along the documented draw, by nested autograd; unbiased; it trained."""
+    field, Z, lap_est, lap_exact = scope["field"], scope["Z"], scope["lap_est"], scope["lap_exact"]
+    B, d, S = Z.shape[0], Z.shape[1], 16
+    g = torch.Generator().manual_seed(0)
+    V = (2 * torch.randint(0, 2, (S, B, d), generator=g, dtype=torch.float64) - 1).transpose(0, 1)
+    z = Z.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(field(z).sum(), z, create_graph=True)
+    est = sum((torch.autograd.grad((g * V[:, s]).sum(), z, retain_graph=True)[0] * V[:, s]).sum(1)
+              for s in range(S)) / S
+    _same(lap_est.detach(), est[:, None])
+    D2 = vmap(hessian(lambda p: field(p)[0]))(Z.detach()[:4])
+    _same(lap_exact.detach()[:4], D2.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None])
+    err = lap_est.detach() - lap_exact.detach()
+    assert err.abs().max() > 0 and abs(err.mean()) < 4 * err.std() / B ** 0.5
+    assert field[0].weight.grad is not None and field[0].weight.grad.abs().max() > 0
 
 
 # (names a block defines, its check): a block may match several
@@ -181,6 +197,7 @@ CHECKS = [
     (("H_W1", "H_W1W2"), _check_per_sample_hessians),
     (("plan", "sup", "lap_plan"), _check_explain),
     (("kinetic", "sparse_plan"), _check_block_sparsity),
+    (("lap_est", "lap_exact"), _check_randomized),
 ]
 
 

@@ -46,6 +46,7 @@ from .errors import (  # noqa: E402
     QueryError,
     RegistryError,
     RuleError,
+    SamplingError,
     SourceError,
     TargetError,
     UnsupportedOperatorError,
@@ -61,5 +62,6 @@ __all__ = [
     "queries", "QueryError", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",
+    "SamplingError",
 ]
 __version__ = "0.1.0"

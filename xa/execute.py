@@ -80,7 +80,9 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 operands.append(operand)
             for n, ref in enumerate(term.operands):
                 if isinstance(ref[0], str):  # a constant: the leaf's identity jet read at a[pos], a query's values
-                    operands.append(jets.constant(ref, seeds, dtype, device).reshape(term.shapes[len(operands)]))
+                    size = None if plan.batch is None else plan.batch.size
+                    operand = jets.constant(ref, seeds, dtype, device, first, size)
+                    operands.append(operand.reshape(term.shapes[len(operands)]))
                     continue
                 slots, k = ref
                 operand = node[slots].operands[k][0].to(dtype)

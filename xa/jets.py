@@ -94,6 +94,7 @@ class Rows:
     # the constant that collapses the top order: the query's weights ``(q, rows)``, or, for jets kept per
     # item (xa.sparsity), its weights gathered per item and laid out over the samples and items ``(q, rows, T)``
     weights: tuple = ("weights",)
+    per_sample: bool = False
 
     @property
     def order(self) -> int:
@@ -204,8 +205,28 @@ def seed(directions: torch.Tensor, m: int, k, pos: int) -> torch.Tensor:
     return directions.index_select(0, at)
 
 
-def constant(ref: tuple, seeds: dict | None, dtype, device) -> torch.Tensor:
-    """A plan's constant operand: a one-hot identity jet, seeded directions, or a query's weights."""
+def sample_seed(directions: torch.Tensor, m: int, k, pos: int, first: int = 0, size=None) -> torch.Tensor:
+    """``D[b, a[pos], i]`` over the rows ``a`` of kind ``k`` and the samples ``first .. first + size``:
+    the leaf's jet along each sample's own directions ``D`` of shape ``(B, m, n')``, laid out
+    ``(rows, b, i)`` like the jets.
+
+    Directions stored ``(m, B, n')`` (``D`` a transposed view of them, as :mod:`xa.sampling` draws
+    them) are the operand itself, with no copy, where the rows read every direction once, in order,
+    over all samples (order 1 of a directional query or an estimator).
+    """
+    directions = directions.transpose(0, 1)
+    if not (count(m, k) == m and _reads_in_order(m, k, (pos,), 1)):
+        directions = directions.index_select(0, index(m, k, (pos,), directions.device, lower=1))
+    if size is not None and size != directions.shape[1]:
+        directions = directions.narrow(1, first, size)
+    return directions
+
+
+def constant(ref: tuple, seeds: dict | None, dtype, device, first: int = 0, size=None) -> torch.Tensor:
+    """A plan's constant operand: a one-hot identity jet, seeded directions, or a query's weights.
+
+    Per-sample directions (``"sample_seed"``) are read at the samples ``first .. first + size`` of a chunk.
+    """
     if ref[0] == "onehot":
         return onehot(*ref[1:], dtype, device)
     if ref[0] == "seed":
@@ -217,6 +238,8 @@ def constant(ref: tuple, seeds: dict | None, dtype, device) -> torch.Tensor:
     if ref[0] == "item_weights_joint":  # (q, rows, N) repeated for every sample: (q, rows, samples * N)
         w = item_weights(ref[1:6], seeds["weights"].to(dtype))
         return w[:, :, None, :].expand(w.shape[0], w.shape[1], ref[6], w.shape[2]).reshape(w.shape[0], w.shape[1], -1)
+    if ref[0] == "sample_seed":
+        return sample_seed(seeds["directions"].to(dtype), *ref[1:], first=first, size=size)
     return seeds["weights"].to(dtype)
 
 
@@ -466,6 +489,13 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         kept = tuple(shift[i] for i in port if pin is None or i != pin)
         key = jets[inputs[a]][len(block)]
         if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (rows, n), or the seeded directions
+            if rows_.per_sample and sampled is not None:  # each sample's own directions: (rows, b, n')
+                if pin is None:
+                    raise QueryError("per-sample directions: the leaf does not carry the sample dim of batch_dim= "
+                                     "(it is shared by every sample, as a weight is); each sample's own directions "
+                                     "need a leaf with one slice per sample, such as the points")
+                constants.append((("sample_seed", m, kind, block[0]), (alpha, ps) + kept))
+                continue
             ref = ("seed", m, kind, block[0]) if rows_.seeded else ("onehot", m, kind, block[0])
             constants.append((ref, (alpha,) + kept))
             continue
@@ -516,7 +546,11 @@ class Ask:
     ``"diagonal"``, ``("rows", sorted multi-indices)``, ``("rank", offset, r)``
     (the diagonal rows of ``r`` seeded directions). ``identity``: the leaf's own
     entries are directions; ``extra``: how many seeded directions follow them.
-    ``collapse``: the top order is kept as that many weighted sums.
+    ``collapse``: the top order is kept as that many weighted sums. ``per_sample``: the
+    seeded directions are each sample's own (``(B, m, n')`` at execution). A pattern
+    ``("mixed", offset, r, k)`` asks the rows ``(o + j k, o + j k + 1, .., o + j k + k - 1)``
+    for ``j < r``: ``d^k S [d_(o + j k), .., d_(o + j k + k - 1)]``, mixed along ``k``
+    seeded directions each (an estimator's terms, :mod:`xa.sampling`).
     """
 
     name: str
@@ -524,6 +558,7 @@ class Ask:
     identity: bool = True
     extra: int = 0
     collapse: int = 0
+    per_sample: bool = False
 
     @property
     def order(self) -> int:
@@ -559,7 +594,10 @@ def _rows(ask: Ask, n: int) -> Rows:
                                          f"{n} entries (entries are 0..{n - 1} of the leaf flattened, one "
                                          "sample's with batch_dim)")
                 here |= set(pat[1])
+            elif pat[0] == "mixed":  # ("mixed", offset, r, k): k seeded directions per row
+                first = ni + pat[1]
+                here |= {tuple(range(first + j * k, first + (j + 1) * k)) for j in range(pat[2])}
             else:  # ("rank", offset, r)
                 here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
         wanted[k] = here
-    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse)
+    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse, per_sample=ask.per_sample)

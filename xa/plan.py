@@ -172,6 +172,8 @@ def _operand(ref, shape) -> str:
         return f"the leaf's identity jet at position {ref[3]} of each row {list(shape)}"
     if ref[0] == "seed":
         return f"the query's directions at position {ref[3]} of each row {list(shape)}"
+    if ref[0] == "sample_seed":
+        return f"each sample's own directions at position {ref[3]} of each row {list(shape)}"
     if ref[0] == "weights":
         return f"the query's weights, summing the top order's rows {list(shape)}"
     if ref[0] == "items":

@@ -348,6 +348,9 @@ class Partials(Query):
 class Directional(Query):
     """``d^k S [v, .., v]`` for k = 1..order and each direction ``v`` (the Taylor coefficients times ``k!``).
 
+    ``per_sample=True``: ``directions`` is ``(B, m, n)``, each sample's own ``m`` (a per-sample plan
+    seeds them with the sample label; :func:`xa.directional` sets it for such a tensor with ``batch_dim``).
+
     Example:
         >>> import io
         >>> x = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
@@ -359,27 +362,33 @@ class Directional(Query):
         [3.0, 5.0, 9.0]
     """
 
-    def __init__(self, wrt, directions: torch.Tensor, order: int):
+    def __init__(self, wrt, directions: torch.Tensor, order: int, per_sample: bool = False):
         if not isinstance(directions, torch.Tensor) or directions.dim() < 1:
             raise TypeError("directions must be a tensor: one direction, 1-d with the leaf's n entries (one "
-                            "sample's with batch_dim), or m of them, (m, n) or (m, *one sample's shape)")
+                            "sample's with batch_dim), or m of them, (m, n) or (m, *one sample's shape); with "
+                            "batch_dim, each sample's own: (B, m, n)")
         self.wrt, self.order = wrt, checks.order(order)
+        self.per_sample = per_sample  # directions (B, m, n'): each sample its own m (xa.directional decides)
         self.single = directions.dim() == 1
-        self.v = directions[None] if self.single else directions.reshape(directions.shape[0], -1)
+        if per_sample:
+            self.v = directions
+        else:
+            self.v = directions[None] if self.single else directions.reshape(directions.shape[0], -1)
 
     def ask(self) -> Ask:
-        m = self.v.shape[0]
-        return Ask("directional", tuple((("rank", 0, m),) for _ in range(self.order)), identity=False, extra=m)
+        m = self.v.shape[-2]
+        return Ask("directional", tuple((("rank", 0, m),) for _ in range(self.order)), identity=False, extra=m,
+                   per_sample=self.per_sample)
 
     def seeds(self, rows, n, dtype, device):
-        if self.v.shape[1] != n:
-            raise QueryError(f"directional: each direction has {self.v.shape[1]} entries, the leaf has {n} "
+        if self.v.shape[-1] != n:
+            raise QueryError(f"directional: each direction has {self.v.shape[-1]} entries, the leaf has {n} "
                              "(per sample with batch_dim)")
         return {"directions": self.v.to(dtype=dtype, device=device)}
 
     def answer(self, jets, rows, n, like, seeds):
         out = []
-        m = self.v.shape[0]
+        m = self.v.shape[-2]
         for t in jets:
             t = torch.stack([like(None if t is None else t[r]) for r in range(m)])
             out.append(t[0] if self.single else t)
