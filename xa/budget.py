@@ -166,7 +166,7 @@ def _run_in_chunks(request: Request, budget: float, whole):
     plan, one_row = need(1)
     if one_row > budget:
         also = ""
-        if "forward" in whole.prices:
+        if "forward" in whole.prices and not request.diagonal:
             forward = planner.build(request.replace(direction="forward"))
             also = f"; the forward plan would need {size(forward.need_bytes())}"
         raise MemoryBudgetError(
