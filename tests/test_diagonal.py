@@ -146,8 +146,8 @@ def test_parameters_summed():
     params = {n: p.detach() for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         got = xa.diagonal(loss, p, order=2)
-        want = _diag_ref(lambda q: F.cross_entropy(functional_call(model, {**params, name: q}, (X,)), y,
-                                                   reduction="sum"), params[name], 2)
+        want = _diag_ref(lambda q, name=name: F.cross_entropy(functional_call(model, {**params, name: q}, (X,)), y,
+                                                              reduction="sum"), params[name], 2)
         _same(got, want)
 
 
@@ -297,7 +297,7 @@ def test_backpack(act, loss):
     params = list(model.parameters())
     batch = xa.diagonal(losses, params, order=2, batch_dim=0, create_graph=False)
     total = xa.diagonal(losses.sum(), params, order=2, create_graph=False)
-    for p, q, b, t in zip(params, theirs.parameters(), batch, total):
+    for q, b, t in zip(theirs.parameters(), batch, total):
         _same(b, q.diag_h_batch)
         _same(t, q.diag_h)
 

@@ -292,7 +292,7 @@ def _refine(graph, y, resolved, target, ties) -> list:
                     acc *= sz
                     cuts.add(acc)
             changed = False
-            for (r, t), q in zip(ports, seqs):
+            for (r, _), q in zip(ports, seqs):
                 acc = 1
                 for label, sz in q:
                     inside = sorted(c for c in cuts if acc < c < acc * sz)
