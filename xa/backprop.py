@@ -70,7 +70,8 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
     value indices, ``(A, B)`` for ``d^2 S / dA dB``); ``results[("mixed", M)]`` is ``[M]``.
     ``tied`` lists leaves whose positions are tied in every block: a block holding one of them
     ``j`` times keeps only its diagonal ``d^j S / dL_i^j`` (the leaf's dims once), and every term
-    writing it computes only that (:mod:`xa.diag`; the other positions stay dense).
+    writing it computes only that (:mod:`xa.diag`; the other positions stay dense). Only order
+    ``order`` of a tied leaf is kept: its lower orders are left out (``None`` when read).
     """
     N = order
     wanted = set(requested) | set(retained)
@@ -91,6 +92,8 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
     groups = {frozenset(ms) for ms in mixed}
 
     def keep(m):
+        if tied and len(m) < N and all(u in tied for u in m):
+            return False  # a tied leaf's lower orders: only the diagonal of order N is asked (xa.diag)
         common = reach[m[0]]
         for u in m[1:]:
             common = common & reach[u]
