@@ -37,7 +37,8 @@ from . import checks
 from .errors import QueryError
 from .jets import Ask, Rows, count, index, multi_indices, rows_of, where
 
-__all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Diagonal", "RankOne", "Query"]
+__all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Pure", "Diagonal", "RankOne",
+           "Query"]
 
 # --------------------------------------------------------------------------- coefficients
 
