@@ -7,6 +7,7 @@ several leaves in one call, the gradient of a loss built from a diagonal, BackPA
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -177,16 +178,29 @@ def _spy(monkeypatch, name):
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_chunks_of_samples(monkeypatch, direction):
+@pytest.mark.parametrize("record", [False, True])
+def test_chunks_of_samples(monkeypatch, direction, record):
     net = _net(width=8)
     X = torch.randn(40, 3, dtype=DT, requires_grad=True)
     u = net(X)
-    whole = xa.diagonal(u, X, order=2, batch_dim=0, direction=direction, create_graph=False)
+    W = net[2].weight
+    whole = xa.diagonal(u, [X, W], order=2, batch_dim=0, direction=direction, create_graph=record)
     calls = _spy(monkeypatch, "_run_in_samples")
-    chunked = xa.diagonal(u, X, order=2, batch_dim=0, direction=direction, max_memory=30_000, create_graph=False)
+    budget_bytes = 300_000 if record else 120_000  # the recorded run keeps its results twice
+    chunked = xa.diagonal(u, [X, W], order=2, batch_dim=0, direction=direction, max_memory=budget_bytes,
+                          create_graph=record)
     assert calls, "a small budget runs in chunks of samples"
-    _same(chunked, whole)
-    _same(whole, vmap(lambda x: _diag_ref(net, x, 2))(X.detach()))
+    for a, b in zip(chunked, whole):
+        _same(a, b)
+    _same(whole[0], vmap(lambda x: _diag_ref(net, x, 2))(X.detach()))
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    want = vmap(lambda x: _diag_ref(lambda w: functional_call(net, {**params, "2.weight": w}, (x,)), W.detach(),
+                                    2))(X.detach())
+    _same(whole[1], want)
+    if record:  # the chunks' results carry the gradient of the whole
+        g1 = torch.autograd.grad(chunked[1].sum() + chunked[0].pow(2).sum(), W, retain_graph=True)[0]
+        g2 = torch.autograd.grad(whole[1].sum() + whole[0].pow(2).sum(), W)[0]
+        _same(g1, g2)
 
 
 def test_chunks_of_source_rows(monkeypatch):
@@ -330,3 +344,59 @@ def test_errors_name_the_argument():
     assert u.grad_fn is not None and x.grad is None  # nothing touched
     u.sum().backward()
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_ports_split_differently(monkeypatch, batch_dim):
+    """A node reading the leaf twice through ports that split its entries differently ((4, 3) and (12,)):
+    the factor's labels are split alike before the positions are tied."""
+    from xa import backprop
+
+    torch.manual_seed(4)
+    W = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    c = torch.randn(5, 12, dtype=DT)
+    eye = torch.eye(12, dtype=DT).reshape(4, 3, 12)
+
+    def mul_rule(ctx, slots):  # y = a * b, its b port one label of 12 entries
+        lab = xa.LabelMaker()
+        i, j = lab.dims(ctx.out_shape)
+        flat = lab.new(12)
+        a, b = ctx.saved("self"), ctx.saved("other")
+        if slots == (0,):
+            return lab.factor((i, j), [(i, j)], [(b, (i, j))])
+        if slots == (1,):
+            return lab.factor((i, j), [(flat,)], [(a, (i, j)), (eye, (i, j, flat))])
+        if slots == (0, 1):
+            return lab.factor((i, j), [(i, j), (flat,)], [(eye, (i, j, flat))])
+        return None
+
+    def f(W):
+        return c @ torch.sin(W * W).reshape(12)  # (5,)
+
+    calls = []
+    real = backprop._refine
+    monkeypatch.setattr(backprop, "_refine", lambda *a: calls.append(1) or real(*a))
+    for direction in ("backward", "forward"):
+        got = xa.diagonal(f(W), W, order=2, batch_dim=batch_dim, direction=direction,
+                          configurations={"MulBackward0": mul_rule})
+        want = _diag_ref(f, W.detach(), 2)
+        _same(got, want)
+    assert calls, "the backward plan split the factor's labels"
+
+
+def test_the_plan_keeps_only_the_diagonal():
+    """Backward, a parameter's block is its diagonal per sample, and no block holds n_W^2 entries per sample;
+    explain names the query and both directions' prices."""
+    import io
+
+    model = _net(d_in=6, d_out=3, width=5)
+    X, y = torch.randn(4, 6, dtype=DT), torch.randint(0, 3, (4,))
+    losses = F.cross_entropy(model(X), y, reduction="none")
+    W = model[0].weight
+    out = io.StringIO()
+    plan = xa.explain(losses, query=xa.queries.Pure(W, 2), batch_dim=0, file=out)
+    assert "query: diagonal" in out.getvalue() and set(plan.prices) == {"forward", "backward"}
+    assert plan.direction == "backward"  # 30 rows of jets cost more than the tied backprop
+    (i,) = plan.results
+    assert plan.block_shapes[(i, i)] == (4,) + tuple(W.shape)  # (B, *S' (none: one loss each), *W.shape)
+    assert max(math.prod(s) for s in plan.block_shapes.values()) < 4 * W.numel() ** 2
