@@ -136,8 +136,12 @@ def test_parameters_per_sample(direction):
     for g, (name, p) in zip(got, model.named_parameters()):
         assert g.shape == (6,) + p.shape
         _same(g, want[name])
-    # one leaf alone gives the same as its entry among all
+    # one leaf alone gives the same as its entry among all; a leaf named twice is answered twice
     _same(xa.diagonal(losses, params[0], order=2, batch_dim=0, direction=direction), got[0])
+    twice = xa.diagonal(losses, (params[2], params[0], params[2]), order=2, batch_dim=0, direction=direction)
+    assert len(twice) == 3
+    for g, w in zip(twice, (got[2], got[0], got[2])):
+        _same(g, w)
 
 
 def test_parameters_summed():

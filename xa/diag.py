@@ -32,7 +32,7 @@ def diagonal(request: Request, query: Pure):
     ran, results, _ = budget.compute(request, plan)
     batch = ran.batch
     s_shape = graph.source_shape
-    out = []
+    out = {}
     for w in query.leaves:
         i = graph.find(w)
         t = results[i][k - 1]
@@ -52,8 +52,8 @@ def diagonal(request: Request, query: Pure):
             elif ran.direction == "forward":  # (n', B, *S')
                 t = t.reshape(n, b, s).permute(1, 2, 0)
             t = t.reshape((b,) + rest + batch.shape(graph, i)).movedim(0, d)
-        out.append(t.to(dtype=w.dtype, device=w.device))
-    return out[0] if query.single else tuple(out)
+        out[id(w)] = t.to(dtype=w.dtype, device=w.device)
+    return out[id(query.wrt)] if query.single else tuple(out[id(w)] for w in query.wrt)
 
 
 def _one_sample(request: Request, i: int, leaf: torch.Tensor) -> tuple:
