@@ -92,7 +92,8 @@ def test_one_sample():
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_fan_out(direction):
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_fan_out(direction, batch_dim):
     """A leaf read by two operators (and twice by one): every term that reaches its diagonal is there."""
     torch.manual_seed(1)
     W = torch.randn(4, 4, dtype=DT, requires_grad=True)
@@ -103,8 +104,8 @@ def test_fan_out(direction):
         return (torch.sin(h @ W) * W[0]).sum(1) + (W * W).sum() * h[:, 0]
 
     for k in (2, 3):
-        got = xa.diagonal(f(W), W, order=k, direction=direction)
-        _same(got, _diag_ref(f, W.detach(), k))
+        got = xa.diagonal(f(W), W, order=k, direction=direction, batch_dim=batch_dim)
+        _same(got, _diag_ref(f, W.detach(), k))  # a shared leaf: sample b's row is u_b's
 
 
 # ------------------------------------------------------------------ parameters
