@@ -90,6 +90,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
             return batch.shape(graph, u)
 
     groups = {frozenset(ms) for ms in mixed}
+    tied = frozenset(tied)
 
     def keep(m):
         if tied and len(m) < N and all(u in tied for u in m):
@@ -99,8 +100,6 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
             common = common & reach[u]
         # a joint block of leaves asked together: each value reaches one of them
         return bool(common) or any(all(reach[u] & g for u in m) for g in groups)
-
-    tied = frozenset(tied)
 
     def block_shape(m):
         dims, seen = [], set()

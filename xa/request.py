@@ -117,7 +117,7 @@ def _make(graph: Graph, rules: dict, caller: str, how: _How, order: int, request
     planned = None if sample_dim is None or graph.source_shape[sample_dim] == 1 else sample_dim
     return Request(graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])), order,
                    tuple(requested), tuple(retained), direction or how.direction, planned, query, tuple(mixed),
-                   tuple(diagonal), graph=graph, rules=rules, caller=caller, max_memory=how.max_memory,
+                   diagonal=tuple(diagonal), graph=graph, rules=rules, caller=caller, max_memory=how.max_memory,
                    record=how.record, sample_dim=sample_dim)
 
 
