@@ -175,6 +175,19 @@ def _check_diagonal(scope):
     _same(scope["u_iiii"], D4[:, i, i, i, i][:, None])
 
 
+def _check_block_sparsity(scope):
+    """The per-particle Laplacian: torch.func's trace of each walker's Hessian; the plan kept the items apart."""
+    psi, R = scope["psi"], scope["R"]
+    n = R[0].numel()
+    want = vmap(lambda r: hessian(lambda z: psi(z[None])[0])(r).reshape(n, n).trace())(R.detach())
+    _same(scope["kinetic"], -0.5 * want)
+    plan = scope["sparse_plan"]
+    text = scope["report"].getvalue()
+    assert plan.tied and "block sparsity: leaf" in text
+    saved = float(re.search(r"the dense plan \(every row through every node\) \S+ \((\S+)x\)", text).group(1))
+    assert 30 < saved < 50, saved  # the README says "about 40x"
+
+
 # (names a block defines, its check): a block may match several
 CHECKS = [
     (("x", "W", "y"), _check_network),
@@ -187,6 +200,7 @@ CHECKS = [
     (("H_W1", "H_W1W2"), _check_per_sample_hessians),
     (("plan", "sup", "lap_plan"), _check_explain),
     (("diag_hessian", "diag_summed", "u_iiii"), _check_diagonal),
+    (("kinetic", "sparse_plan"), _check_block_sparsity),
 ]
 
 

@@ -191,7 +191,7 @@ def _sample_view(operand, view, batch, first) -> torch.Tensor:
     """
     shape, axes = view
     operand = operand.reshape(shape)
-    if batch.size != batch.total:
+    if batch is not None and batch.size != batch.total:
         for axis in axes:
             if shape[axis] != batch.size:
                 operand = operand.narrow(axis, first, batch.size)

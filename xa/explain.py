@@ -82,6 +82,12 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     wanted = set(plan.results)
     batch = plan.batch
     folded = {graph.values[c].inputs[slot]: c for c, slots in plan.folds.items() for slot in slots}
+    tied = {}
+    if plan.direction == "forward":
+        for leaf, (items, rows_t) in plan.tied.items():
+            for line in _sparsity_lines(request, plan, leaf, items, rows_t):
+                w(line + "\n")
+            tied.update({i: leaf for i in items.tied})
     if batch is not None:
         w(f"per sample: the source's dim {batch.source_dim} is the sample index b, {batch.total} samples; every "
           f"block carries b once (never b x b), as its first dim (a jet: after its rows)\n")
@@ -94,6 +100,8 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         sample = ""
         if batch is not None:
             sample = "  " + batch.describe(graph, v.index)
+        if v.index in tied:
+            sample += f"  (items of leaf #{tied[v.index]} kept apart)"
         if v.index in folded:
             sample += f"  (folded: #{folded[v.index]} reads its input in place, no copy)"
         w(f"  #{v.index:<3} {kind} {name:<28} {str(list(v.shape)):<14} {('<- ' + ins) if ins else ''}{mark}"
@@ -126,6 +134,21 @@ def _query_lines(request, plan: Plan) -> list:
                  f"this plan: {plan.flops:.4g} ({full / max(plan.flops, 1):.3g}x fewer than the whole tensor's "
                  "cheaper plan)")
     return lines
+
+
+def _sparsity_lines(request, plan: Plan, leaf: int, items, rows_t) -> list:
+    """Block sparsity of a leaf's jets: its items, the values that keep them apart, the rows kept, the FLOPs saved."""
+    dense = planner.build(request.replace(sparse=False, direction="forward"))
+    n = items.numel * items.items
+    kept = "; ".join(f"order {k}: {count(rows_t.m, kind)} per item"
+                     + (f" summed into {rows_t.collapse}" if rows_t.collapse and k == rows_t.order else "")
+                     for k, kind in enumerate(rows_t.kinds, start=1))
+    return [f"block sparsity: leaf #{leaf} is {items.items} items of {items.numel} entries each"
+            f"{' per sample' if plan.batch is not None else ''} ({n} in all); {len(items.tied)} values keep its items "
+            f"apart (marked below), their jets kept per item over its own entries ({kept}), written into the "
+            "leaf's rows where a node mixes items",
+            f"FLOPs: this plan {plan.flops:.4g}; the dense plan (every row through every node) {dense.flops:.4g} "
+            f"({dense.flops / max(plan.flops, 1):.3g}x)"]
 
 
 def _mixed_line(request) -> str:

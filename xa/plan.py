@@ -56,6 +56,7 @@ class Plan:
     folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
     query: Any = None  # a query's structure (xa.jets.Ask): the rows it keeps per order
     mixed: tuple = ()  # joint blocks of leaves kept too (xa.mixed)
+    tied: dict = field(default_factory=dict)  # forward: leaf -> (its items, the rows kept per item) (xa.sparsity)
 
     @property
     def flops(self) -> int:
@@ -173,6 +174,10 @@ def _operand(ref, shape) -> str:
         return f"the query's directions at position {ref[3]} of each row {list(shape)}"
     if ref[0] == "weights":
         return f"the query's weights, summing the top order's rows {list(shape)}"
+    if ref[0] == "items":
+        return f"the one-hot placing each item's rows among the leaf's rows {list(shape)}"
+    if ref[0] in ("item_weights", "item_weights_joint"):
+        return f"the query's weights of each item's rows, summing the top order's rows {list(shape)}"
     slots, _ = ref
     return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
 
@@ -181,6 +186,9 @@ def _block(key) -> str:
     if key and key[0] == "jet":
         _, leaf, value, k = key
         return f"jet(#{leaf}, #{value}, {k})"
+    if key and key[0] == "tied":
+        _, leaf, value, k = key
+        return f"jet per item(#{leaf}, #{value}, {k})"
     return f"block {key}"
 
 
@@ -247,10 +255,10 @@ def _build(request: Request) -> Plan:
             candidates["backward"] = Plan(request.order, steps, shapes, results, tuple(retained),
                                           direction="backward")
         if forward_ok and direction in ("auto", "forward"):
-            steps, shapes, results, expansions = build_forward(graph, request.order, rules, requested, batch,
-                                                               request.query)
+            steps, shapes, results, expansions, tied = build_forward(graph, request.order, rules, requested, batch,
+                                                                     request.query, request.sparse)
             candidates["forward"] = Plan(request.order, steps, shapes, results, (), direction="forward",
-                                         expand=expansions)
+                                         expand=expansions, tied=tied)
     prices = {d: p.flops for d, p in candidates.items()}
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import checks
+from . import checks, sparsity
 from .capture import Graph
 from .errors import TargetError
 from .jets import Ask
@@ -39,7 +39,8 @@ class Request:
     positions in every backward block are tied: only the diagonal ``d^k S / dL_i^k`` is kept, :mod:`xa.diag`),
     ``rows`` / ``samples`` (a chunk of source rows or of samples), ``sliced`` (the chunk's factors
     built from its slices of what torch saved, :func:`xa.batch.cut`) with ``provenance`` (which value
-    of the graph each saved tensor is, which decides how a node is cut).
+    of the graph each saved tensor is, which decides how a node is cut), ``sparse`` (forward jets may keep
+    a leaf's items apart, :mod:`xa.sparsity`; ``xa.sparsity.ENABLED`` when the request is made).
 
     Carried, not compared: ``graph``, ``rules``, ``caller`` (``"xa.laplacian"``, for
     messages), ``max_memory`` (the user's budget, ``None`` for the default),
@@ -61,6 +62,7 @@ class Request:
     samples: Optional[int] = None
     sliced: bool = False
     provenance: tuple = ()
+    sparse: bool = True
     graph: Graph = field(default=None, compare=False, repr=False)
     rules: dict = field(default_factory=dict, compare=False, repr=False)
     caller: str = field(default="xa.backward", compare=False)
@@ -117,8 +119,9 @@ def _make(graph: Graph, rules: dict, caller: str, how: _How, order: int, request
     planned = None if sample_dim is None or graph.source_shape[sample_dim] == 1 else sample_dim
     return Request(graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])), order,
                    tuple(requested), tuple(retained), direction or how.direction, planned, query, tuple(mixed),
-                   diagonal=tuple(diagonal), graph=graph, rules=rules, caller=caller, max_memory=how.max_memory,
-                   record=how.record, sample_dim=sample_dim)
+                   diagonal=tuple(diagonal), sparse=sparsity.ENABLED,
+                   graph=graph, rules=rules, caller=caller, max_memory=how.max_memory, record=how.record,
+                   sample_dim=sample_dim)
 
 
 def _asked(graph: Graph, target, retain: Sequence) -> tuple:
