@@ -156,6 +156,25 @@ def _check_explain(scope):
     assert scope["lap_plan"].query is not None
 
 
+def _check_diagonal(scope):
+    """The diagonal of a derivative: each sample's Hessian diagonal w.r.t. every parameter, the summed one, and
+    d^4 u / dx_i^4 per point, against torch.func."""
+    clf, data, targets = scope["clf"], scope["data"], scope["targets"]
+    params = {n: p.detach() for n, p in clf.named_parameters()}
+    for (name, p), got in zip(params.items(), scope["diag_hessian"]):
+        def loss(q, x, y, name=name):
+            return F.cross_entropy(functional_call(clf, {**params, name: q}, (x[None],)), y[None])
+
+        H = vmap(hessian(loss), in_dims=(None, 0, 0))(p, data, targets).reshape(len(data), p.numel(), p.numel())
+        _same(got, H.diagonal(dim1=1, dim2=2).reshape(got.shape))
+        if name == "0.weight":
+            _same(scope["diag_summed"], H.sum(0).diagonal().reshape(p.shape))
+    field, pts = scope["field"], scope["pts"]
+    D4 = vmap(jacfwd(jacfwd(hessian(lambda z: field(z)[0]))))(pts.detach())   # (128, 3, 3, 3, 3)
+    i = torch.arange(3)
+    _same(scope["u_iiii"], D4[:, i, i, i, i][:, None])
+
+
 def _check_block_sparsity(scope):
     """The per-particle Laplacian: torch.func's trace of each walker's Hessian; the plan kept the items apart."""
     psi, R = scope["psi"], scope["R"]
@@ -196,6 +215,7 @@ CHECKS = [
     (("pinn_losses",), _check_training),
     (("H_W1", "H_W1W2"), _check_per_sample_hessians),
     (("plan", "sup", "lap_plan"), _check_explain),
+    (("diag_hessian", "diag_summed", "u_iiii"), _check_diagonal),
     (("kinetic", "sparse_plan"), _check_block_sparsity),
     (("lap_est", "lap_exact"), _check_randomized),
 ]

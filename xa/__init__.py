@@ -32,6 +32,7 @@ from .api import (  # noqa: E402
     backward,
     biharmonic,
     clear_partials,
+    diagonal,
     differential_operator,
     directional,
     laplacian,
@@ -58,7 +59,7 @@ from .registry import register, supported  # noqa: E402
 
 __all__ = [
     "backward", "clear_partials", "explain", "laplacian", "biharmonic", "partials", "differential_operator",
-    "directional", "mixed",
+    "directional", "mixed", "diagonal",
     "queries", "QueryError", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",

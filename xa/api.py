@@ -18,8 +18,9 @@ from . import plan as planner
 from . import request as requests
 from .answer import answer
 from .capture import Graph
+from .diag import diagonal as diagonal_of
 from .mixed import blocks as mixed_blocks
-from .queries import Biharmonic, Directional, Laplacian, Mixed, Operator, Partials
+from .queries import Biharmonic, Directional, Laplacian, Mixed, Operator, Partials, Pure
 
 
 class Superset:
@@ -460,6 +461,57 @@ def _estimate(caller, source, wrt, batch_dim, make, configurations, max_memory, 
         B, n = sampling.layout(caller, source, wrt, sample_dim)
         query = make(B, n, wrt.dtype if wrt.is_floating_point() else source.dtype, wrt.device)
     return _answer(source, query, batch_dim, configurations, max_memory, direction, create_graph)
+
+
+def diagonal(source: torch.Tensor, wrt, order: int, batch_dim: Optional[int] = None, configurations=None,
+             max_memory: Optional[int] = None, direction: str = "auto", create_graph: Optional[bool] = None):
+    """The diagonal of the k-th derivative: ``d^k source / dwrt_i^k`` for every entry ``i`` of ``wrt``.
+
+    It costs about a Laplacian, not the whole derivative tensor: forward, the jets of the rows
+    ``(i,)*j`` alone; backward, backprop whose terms write only the diagonal of the leaf's
+    block (the other blocks stay dense), so the Hessian diagonal of a parameter of any size
+    never builds ``n^2`` entries. ``xa.diagonal(losses, W, order=2, batch_dim=0)`` is each
+    sample's Hessian diagonal (BackPACK's ``BatchDiagHessian``); without ``batch_dim``, on
+    ``losses.sum()``, its sum (``DiagHessian``).
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (an input, a parameter), or a sequence of leaves, all
+            answered by one plan.
+        order: ``k``, a positive int.
+        batch_dim: the source's sample dim: each sample's diagonal w.r.t. its own entries of a
+            batched leaf (points ``x`` of shape ``(B, d)``: ``d^k u_b / dx_(b,i)^k``), or w.r.t. all of a
+            shared one (a weight). See :func:`xa.backward`.
+        configurations: rules swapped in for this call, as in :func:`xa.backward`.
+        max_memory: bytes, as in :func:`xa.backward`; over budget, chunks of source rows, or with
+            ``batch_dim`` of samples.
+        direction: ``"auto"`` (price both, run the cheaper), ``"forward"`` (jets of the diagonal's
+            rows) or ``"backward"`` (backprop with the leaf's positions tied).
+        create_graph: whether the result carries a gradient, as in :func:`xa.backward`.
+
+    Returns:
+        ``(*source.shape, *wrt.shape)``, in ``wrt``'s dtype and on its device; with ``batch_dim``,
+        ``wrt.shape`` is one sample's (a shared leaf's whole shape). For a sequence of leaves, a
+        tuple of them in that order.
+
+    Raises:
+        QueryError: ``order`` is not a positive int. TargetError: ``wrt`` is not a leaf of the
+        source's graph. TypeError: ``wrt`` is not a tensor or a sequence of tensors.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+        >>> u = (x[:, :1] ** 3 * x[:, 1:] ** 2)                   # (2, 1): one value per point
+        >>> xa.diagonal(u, x, order=2, batch_dim=0).tolist()     # (6 x0 x1^2, 2 x0^3) per point
+        [[[24.0, 2.0]], [[288.0, 54.0]]]
+        >>> W = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+        >>> losses = torch.tanh(x @ W.T).sum(1)                   # (2,): one loss per point
+        >>> xa.diagonal(losses, W, order=2, batch_dim=0).shape   # each point's Hessian diagonal
+        torch.Size([2, 3, 2])
+    """
+    query = Pure(wrt, order)
+    with torch.set_grad_enabled(checks.create_graph(create_graph)):
+        request = requests.query(source, query, batch_dim, configurations, max_memory, direction, create_graph)
+        return diagonal_of(request, query)
 
 
 def _answer(source, query, batch_dim, configurations, max_memory, direction, create_graph):

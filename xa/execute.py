@@ -89,7 +89,7 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 if term.views is not None and term.views[n] is not None:
                     operand = _sample_view(operand, term.views[n], plan.batch, first)
                 shape = term.shapes[len(operands)]
-                if operand.dim() != len(shape):  # a label of size one left out (compile_term's unit_sums)
+                if operand.shape != shape:  # a label of size one left out (unit_sums), a label split (xa.backprop)
                     operand = operand.reshape(shape)
                 operands.append(operand)
             coef = node.coef(term)

@@ -18,7 +18,7 @@ from . import plan as planner
 from . import request as requests
 from .jets import count
 from .plan import Plan
-from .queries import Mixed
+from .queries import Mixed, Pure
 
 
 def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor] = None,
@@ -74,6 +74,8 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     w(f"xa plan: order {plan.order}, source #0 of shape {list(graph.source_shape)}, {graph.dtype}, {graph.device}\n")
     if isinstance(query, Mixed):
         w(_mixed_line(request) + "\n")
+    elif isinstance(query, Pure):
+        w(_diagonal_line(request, plan) + "\n")
     elif query is not None:
         for line in _query_lines(request, plan):
             w(line + "\n")
@@ -153,3 +155,11 @@ def _mixed_line(request) -> str:
     asked = ", ".join("d^{} S / {}".format(len(k), " ".join(f"d#{u}" for u in k)) for k in request.mixed)
     return (f"query: mixed partials {asked}, answered by backprop; the joint blocks of leaves "
             f"{list(request.requested)} are kept (block (a, b) = d^2 S / d#a d#b)")
+
+
+def _diagonal_line(request, plan: Plan) -> str:
+    prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))
+    how = ("jets of the rows (i,)*j" if plan.direction == "forward" else
+           "backprop with each leaf's positions tied (its blocks keep their diagonal only)")
+    return (f"query: diagonal d^{request.order} S / dL_i^{request.order} of leaves {list(request.requested)}, "
+            f"answered by {plan.direction} {how}; FLOPs {prices}")

@@ -236,7 +236,8 @@ def _build(request: Request) -> Plan:
     graph, rules, direction = request.graph, request.rules, request.direction
     requested, retained, mixed = request.requested, request.retained, request.mixed
     forward_ok = (request.rows is None and not retained and not mixed
-                  and all(graph.values[i].leaf is not None for i in requested))
+                  and all(graph.values[i].leaf is not None for i in requested)
+                  and (request.query is not None or not request.diagonal))  # a diagonal's forward is its query
     if direction == "forward" and not forward_ok:
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
@@ -252,7 +253,7 @@ def _build(request: Request) -> Plan:
                 batch = batch.chunk(request.samples, request.sliced)
         if direction in ("auto", "backward") and request.query is None:
             steps, shapes, results = build_backward(graph, request.order, rules, requested, retained, request.rows,
-                                                    batch, mixed)
+                                                    batch, mixed, request.diagonal)
             candidates["backward"] = Plan(request.order, steps, shapes, results, tuple(retained),
                                           direction="backward")
         if forward_ok and direction in ("auto", "forward"):

@@ -37,7 +37,8 @@ from . import checks
 from .errors import QueryError
 from .jets import Ask, Rows, count, index, multi_indices, rows_of, where
 
-__all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Diagonal", "RankOne", "Query"]
+__all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Pure", "Diagonal", "RankOne",
+           "Query"]
 
 # --------------------------------------------------------------------------- coefficients
 
@@ -423,3 +424,37 @@ class Mixed(Query):
     def keys(self, value: dict) -> list:
         """Each request's block: the sorted value indices of its leaves (``value``: leaf id -> index)."""
         return [tuple(sorted(value[id(w)] for w in r)) for r in self.requests]
+
+
+class Pure(Query):
+    """The pure partials ``d^k S / dx_i^k`` for every entry ``i`` of each leaf: the diagonal of the derivative.
+
+    Forward, the jets of the rows ``(i,)*j`` (``n`` rows per order, as a Laplacian's); backward,
+    backprop with each leaf's ``k`` positions tied, so that the terms that write its block compute
+    only the diagonal (:mod:`xa.diag`). ``wrt`` is a leaf or a sequence of leaves (one plan).
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = x[0] ** 3 * x[1] ** 2                       # d^2 s / dx_0^2 = 6 x_0 x_1^2, d^2 s / dx_1^2 = 2 x_0^3
+        >>> xa.explain(s, query=xa.queries.Pure(x, 2), file=io.StringIO()).order
+        2
+        >>> xa.diagonal(s, x, order=2).tolist()             # what xa.diagonal asks
+        [24.0, 2.0]
+    """
+
+    def __init__(self, wrt, order: int):
+        self.single = isinstance(wrt, torch.Tensor)
+        if not self.single and (not isinstance(wrt, Sequence) or not wrt
+                                or not all(isinstance(w, torch.Tensor) for w in wrt)):
+            got = type(wrt).__name__ if not isinstance(wrt, Sequence) or not wrt else \
+                next(type(w).__name__ for w in wrt if not isinstance(w, torch.Tensor))
+            raise TypeError(f"xa.diagonal: wrt must be a leaf tensor or a non-empty sequence of leaves, got {got}")
+        self.wrt = wrt
+        self.leaves = [wrt] if self.single else list({id(w): w for w in wrt}.values())
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise QueryError(f"xa.diagonal: order must be a positive int (the k of d^k S / dx_i^k), got {order!r}")
+        self.order = order
+
+    def ask(self) -> Ask:
+        return Ask("diagonal", ((),) * (self.order - 1) + (("diagonal",),))
