@@ -24,9 +24,10 @@ deviation 0.1) and the same points:
 
 - ``xa``: ``xa.laplacian(net(x), x, batch_dim=0)``, the network an
   ``nn.Module`` of ``nn.Linear`` layers and ``F.silu``;
-- ``xa dense``: the same call with xa's automatic sparsity turned off, where
-  this xa has a switch for it (``xa_dense_kwargs``); where it has none the
-  call is the same as ``xa``'s and its time is not taken twice;
+- ``xa dense``: the same call with xa's automatic block sparsity turned off
+  (``xa.sparsity.ENABLED = False`` while it plans and runs: the dense plan);
+  where this xa has no such switch the call is the same as ``xa``'s and its
+  time is not taken twice;
 - ``torch.func``: ``vmap`` over the samples of the trace of ``hessian``
   (the reference, the network called as a function of one sample);
 - ``folx sparse`` and ``folx dense``: ``jax.jit(jax.vmap(...))`` of
@@ -54,13 +55,14 @@ torch.func failed): the largest absolute difference. The table goes to
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +80,6 @@ NODES, FEATURES, WIDTH, DEPTH = 100, 4, 100, 10
 SIZES = (4, 20)                 # the batch sizes B of each case
 FOLX_SPARSITY = 4               # folx's sparsity_threshold in its README's example of this network
 FOLX_TIMEOUT_S = 1200.0         # seconds before folx's child is given up
-# xa's switch to plan without automatic sparsity: the first of these keyword arguments xa.laplacian takes
-DENSE_SWITCHES = {"sparsity": False, "sparse": False, "block_sparsity": False}
 METHODS = ("xa", "xa dense", "torch.func", "folx sparse", "folx dense")
 
 
@@ -128,19 +128,37 @@ class NodeMLP(nn.Module):
         return self.layers[-1](x).sum(-2)
 
 
-def xa_dense_kwargs() -> dict | None:
-    """The keyword argument that turns xa's automatic sparsity off, or None where ``xa.laplacian`` has none."""
-    taken = inspect.signature(xa.laplacian).parameters
-    for name, off in DENSE_SWITCHES.items():
-        if name in taken:
-            return {name: off}
-    return None
+DENSE_SWITCH = "xa.sparsity.ENABLED = False"   # how xa is told to plan without block sparsity
 
 
-def _xa(net, X, **kwargs):
+def xa_dense():
+    """A context manager under which xa plans without block sparsity, or None where this xa has no switch."""
+    try:
+        module = importlib.import_module("xa.sparsity")
+    except ImportError:
+        return None
+    if not hasattr(module, "ENABLED"):
+        return None
+
+    @contextmanager
+    def dense():
+        was = module.ENABLED
+        module.ENABLED = False   # read when a request is made: its plan is cached apart from the sparse one
+        try:
+            yield
+        finally:
+            module.ENABLED = was
+
+    return dense
+
+
+def _xa(net, X, dense=None):
     def run():
         x = X.clone().requires_grad_(True)
-        return xa.laplacian(net(x), x, batch_dim=0, create_graph=False, **kwargs).squeeze(-1)
+        if dense is None:
+            return xa.laplacian(net(x), x, batch_dim=0, create_graph=False).squeeze(-1)
+        with dense():
+            return xa.laplacian(net(x), x, batch_dim=0, create_graph=False).squeeze(-1)
 
     return run
 
@@ -217,7 +235,7 @@ def _failed(exc: Exception) -> str:
 def run_case(key: str, reps: int, budget_s: float) -> dict:
     """Time every method of one case at each ``B`` of ``SIZES``, compare their Laplacians; print them.
 
-    Returns ``{"key", "title", "dense": the switch used or None, "folx_version", "rows": [{"B", "times":
+    Returns ``{"key", "title", "dense": the dense plan's switch or None, "folx_version", "rows": [{"B", "times":
     {method: seconds or why not}, "first": {method: seconds}, "errs": {method: max abs difference from the
     reference}, "ref": the reference method, "scale": max |Laplacian|}]}``.
     """
@@ -225,8 +243,9 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
     params = weights(spec.mix)
     net = NodeMLP(params, spec.mix).requires_grad_(False)
     Xs = {B: points(B) for B in SIZES}
-    dense = xa_dense_kwargs()
-    s = {"key": key, "title": spec.title, "dense": dense, "folx_version": None, "rows": []}
+    dense = xa_dense()
+    s = {"key": key, "title": spec.title, "dense": DENSE_SWITCH if dense else None, "folx_version": None,
+         "folx_error": None, "rows": []}
     print(f"\n{spec.title}", flush=True)
     values = {}
     for B, X_np in Xs.items():
@@ -234,7 +253,7 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
         row = {"B": B, "times": {}, "first": {}, "errs": {}}
         ways = {"xa": _xa(net, X), "torch.func": _func(net, X)}
         if dense is not None:
-            ways["xa dense"] = _xa(net, X, **dense)
+            ways["xa dense"] = _xa(net, X, dense)
         for method, fn in ways.items():
             try:
                 row["times"][method], row["first"][method], got = measure(fn, reps, budget_s)
@@ -252,6 +271,7 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
     folx = run_folx(params, spec.mix, Xs, reps, budget_s)
     if "error" in folx:
         print(f"    {folx['error']}", flush=True)
+        s["folx_error"] = folx["error"]
     else:
         s["folx_version"] = folx["version"]
     for row in s["rows"]:
@@ -259,7 +279,8 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
         for variant in ("sparse", "dense"):
             method = f"folx {variant}"
             if "error" in folx:
-                row["times"][method] = folx["error"]
+                # the table's cell: "not installed" alone, the reason in the note below it
+                row["times"][method] = folx["error"].split(" (")[0]
             else:
                 row["times"][method] = folx[f"{variant}_{B}_time"]
                 row["first"][method] = folx[f"{variant}_{B}_first"]
@@ -312,13 +333,16 @@ def markdown(summaries) -> str:
                 notes.append(f"- {s['title'].split(' ')[0]} B = {row['B']}, first call: "
                              + ", ".join(f"{m} {v:.2f} s" for m, v in row["first"].items()))
     dense = next((s["dense"] for s in summaries), None)
-    notes.append("- xa dense plan: " + (f"`xa.laplacian(..., {', '.join(f'{k}={v}' for k, v in dense.items())})`"
+    notes.append("- xa dense plan: " + (f"the same call under `{dense}`"
                                         if dense else "this xa has no switch to turn automatic sparsity off: "
                                         "the dense plan is `xa.laplacian` as it is (timed once, ratio 1 by "
                                         "construction)"))
     version = next((s["folx_version"] for s in summaries if s["folx_version"]), None)
-    notes.append(f"- folx: {version}, `sparsity_threshold={FOLX_SPARSITY}` (sparse) and 0 (dense)" if version
-                 else "- folx: not installed (set `XA_FOLX_PYTHON` to the python of a venv with jax and folx)")
+    error = next((s["folx_error"] for s in summaries if s["folx_error"]), None)
+    if version:
+        notes.append(f"- folx: {version}, `sparsity_threshold={FOLX_SPARSITY}` (sparse) and 0 (dense)")
+    if error:
+        notes.append(f"- folx: {error}; `XA_FOLX_PYTHON` names the python of a venv with jax and folx")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
