@@ -40,7 +40,7 @@ import torch
 from . import sparsity
 from .batch import BatchFactors, Batching, operand_views
 from .capture import Graph
-from .errors import QueryError
+from .errors import BatchMixingError, QueryError
 from .sparsity import Items
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
@@ -297,9 +297,18 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
         n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
         rows_ = full_rows(n, order) if query is None else query.rows(n)
         tied = _tied(graph, rules, leaf, batch, rows_) if sparse else None
+        found = dict(shapes)
+        try:
+            leaf_steps = _leaf_steps(graph, rows_, leaf, rules, found, batch, tied)
+        except BatchMixingError:
+            if tied is None:
+                raise
+            tied, found = None, dict(shapes)  # a higher-order factor does not keep the items apart: dense
+            leaf_steps = _leaf_steps(graph, rows_, leaf, rules, found, batch, None)
+        shapes.update(found)
+        steps.extend(leaf_steps)
         if tied is not None:
             sparse_[leaf] = tied
-        steps.extend(_leaf_steps(graph, rows_, leaf, rules, shapes, batch, tied))
         results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         for key in results[leaf]:
             shapes.setdefault(key, _jet_shape(graph, batch, 0, rows_, key[3]))

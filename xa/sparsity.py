@@ -148,7 +148,7 @@ def _carried(graph: Graph, rules: dict, y: int, at: dict, joint: int, reach) -> 
             if f is None:
                 continue
             f, q = split_port(f, ("ins", 0), at[x], joint, here)
-            if q not in f.out:
+            if f.ins[0].count(q) != 1 or f.out.count(q) != 1:  # mixed away, or a diagonal (dense: kept simple)
                 return None
             e = position(f.out, f.sizes, q)
             split_port(f, ("out",), e, joint, here)
