@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import arena
 from .backprop import build_backward
 from .batch import Batching, analyze
 from .capture import Graph
@@ -56,6 +57,10 @@ class Plan:
     folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
     query: Any = None  # a query's structure (xa.jets.Ask): the rows it keeps per order
     mixed: tuple = ()  # joint blocks of leaves kept too (xa.mixed)
+    # where a run without autograd keeps its large buffers (xa.arena), and the memory that holds them:
+    # shared by the cached plan and its copies, so it lives as long as the plan stays in the cache
+    layout: Any = None
+    arena: Any = None
 
     @property
     def flops(self) -> int:
@@ -259,7 +264,10 @@ def _build(request: Request) -> Plan:
     plan.mixed = mixed
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     _mark_aliases(plan)
-    plan.peak_elements = peak(plan)
+    plan.layout = arena.layout(plan)
+    plan.arena = arena.Arena()
+    # the arena is held whole while the plan runs (and between its calls): its bytes and what else is alive
+    plan.peak_elements = max(peak(plan), plan.layout.peak)
     return plan
 
 

@@ -125,7 +125,7 @@ def contraction(equation: str, shapes: tuple) -> tuple:
     if hit is None:
         path_searches += 1
         path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
-        hit = (info, _Path(oe.contract_expression(equation, *shapes, optimize=path)))
+        hit = (info, _Path(oe.contract_expression(equation, *shapes, optimize=path), equation, shapes))
         _PATHS[key] = hit
         if len(_PATHS) > _PATH_CACHE_SIZE:
             _PATHS.popitem(last=False)
@@ -144,14 +144,23 @@ class _Tensordot:
     def __init__(self, dims: tuple, swap: bool):
         self.dims, self.swap = dims, swap
 
-    def __call__(self, a, b, backend=None):
+    def __call__(self, a, b, backend=None, out=None):
         x, y = (b, a) if self.swap else (a, b)
         dx, dy = self.dims
         if all(x.shape[d] == 1 for d in dx):  # sums only labels of size one (a jet's single row): a product
             if dx:
                 x, y = x.squeeze(dx), y.squeeze(dy)
-            return x.reshape(x.shape + (1,) * y.dim()) * y
-        return torch.tensordot(x, y, dims=self.dims)
+            return torch.mul(x.reshape(x.shape + (1,) * y.dim()), y, out=out)
+        if out is None:
+            return torch.tensordot(x, y, dims=self.dims)
+        # torch.tensordot's out= computes into a tensor of its own and copies: its mm, written into out
+        fx = [d for d in range(x.dim()) if d not in dx]
+        fy = [d for d in range(y.dim()) if d not in dy]
+        inner = math.prod(x.shape[d] for d in dx)
+        a = x.permute(fx + list(dx)).reshape(-1, inner)
+        b = y.permute(list(dy) + fy).reshape(inner, -1)
+        torch.mm(a, b, out=out.view(a.shape[0], b.shape[1]))
+        return out
 
     @classmethod
     def of(cls, equation: str):
@@ -184,9 +193,9 @@ class _Broadcast:
         perm = tuple(sorted(range(len(labels)), key=lambda d: out.index(labels[d])))
         return perm, tuple(c in labels for c in out)
 
-    def __call__(self, a, b, backend=None):
+    def __call__(self, a, b, backend=None, out=None):
         (pa, ka), (pb, kb) = self.views
-        return self._view(a, pa, ka) * self._view(b, pb, kb)
+        return torch.mul(self._view(a, pa, ka), self._view(b, pb, kb), out=out)
 
     @staticmethod
     def _view(t, perm, kept):
@@ -216,15 +225,31 @@ class _Path:
     batches it through ``bmm`` (four times slower than ``*`` on a jet), and
     multiplies a linear layer's operands the other way round (a transposed
     result that every later pass strides over).
+
+    ``shapes[i]`` is the output shape of step ``i`` and ``writes[i]`` whether that step
+    can compute into a buffer it is given (``outs``: a tensor of that many entries, or
+    None, per step; :mod:`xa.arena` lays them out): a tensordot or a product can, a
+    generic ``torch.einsum`` cannot, and allocates its own.
     """
 
-    def __init__(self, expr):
-        self.steps = [(tuple(inds), _step(eq)) for inds, _, eq, *_ in expr.contraction_list]
+    def __init__(self, expr, equation: str, shapes: tuple):
+        sizes = {c: n for labels, shape in zip(equation.split("->")[0].split(","), shapes)
+                 for c, n in zip(labels, shape)}
+        self.steps, self.shapes, self.writes = [], [], []
+        for inds, _, eq, *_ in expr.contraction_list:
+            step = _step(eq)
+            self.steps.append((tuple(inds), step))
+            self.shapes.append(tuple(sizes[c] for c in eq.split("->")[1]))
+            self.writes.append(isinstance(step, (_Tensordot, _Broadcast)))
 
-    def __call__(self, *operands, backend=None):
+    def __call__(self, *operands, backend=None, outs=None):
         operands = list(operands)
-        for inds, step in self.steps:
-            operands.append(step(*[operands.pop(x) for x in inds]))
+        for n, (inds, step) in enumerate(self.steps):
+            out = None if outs is None else outs[n]
+            if out is None:
+                operands.append(step(*[operands.pop(x) for x in inds]))
+            else:
+                operands.append(step(*[operands.pop(x) for x in inds], out=out.view(self.shapes[n])))
         return operands[0]
 
 
