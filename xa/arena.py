@@ -59,8 +59,9 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def layout(plan) -> Layout:
-    """Lay out ``plan``'s buffers (:class:`Layout`); ``plan`` is a :class:`xa.plan.Plan` with its aliases marked."""
+def layout(plan, expanded: int = 0) -> Layout:
+    """Lay out ``plan``'s buffers (:class:`Layout`); ``plan`` is a :class:`xa.plan.Plan` with its aliases marked,
+    ``expanded`` the entries of its forward results expanded to every ordering at the end."""
     itemsize = plan.itemsize
     buffers: list = []  # [name, entries, start, end, escapes, placeable]
     alive: dict = {}  # buffer -> keys of blocks held in it
@@ -154,9 +155,7 @@ def layout(plan) -> Layout:
         for key in keys:
             if block_of.get(key) is not None:
                 buffers[block_of[key]][4] = True
-    # forward results are expanded to every ordering of their rows at the end
-    expanded = sum(plan.result_numel(k) for k in plan.expand)
-    if expanded:
+    if expanded:  # forward results are expanded to every ordering of their rows at the end
         make(("expanded",), expanded, False)
     last = tick()
     placed: list = []  # (offset, bytes, start, end)
@@ -280,10 +279,10 @@ def release_buffers() -> int:
     no more calls to make soon. The next call allocates the arena again.
 
     Example:
-        >>> x = torch.randn(256, 3, dtype=torch.float64, requires_grad=True)
+        >>> x = torch.randn(512, 3, dtype=torch.float64, requires_grad=True)
         >>> u = torch.tanh(x @ torch.ones(3, 64, dtype=torch.float64)).sum(1)
-        >>> lap = xa.laplacian(u, x, batch_dim=0, create_graph=False)
-        >>> xa.release_buffers() >= 0, xa.release_buffers()
+        >>> lap = xa.laplacian(u, x, batch_dim=0, create_graph=False)   # its jets in the plan's arena
+        >>> xa.release_buffers() > 0, xa.release_buffers()
         (True, 0)
     """
     n = 0

@@ -264,7 +264,7 @@ def _build(request: Request) -> Plan:
     plan.mixed = mixed
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     _mark_aliases(plan)
-    plan.layout = arena.layout(plan)
+    plan.layout = arena.layout(plan, sum(plan.result_numel(k) for k in plan.expand))
     plan.arena = arena.Arena()
     # the arena is held whole while the plan runs (and between its calls): its bytes and what else is alive
     plan.peak_elements = max(peak(plan), plan.layout.peak)
