@@ -48,11 +48,13 @@ class Layout:
     (step ``i`` of its path) or ``("gather", j)`` (the step's read ``j`` at sub-multi-indices,
     term ``None``). ``peak`` is the run's entries at the worst moment with the arena held
     whole: the arena plus what else is alive then (factors, results, small buffers).
+    Two slots whose ``spans`` meet never share a byte.
     """
 
     slots: dict = field(default_factory=dict)
     total: int = 0
     peak: int = 0
+    spans: dict = field(default_factory=dict)  # name -> (made, freed): when each slot's buffer is alive
 
 
 def _aligned(n: int) -> int:
@@ -112,12 +114,21 @@ def layout(plan, expanded: int = 0) -> Layout:
             shape = plan.block_shapes[term.target]
             first = term.target not in live
             if term.broadcast is not None:
+                # the small operands' product: scaled by the coefficient (if it is not one), then one by one
+                small = [part for _, _, part in term.broadcast[:-1]]
+                product = None
+                if small:
+                    product = make((n, m, "scaled"), math.prod(small[0]))
+                    at = small[0]
+                    for j, part in enumerate(small[1:]):
+                        at = torch.broadcast_shapes(at, part)
+                        was, product = product, make((n, m, ("scratch", j)), math.prod(at))
+                        end(was)
                 if first and term.full and term.alias and len(term.broadcast) == 1:
                     hold(term.target, block_of.get(term.sources[0][0]))
                 elif first:
                     hold(term.target, make((n, m, "block"), math.prod(shape)))
-                if term.broadcast_scratch:  # the product of the small operands
-                    end(make((n, m, "scratch"), term.broadcast_scratch, False))
+                end(product)
                 continue
             path = term.expr
             outs = [None] * (len(path.steps) if path is not None else 0)
@@ -125,6 +136,8 @@ def layout(plan, expanded: int = 0) -> Layout:
                 stack = [None] * len(term.shapes)  # the operands: nothing of them is made here
                 for i, (inds, _) in enumerate(path.steps):
                     used = [stack.pop(x) for x in inds]
+                    # a tensordot's operands lined up (copied where their labels move)
+                    used += [make((n, m, ("copy", i, j)), c) for j, c in enumerate(path.copies[i]) if c]
                     last = i == len(path.steps) - 1
                     if last and first and term.full:
                         if path.writes[i]:
@@ -160,6 +173,7 @@ def layout(plan, expanded: int = 0) -> Layout:
     last = tick()
     placed: list = []  # (offset, bytes, start, end)
     slots: dict = {}
+    spans: dict = {}
     arena_entries: dict = {}
     for name, entries, start, stop, escapes, placeable in sorted(buffers, key=lambda b: (-b[1], b[2])):
         nbytes = entries * itemsize
@@ -173,6 +187,7 @@ def layout(plan, expanded: int = 0) -> Layout:
             offset = max(offset, o + _aligned(size))
         placed.append((offset, nbytes, start, stop))
         slots[name] = (offset, nbytes)
+        spans[name] = (start, stop)
         arena_entries[name] = entries
     total = max((o + _aligned(size) for o, size, _, _ in placed), default=0)
     # the worst moment: the arena whole, and every other buffer alive then (small ones, results)
@@ -185,7 +200,7 @@ def layout(plan, expanded: int = 0) -> Layout:
     for _, d in sorted(events, key=lambda e: (e[0], e[1])):
         current += d
         worst = max(worst, current)
-    return Layout(slots, total, -(-total // itemsize) + worst)
+    return Layout(slots, total, -(-total // itemsize) + worst, spans)
 
 
 class Arena:

@@ -114,16 +114,20 @@ def _run(plan, graph, rules, blocks, first, factors, seeds, slices, buffers) -> 
                     _record_product(term, coef, operands, blocks, plan)
                 else:
                     _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device,
-                                       _buffer(buffers, (at, m, "block"), dtype))
+                                       buffers, (at, m))
                 continue
             if term.expr is not None:
-                outs = None
+                outs = copies = None
+                if not record:  # (every step that can writes into a buffer, new where the arena has none)
+                    outs = [None] * len(term.expr.steps)
                 if buffers is not None:
                     steps = len(term.expr.steps)
                     outs = [_buffer(buffers, (at, m, ("inter", i)), dtype) for i in range(steps - 1)]
                     last = "block" if target is None and term.full else "result"
                     outs.append(_buffer(buffers, (at, m, last), dtype))
-                result = term.expr(*operands, backend="torch", outs=outs)
+                    copies = [tuple(_buffer(buffers, (at, m, ("copy", i, j)), dtype) for j in (0, 1))
+                              for i in range(steps)]
+                result = term.expr(*operands, backend="torch", outs=outs, copies=copies)
             else:
                 result = torch.ones((), dtype=dtype, device=device)
             if record:
@@ -223,11 +227,12 @@ def _sample_view(operand, view, batch, first) -> torch.Tensor:
     return operand
 
 
-def _big_and_small(term, coef, operands) -> tuple:
+def _big_and_small(term, coef, operands, buffers=None, name=None) -> tuple:
     """A broadcast term's operands lined up on its output labels: ``(largest, product of the others or None,
     coef)``, the coefficient folded into the smallest operand where there is one (no pass over anything larger).
 
-    The small operands' product is the term's scratch (plan.peak counts it).
+    The small operands' product is the term's scratch (plan.peak counts it), in the arena's buffers
+    ``name + ("scaled",)`` and ``name + (("scratch", j),)`` where ``buffers`` has them.
     """
     parts = []
     for n, perm, shape in term.broadcast:  # smallest first
@@ -238,9 +243,14 @@ def _big_and_small(term, coef, operands) -> tuple:
     if parts:
         small = parts[0]
         if coef != 1.0:
-            small, coef = small * coef, 1.0
-        for p in parts[1:]:
-            small = small * p
+            into = _buffer(buffers, name + ("scaled",), small.dtype, small.shape) if buffers else None
+            small, coef = (small * coef if into is None else torch.mul(small, coef, out=into)), 1.0
+        for j, p in enumerate(parts[1:]):
+            into = None
+            if buffers is not None:
+                into = _buffer(buffers, name + (("scratch", j),), small.dtype, torch.broadcast_shapes(small.shape,
+                                                                                                       p.shape))
+            small = small * p if into is None else torch.mul(small, p, out=into)
     return big, small, coef
 
 
@@ -252,14 +262,15 @@ def _buffer(buffers, name, dtype, shape=None) -> torch.Tensor | None:
     return hit if hit is None or shape is None else hit.view(shape)
 
 
-def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device, into=None) -> None:
+def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device, buffers=None, name=None) -> None:
     """A term that sums no label: multiply the small operands, then one pass over the block.
 
     ``view += coef * big * small`` (``addcmul_``), or, for the first term of
     a block that it covers whole, ``block = big * (coef * small)`` written
     straight into fresh memory: the block is never zeroed nor copied.
     """
-    big, small, coef = _big_and_small(term, coef, operands)
+    big, small, coef = _big_and_small(term, coef, operands, buffers, name)
+    into = _buffer(buffers, None if name is None else name + ("block",), dtype)
     if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
         block = big.reshape(plan.block_shapes[term.target])
         blocks[term.target] = block.mul_(coef) if coef != 1.0 else block

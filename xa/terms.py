@@ -133,34 +133,51 @@ def contraction(equation: str, shapes: tuple) -> tuple:
 
 
 class _Tensordot:
-    """A two-operand contraction whose output is one operand's free labels then the other's, each in order.
+    """A two-operand contraction whose output is one operand's free labels then the other's (each in any order).
 
-    ``torch.tensordot`` in that operand order gives it contiguous; opt_einsum
-    multiplies the operands the other way round and hands back a transposed
-    view (a linear layer's jet would come out ``(c, a, b)`` in memory, and
-    every later pass over it would stride).
+    Run as ``torch.tensordot`` does -- each operand permuted to ``(free, summed)`` and ``(summed, free)``
+    (a copy where that moves labels), one ``mm`` -- with each operand's free labels put in the output's
+    order first, so that the result is contiguous in it; opt_einsum multiplies the operands the other way
+    round and hands back a transposed view (a linear layer's jet would come out ``(c, a, b)`` in memory, and
+    every later pass over it would stride), and ``torch.einsum`` permutes its result. The ``mm`` can write
+    into a buffer (``out``), and the copies too (``copies``).
     """
 
-    def __init__(self, dims: tuple, swap: bool):
-        self.dims, self.swap = dims, swap
+    def __init__(self, dims: tuple, free: tuple, swap: bool):
+        self.dims, self.free, self.swap = dims, free, swap
 
-    def __call__(self, a, b, backend=None, out=None):
+    def __call__(self, a, b, backend=None, out=None, copies=(None, None)):
         x, y = (b, a) if self.swap else (a, b)
         dx, dy = self.dims
         if all(x.shape[d] == 1 for d in dx):  # sums only labels of size one (a jet's single row): a product
+            fx, fy = self.free
+            x, y = x.permute(fx + dx), y.permute(fy + dy)
             if dx:
-                x, y = x.squeeze(dx), y.squeeze(dy)
+                x, y = x.squeeze(tuple(range(len(fx), x.dim()))), y.squeeze(tuple(range(len(fy), y.dim())))
             return torch.mul(x.reshape(x.shape + (1,) * y.dim()), y, out=out)
+        x, y = self.lined(x, y)
+        inner = math.prod(x.shape[x.dim() - len(dx):])
+        shape = x.shape[:x.dim() - len(dx)] + y.shape[len(dy):]
+        x, y = [t if t.is_contiguous() else t.contiguous() if c is None else c.view(t.shape).copy_(t)
+                for t, c in zip((x, y), copies)]
+        a, b = x.reshape(-1, inner), y.reshape(inner, -1)
         if out is None:
-            return torch.tensordot(x, y, dims=self.dims)
-        # torch.tensordot's out= computes into a tensor of its own and copies: its mm, written into out
-        fx = [d for d in range(x.dim()) if d not in dx]
-        fy = [d for d in range(y.dim()) if d not in dy]
-        inner = math.prod(x.shape[d] for d in dx)
-        a = x.permute(fx + list(dx)).reshape(-1, inner)
-        b = y.permute(list(dy) + fy).reshape(inner, -1)
+            return torch.mm(a, b).reshape(shape)
         torch.mm(a, b, out=out.view(a.shape[0], b.shape[1]))
         return out
+
+    def lined(self, x, y) -> tuple:
+        """The operands (in call order after the swap) permuted to ``(free, summed)`` and ``(summed, free)``."""
+        (dx, dy), (fx, fy) = self.dims, self.free
+        return x.permute(fx + dx), y.permute(dy + fy)
+
+    def copies(self, a: tuple, b: tuple) -> tuple:
+        """Entries of each operand (shapes ``a``, ``b``) the call copies to line it up, 0 where a view does."""
+        x, y = (b, a) if self.swap else (a, b)
+        if all(x[d] == 1 for d in self.dims[0]):
+            return 0, 0
+        px, py = self.lined(torch.empty(x, device="meta"), torch.empty(y, device="meta"))
+        return tuple(0 if _moves_nothing(t) else t.numel() for t in (px, py))
 
     @classmethod
     def of(cls, equation: str):
@@ -175,11 +192,18 @@ class _Tensordot:
         free_a, free_b = [c for c in a if c not in b], [c for c in b if c not in a]
         if sorted(free_a + free_b) != sorted(out):
             return None
-        if list(out) == free_a + free_b:
-            return cls(([a.index(c) for c in shared], [b.index(c) for c in shared]), False)
-        if list(out) == free_b + free_a:
-            return cls(([b.index(c) for c in shared], [a.index(c) for c in shared]), True)
+        for x, y, swap in ((a, b, False), (b, a, True)):
+            head, tail = out[:len(x) - len(shared)], out[len(x) - len(shared):]
+            if set(head) == set(c for c in x if c not in y) and set(tail) == set(c for c in y if c not in x):
+                return cls(([x.index(c) for c in shared], [y.index(c) for c in shared]),
+                           ([x.index(c) for c in head], [y.index(c) for c in tail]), swap)
         return None
+
+
+def _moves_nothing(t) -> bool:
+    """Whether a permuted view keeps the row-major order of its dims larger than one (a view, no copy)."""
+    kept = [st for n, st in zip(t.shape, t.stride()) if n > 1]
+    return all(a > b for a, b in zip(kept, kept[1:]))
 
 
 class _Broadcast:
@@ -235,21 +259,34 @@ class _Path:
     def __init__(self, expr, equation: str, shapes: tuple):
         sizes = {c: n for labels, shape in zip(equation.split("->")[0].split(","), shapes)
                  for c, n in zip(labels, shape)}
-        self.steps, self.shapes, self.writes = [], [], []
+        self.steps, self.shapes, self.writes, self.copies = [], [], [], []
+        stack = list(shapes)
         for inds, _, eq, *_ in expr.contraction_list:
             step = _step(eq)
             self.steps.append((tuple(inds), step))
             self.shapes.append(tuple(sizes[c] for c in eq.split("->")[1]))
             self.writes.append(isinstance(step, (_Tensordot, _Broadcast)))
+            ins = [stack.pop(x) for x in inds]
+            self.copies.append(step.copies(*ins) if isinstance(step, _Tensordot) else (0, 0))
+            stack.append(self.shapes[-1])
 
-    def __call__(self, *operands, backend=None, outs=None):
+    def __call__(self, *operands, backend=None, outs=None, copies=None):
+        """``outs[i]``: where step ``i`` writes its result; ``copies[i]``: where a tensordot lines its operands up.
+
+        Given ``outs`` (a run without autograd), a step that can write into a buffer always does, into a new
+        one where ``outs[i]`` is None: the same kernels on the same layouts, in an arena or not, so the same
+        numbers bit for bit.
+        """
         operands = list(operands)
         for n, (inds, step) in enumerate(self.steps):
             out = None if outs is None else outs[n]
-            if out is None:
-                operands.append(step(*[operands.pop(x) for x in inds]))
-            else:
-                operands.append(step(*[operands.pop(x) for x in inds], out=out.view(self.shapes[n])))
+            args = [operands.pop(x) for x in inds]
+            if out is None and outs is not None and self.writes[n]:
+                out = torch.empty(math.prod(self.shapes[n]), dtype=args[0].dtype, device=args[0].device)
+            kw = {} if out is None else {"out": out.view(self.shapes[n])}
+            if copies is not None and isinstance(step, _Tensordot):
+                kw["copies"] = copies[n]
+            operands.append(step(*args, **kw))
         return operands[0]
 
 
