@@ -53,6 +53,11 @@ def case_folx(B=4):
     return call
 
 
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -83,11 +88,12 @@ def compare(name, call, calls=3):
         call()  # warm this mode (the arena made, or released)
         if not reuse:
             xa.release_buffers()
-        f0, t = faults(), time.perf_counter()
+        f0, c0, t = faults(), cpu(), time.perf_counter()
         out = call()
-        dt, df = time.perf_counter() - t, faults() - f0
+        dt, dc, df = time.perf_counter() - t, cpu() - c0, faults() - f0
         n, total = big_allocations(call)
-        print(f"{name}: arena {'on ' if reuse else 'off'} warm {dt:.3f} s, page faults {df * PAGE / 2**20:.1f} MB, "
+        print(f"{name}: arena {'on ' if reuse else 'off'} warm {dt:.3f} s (cpu {dc:.3f} s), page faults "
+              f"{df * PAGE / 2**20:.1f} MB, "
               f"allocations > 1 MB: {n} ({total / 2**20:.1f} MB), same bits {torch.equal(out, first)}", flush=True)
     xa.arena.ENABLED = True
 

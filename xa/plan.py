@@ -266,8 +266,8 @@ def _build(request: Request) -> Plan:
     _mark_aliases(plan)
     plan.layout = arena.layout(plan, sum(plan.result_numel(k) for k in plan.expand))
     plan.arena = arena.Arena()
-    # the arena is held whole while the plan runs (and between its calls): its bytes and what else is alive
-    plan.peak_elements = max(peak(plan), plan.layout.peak)
+    # an arena is held whole while the plan runs (and between its calls): its bytes and what else is alive
+    plan.peak_elements = max(peak(plan), plan.layout.peak) if plan.layout.slots else peak(plan)
     return plan
 
 
