@@ -55,6 +55,24 @@ def setup() -> None:
     if torch:
         sh(*pip, *shlex.split(torch))
     sh(*pip, "-e", ".[test,lint]")
+    peers(pip)
+
+
+def peers(pip: list) -> None:
+    """The peers some tests compare with (BackPACK), where they install beside the torch in use.
+
+    torch is pinned, so a peer that wants another torch (or a torchvision built for another) is
+    left out rather than replacing it; its tests then skip, saying so.
+    """
+    version = subprocess.run([str(python()), "-c", "import torch; print(torch.__version__.split('+')[0])"],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+    pin = VENV / "torch-pin.txt"
+    pin.write_text(f"torch=={version}\n")
+    print("+", " ".join(str(a) for a in (*pip, "-e", ".[peers]", "-c", pin)), flush=True)
+    done = subprocess.run([str(a) for a in (*pip, "-e", ".[peers]", "-c", pin)], cwd=ROOT)
+    if done.returncode != 0:
+        print(f"(the peers of pyproject's [peers] extra do not install beside torch {version}; "
+              "the tests that compare with them skip)", flush=True)
 
 
 def main(argv) -> int:

@@ -79,37 +79,52 @@ def big_allocations(call, over: int = 2**20) -> tuple:
     return len(sizes), sum(sizes)
 
 
-def compare(name, call, calls=3):
-    """Warm calls with and without the plans' arenas (xa.arena.ENABLED), alternating in one process."""
+def compare(name, call, calls=3, rounds=3):
+    """Warm calls with and without the plans' arenas (xa.arena.ENABLED), in alternating rounds in one process:
+    per mode the median and best wall and CPU time of ``calls`` warm calls, page faults, profiler's count."""
+    import statistics
+
     import xa.arena
     first = call()
-    for reuse in [True, False] * calls:
-        xa.arena.ENABLED = reuse
-        call()  # warm this mode (the arena made, or released)
-        if not reuse:
-            xa.release_buffers()
-        f0, c0, t = faults(), cpu(), time.perf_counter()
-        out = call()
-        dt, dc, df = time.perf_counter() - t, cpu() - c0, faults() - f0
-        n, total = big_allocations(call)
-        print(f"{name}: arena {'on ' if reuse else 'off'} warm {dt:.3f} s (cpu {dc:.3f} s), page faults "
-              f"{df * PAGE / 2**20:.1f} MB, "
-              f"allocations > 1 MB: {n} ({total / 2**20:.1f} MB), same bits {torch.equal(out, first)}", flush=True)
+    for _ in range(rounds):
+        for reuse in (True, False):
+            xa.arena.ENABLED = reuse
+            call()  # warm this mode (the arena made, or released)
+            if not reuse:
+                xa.release_buffers()
+            walls, cpus, flts, same = [], [], [], True
+            for _ in range(calls):
+                f0, c0, t = faults(), cpu(), time.perf_counter()
+                out = call()
+                walls.append(time.perf_counter() - t)
+                cpus.append(cpu() - c0)
+                flts.append(faults() - f0)
+                same = same and torch.equal(out, first)
+            n, total = big_allocations(call)
+            print(f"{name}: arena {'on ' if reuse else 'off'} warm wall median {statistics.median(walls):.3f} s "
+                  f"(best {min(walls):.3f}), cpu median {statistics.median(cpus):.3f} s (best {min(cpus):.3f}), "
+                  f"page faults {statistics.median(flts) * PAGE / 2**20:.1f} MB/call, allocations > 1 MB: {n} "
+                  f"({total / 2**20:.1f} MB), same bits {same}", flush=True)
     xa.arena.ENABLED = True
 
 
 def measure(name, call, calls=4):
-    t = time.perf_counter()
-    first = call()
-    print(f"{name}: first call {time.perf_counter() - t:.2f} s", flush=True)
+    """``calls`` warm calls (any xa: this tree's or another's): median and best wall and CPU time, page faults,
+    and the profiler's count of large allocations."""
+    import statistics
+    call()
+    walls, cpus, flts = [], [], []
     for _ in range(calls):
-        f0, t = faults(), time.perf_counter()
-        out = call()
-        dt, df = time.perf_counter() - t, faults() - f0
-        print(f"{name}: warm {dt:.3f} s, faults {df * PAGE / 2**20:.1f} MB, "
-              f"same {torch.equal(out, first)}", flush=True)
+        f0, c0, t = faults(), cpu(), time.perf_counter()
+        call()
+        walls.append(time.perf_counter() - t)
+        cpus.append(cpu() - c0)
+        flts.append(faults() - f0)
     n, total = big_allocations(call)
-    print(f"{name}: profiler: {n} CPU allocations > 1 MB, {total / 2**20:.1f} MB", flush=True)
+    print(f"{name}: warm wall median {statistics.median(walls):.3f} s (best {min(walls):.3f}), cpu median "
+          f"{statistics.median(cpus):.3f} s (best {min(cpus):.3f}), page faults "
+          f"{statistics.median(flts) * PAGE / 2**20:.1f} MB/call, allocations > 1 MB: {n} ({total / 2**20:.1f} MB)",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
     python benchmarks/run.py --only batched --plot-batch benchmarks/pinn_batch.png   # and time against B
     python benchmarks/run.py --only queries  # the query cases (j)-(n) alone (queries.py)
     python benchmarks/run.py --only train    # one PINN training step, cases (q)-(u) (train.py)
+    python benchmarks/run.py --only highdim  # a step on a randomized Laplacian in d = 100..10 000 (highdim.py)
+    python benchmarks/run.py --only curvature   # per-sample Hessian diagonals against BackPACK, case (y)
+    python benchmarks/run.py --only sparse   # a Laplacian with sparse Jacobians against folx, (v)-(w) (sparse.py)
 
 Every method computes the same thing as ``xa.backward(y, order)``: all
 derivatives of orders 1..N of the source with respect to each listed leaf,
@@ -49,6 +52,24 @@ PDE operator, loss, backward to the parameters) of xa against nested
 child with the default malloc settings, peak memory per method in a fresh
 process. They are not in the default run (``--only train`` or ``--cases``
 runs them) and write ``results/train.md`` only.
+
+Case (x), in ``highdim.py`` (keys ``x100``, ``x1000``, ``x10000``), times one
+training step on a randomized Laplacian (``samples=16``) in d = 100, 1000 and
+10 000 against nested-autograd Hutchinson and torch-jet's randomized
+Laplacian, the same way; ``--only highdim`` runs it and writes
+``results/highdim.md`` only.
+
+Case (y), in ``curvature.py``, is each sample's Hessian diagonal w.r.t. every
+parameter of a 784-128-64-10 classifier (``xa.diagonal``) against BackPACK's
+``BatchDiagHessian``, timed the same way, in turn; it is not in the default run
+(``--only curvature`` or ``--cases y``) and writes ``results/curvature.md``.
+
+Cases (v) and (w), in ``sparse.py``, are the Laplacian of folx's README
+network (Linear + SiLU per node, whose Jacobians are sparse; (w) mixes the
+nodes once) at B = 4 and 20, xa against torch.func and against folx's
+forward Laplacian, sparse and dense, in JAX (``folx_peer.py``, in the
+interpreter ``XA_FOLX_PYTHON``). They are timed the same way, are not in the
+default run either (``--only sparse``) and write ``results/sparse.md``.
 """
 
 from __future__ import annotations
@@ -73,12 +94,24 @@ import xa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batched  # noqa: E402  (benchmarks/batched.py: the per-sample cases f-i)
+import curvature  # noqa: E402  (benchmarks/curvature.py: the Hessian diagonal against BackPACK, y)
+import highdim  # noqa: E402  (benchmarks/highdim.py: the randomized Laplacian in high dimension, x)
 import queries  # noqa: E402  (benchmarks/queries.py: the query cases j-n)
+import sparse  # noqa: E402  (benchmarks/sparse.py: the sparse-Jacobian cases v-w, against folx)
 import train  # noqa: E402  (benchmarks/train.py: the training-step cases q-u)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# the suites run like the training steps (a child, their own table in results/<name>.md): --only name
+SUITES = {
+    "highdim": (highdim, "A training step on a randomized Laplacian in high dimension",
+                "the randomized-Laplacian steps"),
+    "curvature": (curvature, "Per-sample Hessian diagonals against BackPACK", "the Hessian diagonal against BackPACK"),
+    "sparse": (sparse, "A Laplacian with sparse Jacobians, against folx", "the sparse-Jacobian cases against folx"),
+}
 MMAP_MARK = "XA_BENCH_SET_MMAP_THRESHOLD"   # set when this script set MALLOC_MMAP_THRESHOLD_ itself
-TIMING_CHILDREN = ("--batched-child", "--queries-child", "--train-child")   # run with glibc's default malloc settings
+# run with glibc's default malloc settings
+TIMING_CHILDREN = ("--batched-child", "--queries-child", "--train-child", *(f"--{name}-child" for name in (
+    "highdim", "curvature", "sparse")))
 PEAK_TIMEOUT_S = 600.0   # seconds before one peak-memory child of the query cases is given up
 DT = torch.float64
 DEVICE = torch.device("cpu")
@@ -392,6 +425,8 @@ def child(key: str, method: str, path: str, reps: int, budget_s: float) -> int:
         fn = queries.way(key, method)
     elif key in train.CASES:
         fn = train.way(key, method)
+    elif key in highdim.CASES:
+        fn = highdim.way(key, method)
     else:
         _, f, leaves, wrt, order = make_case(key)
         fn = lambda: METHODS[method](f, leaves, wrt, order)
@@ -449,10 +484,12 @@ def fmt_mb(mb):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join([*CASES, *batched.CASES, *queries.CASES]))
-    ap.add_argument("--only", choices=["batched", "queries", "train"],
+    ap.add_argument("--only", choices=["batched", "queries", "train", *SUITES],
                     help="batched: only the per-sample cases " + ",".join(batched.CASES) + " (batch_dim=0); "
                     "queries: only the query cases " + ",".join(queries.CASES) + " (xa.laplacian, ...); "
-                    "train: only the training-step cases " + ",".join(train.CASES))
+                    "train: only the training-step cases " + ",".join(train.CASES) + "; "
+                    + "; ".join(f"{name}: only {what} " + ",".join(module.CASES)
+                                for name, (module, _, what) in SUITES.items()))
     ap.add_argument("--plot-batch", type=Path, metavar="PNG",
                     help="also time case (f) against B = " + ", ".join(map(str, batched.PLOT_SIZES))
                     + " and plot it there (a CSV beside it; the PNG needs matplotlib)")
@@ -465,6 +502,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batched-child", help=argparse.SUPPRESS)
     ap.add_argument("--queries-child", help=argparse.SUPPRESS)
     ap.add_argument("--train-child", help=argparse.SUPPRESS)
+    for name in SUITES:
+        ap.add_argument(f"--{name}-child", help=argparse.SUPPRESS)
     ap.add_argument("--plot-orders", type=int, default=5, help="orders 1..N for the plot of case (b); 0 skips")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu", help="where the cases run (jacobian only on the CPU)")
@@ -479,11 +518,18 @@ def main(argv=None) -> int:
         return batched_child(args.queries_child, args, queries)
     if args.train_child:
         return batched_child(args.train_child, args, train)
+    for name, (module, _, _) in SUITES.items():
+        if getattr(args, f"{name}_child"):
+            return batched_child(getattr(args, f"{name}_child"), args, module)
     if args.only:
-        args.cases = ",".join({"batched": batched, "queries": queries, "train": train}[args.only].CASES)
+        modules = {"batched": batched, "queries": queries, "train": train,
+                   **{name: module for name, (module, _, _) in SUITES.items()}}
+        args.cases = ",".join(modules[args.only].CASES)
     batched_keys = [key for key in args.cases.split(",") if key in batched.CASES]
     query_keys = [key for key in args.cases.split(",") if key in queries.CASES]
     train_keys = [key for key in args.cases.split(",") if key in train.CASES]
+    suite_keys = {name: [key for key in args.cases.split(",") if key in module.CASES]
+                  for name, (module, _, _) in SUITES.items()}
     rows = []
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{os.cpu_count()} CPUs"
     header = (f"xa {xa.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -491,7 +537,7 @@ def main(argv=None) -> int:
     print(header, flush=True)
     print(f"first xa.backward in a fresh process (import excluded): {first_call_seconds():.3f} s", flush=True)
     for key in args.cases.split(","):
-        if key in batched.CASES or key in queries.CASES or key in train.CASES:
+        if any(key in m.CASES for m in (batched, queries, train, *(module for module, _, _ in SUITES.values()))):
             continue
         title, f, leaves, wrt, order = make_case(key)
         results = {}
@@ -524,10 +570,11 @@ def main(argv=None) -> int:
             print(f"  writing the result once (torch.ones{shape}): {t_write:.4f} s; xa is {xa_t / t_write:.2f}x that")
             rows.append((key, title, "write result once", t_write, t_write / ref_t, None, 0.0))
         del results
-    summaries, query_summaries, train_summaries = [], [], []
-    if (batched_keys or query_keys or train_keys) and DEVICE.type != "cpu":
-        print(f"\n({', '.join(batched_keys + query_keys + train_keys)}) skipped: the per-sample, query and "
-              "training-step cases run on the CPU only", flush=True)
+    summaries, query_summaries, train_summaries, suite_summaries = [], [], [], {}
+    children = batched_keys + query_keys + train_keys + [key for keys in suite_keys.values() for key in keys]
+    if children and DEVICE.type != "cpu":
+        print(f"\n({', '.join(children)}) skipped: the per-sample, query, training-step, high-dimensional, "
+              "curvature and sparse cases run on the CPU only", flush=True)
     else:
         if batched_keys or args.plot_batch:
             summaries = run_batched(batched_keys, args)
@@ -535,11 +582,16 @@ def main(argv=None) -> int:
             query_summaries = run_batched(query_keys, args, "--queries-child")
         if train_keys:
             train_summaries = run_batched(train_keys, args, "--train-child")
+        for name, keys in suite_keys.items():
+            if keys:
+                suite_summaries[name] = run_batched(keys, args, f"--{name}-child")
     for s in query_summaries:
         if s["key"] in queries.PEAK:
             query_peaks(s)
     for s in train_summaries:
         train.peaks(s, lambda key, method: measure_isolated(key, method, 1, math.inf, PEAK_TIMEOUT_S))
+    for s in suite_summaries.get("highdim", []):
+        highdim.peaks(s, lambda key, method: measure_isolated(key, method, 1, math.inf, PEAK_TIMEOUT_S))
     for s in summaries + query_summaries:
         peak = s.get("peak", {})
         for name, t in s["ways"].items():
@@ -557,7 +609,7 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {title} | {method} | {t:.4f} s | {ratio:.2f} | {fmt_mb(mb)} | {err:.1e} |")
     table = "\n".join(lines) + "\n"
-    if rows or not train_summaries:   # a run of the training steps alone leaves the last results.md alone
+    if rows or not (train_summaries or suite_summaries):   # a run of those alone leaves results.md alone
         (args.out / "results.md").write_text(f"# Benchmarks\n\n{header}\n\n" + table)
         print(f"\nwrote {args.out / 'results.md'}")
     if summaries:
@@ -572,6 +624,11 @@ def main(argv=None) -> int:
         md = train.markdown(train_summaries)
         (args.out / "train.md").write_text(f"# One PINN training step\n\n{header}\n\n" + md)
         print(f"\nTraining-step cases:\n\n{md}\nwrote {args.out / 'train.md'}")
+    for name, found in suite_summaries.items():
+        module, title, what = SUITES[name]
+        md = module.markdown(found)
+        (args.out / f"{name}.md").write_text(f"# {title}\n\n{header}\n\n" + md)
+        print(f"\n{title}:\n\n{md}\nwrote {args.out / f'{name}.md'}")
     if args.plot_orders and "b" in args.cases.split(","):
         plot_pinn(args.plot_orders, args)
     return 0

@@ -156,6 +156,54 @@ def _check_explain(scope):
     assert scope["lap_plan"].query is not None
 
 
+def _check_diagonal(scope):
+    """The diagonal of a derivative: each sample's Hessian diagonal w.r.t. every parameter, the summed one, and
+    d^4 u / dx_i^4 per point, against torch.func."""
+    clf, data, targets = scope["clf"], scope["data"], scope["targets"]
+    params = {n: p.detach() for n, p in clf.named_parameters()}
+    for (name, p), got in zip(params.items(), scope["diag_hessian"]):
+        def loss(q, x, y, name=name):
+            return F.cross_entropy(functional_call(clf, {**params, name: q}, (x[None],)), y[None])
+
+        H = vmap(hessian(loss), in_dims=(None, 0, 0))(p, data, targets).reshape(len(data), p.numel(), p.numel())
+        _same(got, H.diagonal(dim1=1, dim2=2).reshape(got.shape))
+        if name == "0.weight":
+            _same(scope["diag_summed"], H.sum(0).diagonal().reshape(p.shape))
+    field, pts = scope["field"], scope["pts"]
+    D4 = vmap(jacfwd(jacfwd(hessian(lambda z: field(z)[0]))))(pts.detach())   # (128, 3, 3, 3, 3)
+    i = torch.arange(3)
+    _same(scope["u_iiii"], D4[:, i, i, i, i][:, None])
+
+
+def _check_block_sparsity(scope):
+    """The per-particle Laplacian: torch.func's trace of each walker's Hessian; the plan kept the items apart."""
+    psi, R = scope["psi"], scope["R"]
+    n = R[0].numel()
+    want = vmap(lambda r: hessian(lambda z: psi(z[None])[0])(r).reshape(n, n).trace())(R.detach())
+    _same(scope["kinetic"], -0.5 * want)
+    plan = scope["sparse_plan"]
+    text = scope["report"].getvalue()
+    assert plan.tied and "block sparsity: leaf" in text
+    saved = float(re.search(r"the dense plan \(every row through every node\) \S+ \((\S+)x\)", text).group(1))
+    assert 30 < saved < 50, saved  # the README says "about 40x"
+def _check_randomized(scope):
+    """The estimate is Hutchinson's mean along the documented draw, by nested autograd; unbiased; it trained."""
+    field, Z, lap_est, lap_exact = scope["field"], scope["Z"], scope["lap_est"], scope["lap_exact"]
+    B, d, S = Z.shape[0], Z.shape[1], 16
+    g = torch.Generator().manual_seed(0)
+    V = (2 * torch.randint(0, 2, (S, B, d), generator=g, dtype=torch.float64) - 1).transpose(0, 1)
+    z = Z.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(field(z).sum(), z, create_graph=True)
+    est = sum((torch.autograd.grad((g * V[:, s]).sum(), z, retain_graph=True)[0] * V[:, s]).sum(1)
+              for s in range(S)) / S
+    _same(lap_est.detach(), est[:, None])
+    D2 = vmap(hessian(lambda p: field(p)[0]))(Z.detach()[:4])
+    _same(lap_exact.detach()[:4], D2.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None])
+    err = lap_est.detach() - lap_exact.detach()
+    assert err.abs().max() > 0 and abs(err.mean()) < 4 * err.std() / B ** 0.5
+    assert field[0].weight.grad is not None and field[0].weight.grad.abs().max() > 0
+
+
 # (names a block defines, its check): a block may match several
 CHECKS = [
     (("x", "W", "y"), _check_network),
@@ -167,6 +215,9 @@ CHECKS = [
     (("pinn_losses",), _check_training),
     (("H_W1", "H_W1W2"), _check_per_sample_hessians),
     (("plan", "sup", "lap_plan"), _check_explain),
+    (("diag_hessian", "diag_summed", "u_iiii"), _check_diagonal),
+    (("kinetic", "sparse_plan"), _check_block_sparsity),
+    (("lap_est", "lap_exact"), _check_randomized),
 ]
 
 

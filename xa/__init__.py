@@ -32,6 +32,7 @@ from .api import (  # noqa: E402
     backward,
     biharmonic,
     clear_partials,
+    diagonal,
     differential_operator,
     directional,
     laplacian,
@@ -47,6 +48,7 @@ from .errors import (  # noqa: E402
     QueryError,
     RegistryError,
     RuleError,
+    SamplingError,
     SourceError,
     TargetError,
     UnsupportedOperatorError,
@@ -58,9 +60,10 @@ from .registry import register, supported  # noqa: E402
 
 __all__ = [
     "backward", "clear_partials", "explain", "laplacian", "biharmonic", "partials", "differential_operator",
-    "directional", "mixed", "release_buffers",
+    "directional", "mixed", "diagonal", "release_buffers",
     "queries", "QueryError", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",
+    "SamplingError",
 ]
 __version__ = "0.1.0"

@@ -29,6 +29,8 @@ def answer(request: Request, query: Query):
     n = graph.values[i].numel if batch is None else batch.numel(graph, i)
     rows = request.query.rows(n)
     seeds = query.seeds(rows, n, graph.dtype, graph.device)
+    if rows.per_sample and batch is None and "directions" in seeds:
+        seeds = {**seeds, "directions": seeds["directions"][0]}  # one sample, planned as the whole graph
     ran, results, _ = budget.compute(request, plan, seeds)
     if plan.direction == "forward":
         jets = results[i]
@@ -53,6 +55,8 @@ def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:
             at = torch.tensor([sum(a[p] * n ** (k - 1 - p) for p in range(k)) for a in rows_k], dtype=torch.long,
                               device=t.device)
             r = t.reshape(t.shape[:t.dim() - k] + (n ** k,)).index_select(-1, at).movedim(-1, 0)
+        elif rows.per_sample and batch is not None:  # each sample's own directions (B, m, n')
+            r = _per_sample_rows(t, k, n, rows_k, seeds["directions"])
         else:  # d^k S [d_(a_1), .., d_(a_k)]: contract one leaf position at a time with each row's direction
             size = math.prod(t.shape[:t.dim() - k])
             r = t.reshape(size, n, n ** (k - 1))
@@ -68,3 +72,19 @@ def _rows_from_blocks(graph, plan, i, blocks, rows: Rows, seeds: dict) -> list:
             r = torch.tensordot(seeds["weights"].to(r.dtype), r, dims=([1], [0]))
         out.append(r)
     return out
+
+
+def _per_sample_rows(t: torch.Tensor, k: int, n: int, rows_k, directions: torch.Tensor) -> torch.Tensor:
+    """``d^k S_b [d_(b, a_1), .., d_(b, a_k)]`` from each sample's whole block ``(B, *s', n, .., n)``, laid
+    out ``(rows, B, s)``: one leaf position at a time contracted with each sample's direction of the row."""
+    B = t.shape[0]
+    size = math.prod(t.shape[1:t.dim() - k])
+    r = t.reshape(B, size, n, n ** (k - 1))
+    for p in range(k):
+        at = torch.tensor([a[p] for a in rows_k], dtype=torch.long, device=t.device)
+        Dp = directions.to(t.dtype).index_select(1, at)  # (B, rows, n)
+        if p == 0:
+            r = torch.einsum("bsir,bai->absr", r, Dp)
+        else:
+            r = torch.einsum("absir,bai->absr", r.reshape(len(rows_k), B, size, n, -1), Dp)
+    return r

@@ -13,13 +13,14 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from . import attach, budget, checks
+from . import attach, budget, checks, sampling
 from . import plan as planner
 from . import request as requests
 from .answer import answer
 from .capture import Graph
+from .diag import diagonal as diagonal_of
 from .mixed import blocks as mixed_blocks
-from .queries import Biharmonic, Directional, Laplacian, Mixed, Operator, Partials
+from .queries import Biharmonic, Directional, Laplacian, Mixed, Operator, Partials, Pure
 
 
 class Superset:
@@ -213,38 +214,68 @@ _ARGS = """
 
 def laplacian(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
               configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
-              create_graph: Optional[bool] = None) -> torch.Tensor:
+              create_graph: Optional[bool] = None, samples: Optional[int] = None,
+              distribution: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``sum_i d^2 source / dwrt_i^2``, shaped like ``source``, in its dtype and on its device.
 
     Args:
         source: a tensor with a ``grad_fn``, of any shape.
         wrt: a leaf that requires grad (``i`` runs over all its entries, or, with
-            ``batch_dim``, over one sample's entries).{args}
+            ``batch_dim``, over one sample's entries).{args}{sampling}
+            Here the estimate is Hutchinson's ``mean_s d^2 source [v_s, v_s]``, ``v_s = V[b, s]`` for sample
+            ``b``, with ``V = (2 * torch.randint(0, 2, (S, B, n), generator=generator, dtype=wrt.dtype) - 1)``
+            ``.transpose(0, 1)`` (Rademacher, ``distribution=None`` or ``"rademacher"``) or
+            ``torch.randn((S, B, n), generator=generator, dtype=wrt.dtype).transpose(0, 1)`` (``"gaussian"``),
+            drawn on ``wrt``'s device (``(S, n)``, not transposed, without ``batch_dim``).
 
     Example:
         >>> x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
         >>> u = (x ** 2).sum(1, keepdim=True)
         >>> xa.laplacian(u, x, batch_dim=0).flatten().tolist()   # 6 for every point
         [6.0, 6.0, 6.0, 6.0, 6.0]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> xa.laplacian(u, x, batch_dim=0, samples=4, generator=g).flatten().tolist()   # v^T (2 I) v = 6 for v = ±1
+        [6.0, 6.0, 6.0, 6.0, 6.0]
     """
+    drawn = sampling.check("xa.laplacian", samples, distribution, generator, wrt)
+    if drawn is not None:
+        return _estimate("xa.laplacian", source, wrt, batch_dim,
+                         lambda B, n, dtype, device: sampling.laplacian(wrt, B, n, *drawn, dtype, device),
+                         configurations, max_memory, direction, create_graph)
     return _answer(source, Laplacian(wrt), batch_dim, configurations, max_memory, direction, create_graph)
 
 
 def biharmonic(source: torch.Tensor, wrt: torch.Tensor, batch_dim: Optional[int] = None,
                configurations=None, max_memory: Optional[int] = None, direction: str = "auto",
-               create_graph: Optional[bool] = None) -> torch.Tensor:
+               create_graph: Optional[bool] = None, samples: Optional[int] = None,
+               distribution: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``sum_(i,j) d^4 source / dwrt_i^2 dwrt_j^2`` (the Laplacian of the Laplacian), shaped like ``source``.
 
     Args:
         source: a tensor with a ``grad_fn``, of any shape.
-        wrt: a leaf that requires grad.{args}
+        wrt: a leaf that requires grad.{args}{sampling}
+            Here the estimate is ``mean_s d^4 source [v_s, .., v_s] / 3`` with Gaussian
+            ``V = torch.randn((S, B, n), generator=generator, dtype=wrt.dtype).transpose(0, 1)``
+            (``E[d^4 u [v, .., v]]`` is 3 times the biharmonic for ``v ~ N(0, I)``); ``distribution``
+            must be ``None`` or ``"gaussian"``:
+            Rademacher directions give no unbiased estimate here (:class:`xa.SamplingError`).
 
     Example:
         >>> x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
         >>> u = (x ** 4).sum(1, keepdim=True)
         >>> xa.biharmonic(u, x, batch_dim=0).flatten().tolist()   # 48 for every point
         [48.0, 48.0, 48.0, 48.0, 48.0]
+        >>> g = torch.Generator().manual_seed(0)
+        >>> est = xa.biharmonic(u, x, batch_dim=0, samples=20000, generator=g)
+        >>> bool(((est - 48).abs() < 3).all())                    # mean of 24 (v_0^4 + v_1^4) / 3
+        True
     """
+    drawn = sampling.check("xa.biharmonic", samples, distribution, generator, wrt, default="gaussian")
+    if drawn is not None:
+        return _estimate("xa.biharmonic", source, wrt, batch_dim,
+                         lambda B, n, dtype, device: sampling.biharmonic("xa.biharmonic", wrt, B, n, *drawn, dtype,
+                                                                         device),
+                         configurations, max_memory, direction, create_graph)
     return _answer(source, Biharmonic(wrt), batch_dim, configurations, max_memory, direction, create_graph)
 
 
@@ -279,7 +310,9 @@ def partials(source: torch.Tensor, wrt: torch.Tensor, indices: Sequence, batch_d
 def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients: dict,
                           batch_dim: Optional[int] = None, configurations=None,
                           max_memory: Optional[int] = None, direction: str = "auto",
-                          create_graph: Optional[bool] = None) -> torch.Tensor:
+                          create_graph: Optional[bool] = None, samples: Optional[int] = None,
+                          distribution: Optional[str] = None,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``sum_k sum C_k[i_1..i_k] d^k source / dwrt_(i_1) .. dwrt_(i_k)``, shaped like ``source``.
 
     Args:
@@ -290,7 +323,12 @@ def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients:
             (``C_k[i, .., i] = c[i]``); :class:`xa.queries.RankOne`\\ ``(v)``
             (``sum_r v_r ⊗ .. ⊗ v_r``, a directional jet); or a dict
             ``{multi-index: number}`` of its nonzero entries. Their values are read
-            at every call; their structure (which kind, which entries) is planned.{args}
+            at every call; their structure (which kind, which entries) is planned.{args}{sampling}
+            Here, order by order: order 1 and ``RankOne`` exactly; order 2 with a dense ``A`` or a
+            ``Diagonal`` by Hutchinson, ``E[d^2 source [A^T v, v]]`` (``distribution`` as for
+            :func:`xa.laplacian`); any other order or a dict by importance sampling of its entries
+            (``S`` entries ``a`` drawn with probability ``|C[a]| / sum |C|``, each a mixed jet along
+            one-hot directions, weighted ``C[a] / p_a``). See :mod:`xa.sampling`.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
@@ -301,7 +339,18 @@ def differential_operator(source: torch.Tensor, wrt: torch.Tensor, coefficients:
         >>> u_t, u_xx, u_yy = xa.partials(u, pts, [(0,), (1, 1), (2, 2)], batch_dim=0)
         >>> torch.allclose(r, u_t - 0.1 * (u_xx + u_yy))
         True
+        >>> g = torch.Generator().manual_seed(0)    # an unbiased estimate: u_t exactly, the rest from 8 draws
+        >>> est = xa.differential_operator(u, pts, {1: {(0,): 1.0}, 2: {(1, 1): -0.1, (2, 2): -0.1}}, batch_dim=0,
+        ...                                samples=8, generator=g)
+        >>> est.shape, bool(((est - r).abs() <= 0.2 * (u_xx.abs() + u_yy.abs())).all())
+        (torch.Size([100, 1]), True)
     """
+    drawn = sampling.check("xa.differential_operator", samples, distribution, generator, wrt)
+    if drawn is not None:
+        return _estimate("xa.differential_operator", source, wrt, batch_dim,
+                         lambda B, n, dtype, device: sampling.operator_query(
+                             "xa.differential_operator", wrt, coefficients, B, n, *drawn, dtype, device),
+                         configurations, max_memory, direction, create_graph)
     return _answer(source, Operator(wrt, coefficients), batch_dim, configurations, max_memory, direction,
                    create_graph)
 
@@ -317,7 +366,10 @@ def directional(source: torch.Tensor, wrt: torch.Tensor, directions: torch.Tenso
         source: a tensor with a ``grad_fn``, of any shape.
         wrt: a leaf that requires grad (``n`` entries, per sample with ``batch_dim``).
         directions: one direction (1-d, ``n`` entries), or ``m`` of them, ``(m, n)``
-            or ``(m, *one sample of wrt's shape)``; the same for every sample.
+            or ``(m, *one sample of wrt's shape)``; the same for every sample. With
+            ``batch_dim``, a 3-d ``(B, m, n)`` (``B`` the source's samples, ``n`` one sample's
+            entries of ``wrt``) gives each sample its own ``m`` directions: ``directions[b, j]``
+            for sample ``b``, seeded per sample through one plan (no loop over samples).
         order: the highest order ``K``.{args}
 
     Returns:
@@ -330,13 +382,38 @@ def directional(source: torch.Tensor, wrt: torch.Tensor, directions: torch.Tenso
         >>> d1, d2, d3 = xa.directional(torch.exp(x).sum(), x, v, order=3)   # Taylor terms times k!
         >>> torch.allclose(d3, (torch.exp(x) * v ** 3).sum())
         True
+        >>> X = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+        >>> V = torch.randn(4, 3, 2, dtype=torch.float64)                  # each point its own 3 directions
+        >>> d1, d2 = xa.directional(torch.exp(X).sum(1), X, V, order=2, batch_dim=0)
+        >>> d2.shape, torch.allclose(d2, (torch.exp(X)[None] * V.transpose(0, 1) ** 2).sum(-1))
+        (torch.Size([3, 4]), True)
     """
-    return _answer(source, Directional(wrt, directions, order), batch_dim, configurations, max_memory,
+    per_sample = _per_sample_directions(source, wrt, directions, batch_dim)
+    return _answer(source, Directional(wrt, directions, order, per_sample), batch_dim, configurations, max_memory,
                    direction, create_graph)
 
 
+def _per_sample_directions(source, wrt, directions, batch_dim) -> bool:
+    """With ``batch_dim``, whether ``directions`` is ``(B, m, n)``: each sample's own ``m`` directions."""
+    if batch_dim is None or not isinstance(directions, torch.Tensor) or directions.dim() != 3:
+        return False
+    d = checks.batch_dim(batch_dim, checks.source(source))
+    B = source.shape[d]
+    return (isinstance(wrt, torch.Tensor) and B > 0 and wrt.numel() % B == 0 and directions.shape[0] == B
+            and directions.shape[2] == wrt.numel() // B)
+
+
+_SAMPLING = """
+        samples: ``None`` (the default) for the exact value; a positive int ``S`` for an unbiased
+            *randomized estimate*, the mean of ``S`` random terms per sample (each sample along
+            ``batch_dim`` draws its own), computed in one plan whose jets are seeded with the random
+            directions; trainable like the exact value (the directions are constants).
+        distribution: ``"rademacher"`` or ``"gaussian"``: what the random directions are drawn from
+            (only with ``samples``; ``None`` takes the default named below).
+        generator: a ``torch.Generator`` on ``wrt``'s device, for reproducible draws (only with ``samples``)."""
+
 for _f in (laplacian, biharmonic, partials, differential_operator, directional):
-    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS)
+    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS).replace("{sampling}", _SAMPLING)
 
 
 def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurations=None,
@@ -375,6 +452,66 @@ def mixed(source: torch.Tensor, wrt, batch_dim: Optional[int] = None, configurat
     with torch.set_grad_enabled(checks.create_graph(create_graph)):
         request = requests.query(source, query, batch_dim, configurations, max_memory, "backward", create_graph)
         return mixed_blocks(request, query)
+
+
+def _estimate(caller, source, wrt, batch_dim, make, configurations, max_memory, direction, create_graph):
+    """A randomized estimate (:mod:`xa.sampling`): the query ``make(B, n, dtype, device)`` builds from its draws."""
+    sample_dim = checks.batch_dim(batch_dim, checks.source(source))
+    with torch.set_grad_enabled(checks.create_graph(create_graph)):
+        B, n = sampling.layout(caller, source, wrt, sample_dim)
+        query = make(B, n, wrt.dtype if wrt.is_floating_point() else source.dtype, wrt.device)
+    return _answer(source, query, batch_dim, configurations, max_memory, direction, create_graph)
+
+
+def diagonal(source: torch.Tensor, wrt, order: int, batch_dim: Optional[int] = None, configurations=None,
+             max_memory: Optional[int] = None, direction: str = "auto", create_graph: Optional[bool] = None):
+    """The diagonal of the k-th derivative: ``d^k source / dwrt_i^k`` for every entry ``i`` of ``wrt``.
+
+    It costs about a Laplacian, not the whole derivative tensor: forward, the jets of the rows
+    ``(i,)*j`` alone; backward, backprop whose terms write only the diagonal of the leaf's
+    block (the other blocks stay dense), so the Hessian diagonal of a parameter of any size
+    never builds ``n^2`` entries. ``xa.diagonal(losses, W, order=2, batch_dim=0)`` is each
+    sample's Hessian diagonal (BackPACK's ``BatchDiagHessian``); without ``batch_dim``, on
+    ``losses.sum()``, its sum (``DiagHessian``).
+
+    Args:
+        source: a tensor with a ``grad_fn``, of any shape.
+        wrt: a leaf that requires grad (an input, a parameter), or a sequence of leaves, all
+            answered by one plan.
+        order: ``k``, a positive int.
+        batch_dim: the source's sample dim: each sample's diagonal w.r.t. its own entries of a
+            batched leaf (points ``x`` of shape ``(B, d)``: ``d^k u_b / dx_(b,i)^k``), or w.r.t. all of a
+            shared one (a weight). See :func:`xa.backward`.
+        configurations: rules swapped in for this call, as in :func:`xa.backward`.
+        max_memory: bytes, as in :func:`xa.backward`; over budget, chunks of source rows, or with
+            ``batch_dim`` of samples.
+        direction: ``"auto"`` (price both, run the cheaper), ``"forward"`` (jets of the diagonal's
+            rows) or ``"backward"`` (backprop with the leaf's positions tied).
+        create_graph: whether the result carries a gradient, as in :func:`xa.backward`.
+
+    Returns:
+        ``(*source.shape, *wrt.shape)``, in ``wrt``'s dtype and on its device; with ``batch_dim``,
+        ``wrt.shape`` is one sample's (a shared leaf's whole shape). For a sequence of leaves, a
+        tuple of them in that order.
+
+    Raises:
+        QueryError: ``order`` is not a positive int. TargetError: ``wrt`` is not a leaf of the
+        source's graph. TypeError: ``wrt`` is not a tensor or a sequence of tensors.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+        >>> u = (x[:, :1] ** 3 * x[:, 1:] ** 2)                   # (2, 1): one value per point
+        >>> xa.diagonal(u, x, order=2, batch_dim=0).tolist()     # (6 x0 x1^2, 2 x0^3) per point
+        [[[24.0, 2.0]], [[288.0, 54.0]]]
+        >>> W = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+        >>> losses = torch.tanh(x @ W.T).sum(1)                   # (2,): one loss per point
+        >>> xa.diagonal(losses, W, order=2, batch_dim=0).shape   # each point's Hessian diagonal
+        torch.Size([2, 3, 2])
+    """
+    query = Pure(wrt, order)
+    with torch.set_grad_enabled(checks.create_graph(create_graph)):
+        request = requests.query(source, query, batch_dim, configurations, max_memory, direction, create_graph)
+        return diagonal_of(request, query)
 
 
 def _answer(source, query, batch_dim, configurations, max_memory, direction, create_graph):

@@ -37,6 +37,8 @@ from itertools import combinations, combinations_with_replacement, product
 
 from .batch import BatchFactors, Batching, operand_views
 from .capture import Graph
+from .errors import QueryError
+from .factor import split_label
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
 
@@ -54,7 +56,8 @@ def ancestry(graph: Graph, requested: set) -> list:
 
 
 def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, retained: tuple,
-                   rows: int | None = None, batch: Batching | None = None, mixed: tuple = ()) -> tuple:
+                   rows: int | None = None, batch: Batching | None = None, mixed: tuple = (),
+                   tied: tuple = ()) -> tuple:
     """Steps of backprop to ``order``: ``(steps, block_shapes, results)``.
 
     ``results`` maps each requested value to the keys of its blocks for
@@ -65,6 +68,10 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
     sample dim left out of a batched value), the sample label tied through every term.
     ``mixed`` lists joint blocks of requested leaves to keep too (sorted multisets of
     value indices, ``(A, B)`` for ``d^2 S / dA dB``); ``results[("mixed", M)]`` is ``[M]``.
+    ``tied`` lists leaves whose positions are tied in every block: a block holding one of them
+    ``j`` times keeps only its diagonal ``d^j S / dL_i^j`` (the leaf's dims once), and every term
+    writing it computes only that (:mod:`xa.diag`; the other positions stay dense). Only order
+    ``order`` of a tied leaf is kept: its lower orders are left out (``None`` when read).
     """
     N = order
     wanted = set(requested) | set(retained)
@@ -83,8 +90,11 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
             return batch.shape(graph, u)
 
     groups = {frozenset(ms) for ms in mixed}
+    tied = frozenset(tied)
 
     def keep(m):
+        if tied and len(m) < N and all(u in tied for u in m):
+            return False  # a tied leaf's lower orders: only the diagonal of order N is asked (xa.diag)
         common = reach[m[0]]
         for u in m[1:]:
             common = common & reach[u]
@@ -92,7 +102,14 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
         return bool(common) or any(all(reach[u] & g for u in m) for g in groups)
 
     def block_shape(m):
-        return lead + tuple(d for u in m for d in shape_of(u))
+        dims, seen = [], set()
+        for u in m:
+            if u in tied:  # a tied leaf's positions share one set of dims
+                if u in seen:
+                    continue
+                seen.add(u)
+            dims.extend(shape_of(u))
+        return lead + tuple(dims)
 
     live = {(0,): None}  # block keys
     shapes = {} if rows is None else {(0,): (rows,) + graph.source_shape}
@@ -112,7 +129,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
         sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
         step = Step(y, v.title, snapshot=snapshot)
         for m in holding:
-            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None, sampled):
+            for term in _expand(graph, m, y, inputs, N, keep, factor, s_numel, rows is None, sampled, tied):
                 if term.target not in live:
                     live[term.target] = True
                     shapes[term.target] = block_shape(term.target)
@@ -131,7 +148,7 @@ def build_backward(graph: Graph, order: int, rules: dict, requested: tuple, reta
     return steps, shapes, results
 
 
-def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity, sampled):
+def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity, sampled, tied=frozenset()):
     p = m.count(y)
     V = tuple(u for u in m if u != y)
     nodes = sorted({i for i in inputs if i is not None})
@@ -159,23 +176,29 @@ def _expand(graph, m, y, inputs, N, keep, factor, s_numel, identity, sampled):
                                 break
                             blocks.append((f, [rest[t] for t in members], tuple(slots[t] for t in members)))
                         else:
-                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled)
+                            yield _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled, tied)
 
 
-def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled):
+def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled, tied=frozenset()):
     lab = TermLabels()
     sample = None if sampled is None else lab.new(sampled.batch.size)
-    out_of_pos: dict = {}
-    y_ports, operands, factors, views = [], [], [], []
-    tied: dict = {}  # each factor's own sample label -> the term's
+    resolved = []
     for f, positions, slots in blocks:
         p, ins_p = None, (None,) * len(slots)
         if sampled is not None:
             f, p, ins_p = sampled.get(slots)
+        resolved.append((f, p, ins_p, positions, slots))
+    ties = {u for u in tied if target.count(u) > 1}
+    if ties:  # every port of a tied leaf split alike, so that its positions can share labels
+        resolved = _refine(graph, y, resolved, target, ties)
+    out_of_pos: dict = {}
+    y_ports, operands, factors, views = [], [], [], []
+    tied_sample: dict = {}  # each factor's own sample label -> the term's
+    for f, p, ins_p, positions, slots in resolved:
         shift, f_operands = lab.adopt(f, slots)
         ps = None if p is None else shift[p]
         if ps is not None:
-            tied[ps] = sample
+            tied_sample[ps] = sample
         if sampled is not None:
             views.extend(operand_views(f, f_operands, ps))
         y_ports.append(tuple(shift[i] for i in f.out if shift[i] != ps))
@@ -183,8 +206,22 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled):
             out_of_pos[pos] = tuple(shift[i] for i in port if pin is None or i != pin)
         operands.extend(f_operands)
         factors.append(slots)
-    if tied:
-        operands = [(ref, tuple(tied.get(lb, lb) for lb in labels)) for ref, labels in operands]
+    root: dict = dict(tied_sample)
+    canon: dict = {}  # a tied leaf -> the labels all its positions share
+    for u in sorted(ties):
+        ports = [out_of_pos[pos] for pos in range(len(target)) if target[pos] == u and pos in out_of_pos]
+        if ports:
+            canon[u] = ports[0]
+            for port in ports[1:]:  # identify label for label: the term walks the diagonal
+                for a, b in zip(port, ports[0]):
+                    _union(root, a, b)
+    if root:
+        def sub(labels):
+            return tuple(_find(root, lb) for lb in labels)
+        operands = [(ref, sub(labels)) for ref, labels in operands]
+        y_ports = [sub(port) for port in y_ports]
+        out_of_pos = {pos: sub(port) for pos, port in out_of_pos.items()}
+        canon = {u: sub(port) for u, port in canon.items()}
     lead = [] if sample is None else [sample]
     sources = []
     if identity and m == (0,):  # the source's own block is the identity: its labels are the y port's
@@ -198,18 +235,88 @@ def _term(graph, m, y, V, vpos, target, blocks, s_numel, identity, sampled):
             if u == y:
                 d_labels.extend(y_ports[yi])
                 yi += 1
+                continue
+            n = graph.values[u].numel if sampled is None else sampled.batch.numel(graph, u)
+            if u in tied:  # one set of labels for all the leaf's positions, in the block and the target
+                if u not in canon:
+                    canon[u] = (lab.new(n),)
+                if vi.get(u, 0) == 0:
+                    d_labels.extend(canon[u])
+                labels = canon[u]
             else:
-                n = graph.values[u].numel if sampled is None else sampled.batch.numel(graph, u)
-                label = lab.new(n)
-                d_labels.append(label)
-                pos = vpos[u][vi.get(u, 0)]
-                vi[u] = vi.get(u, 0) + 1
-                out_of_pos[pos] = (label,)
+                labels = (lab.new(n),)
+                d_labels.extend(labels)
+            pos = vpos[u][vi.get(u, 0)]
+            vi[u] = vi.get(u, 0) + 1
+            out_of_pos[pos] = labels
         sources.append((m, tuple(d_labels)))
     out = lead + list(a)
     for pos in range(len(target)):
+        if target[pos] in tied and pos > 0 and target[pos - 1] == target[pos]:
+            continue  # a tied leaf's dims once (its positions are adjacent: the target is sorted)
         out.extend(out_of_pos[pos])
     term = compile_term(lab, sources, operands, factors, out, target, unit_sums=True)
     if sampled is not None:
         term.views = tuple(views)
     return term
+
+
+def _find(root: dict, label: int) -> int:
+    while root.get(label, label) != label:
+        label = root[label]
+    return label
+
+
+def _union(root: dict, a: int, b: int) -> None:
+    a, b = _find(root, a), _find(root, b)
+    if a != b:
+        root[a] = b
+
+
+def _refine(graph, y, resolved, target, ties) -> list:
+    """The factors with their labels split so that every port of a tied leaf has the same sizes.
+
+    A port is a row-major split of the leaf's entries; two ports of one leaf may split them
+    differently (``(4, 3)`` and ``(12,)``): each is split at the other's boundaries, a reshape
+    of every operand that carries the label (:func:`xa.factor.split_label`).
+    """
+    resolved = [list(r) for r in resolved]
+    for u in sorted(ties):
+        for _ in range(64):
+            ports = [(r, t) for r in resolved for t, pos in enumerate(r[3]) if target[pos] == u]
+            seqs = [_port_sizes(r, t) for r, t in ports]
+            if len({tuple(sz for _, sz in q) for q in seqs}) <= 1:
+                break
+            cuts = set()
+            for q in seqs:
+                acc = 1
+                for _, sz in q:
+                    acc *= sz
+                    cuts.add(acc)
+            changed = False
+            for (r, _), q in zip(ports, seqs):
+                acc = 1
+                for label, sz in q:
+                    inside = sorted(c for c in cuts if acc < c < acc * sz)
+                    if inside:
+                        first = inside[0] // acc
+                        if inside[0] % acc or sz % first:
+                            raise QueryError(
+                                f"xa.diagonal: {graph.values[y].title} reads the leaf through ports that split "
+                                "its entries in ways no common reshape fits; direction='forward' computes it")
+                        r[0] = split_label(r[0], label, (first, sz // first))
+                        changed = True
+                        break
+                    acc *= sz
+                if changed:
+                    break
+            if not changed:
+                break
+    return [tuple(r) for r in resolved]
+
+
+def _port_sizes(r, t) -> list:
+    """``(label, size)`` along port ``t`` of a resolved factor, its sample label left out."""
+    f, _, ins_p = r[0], r[1], r[2]
+    pin = ins_p[t]
+    return [(lb, f.sizes[lb]) for lb in f.ins[t] if pin is None or lb != pin]

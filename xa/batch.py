@@ -37,7 +37,7 @@ import torch
 
 from .capture import Cut, Graph
 from .errors import BatchMixingError
-from .factor import Factor, port_labels, relabel, split_at
+from .factor import Factor, join, port_labels, split_at
 
 
 @dataclass(frozen=True)
@@ -126,36 +126,11 @@ def split_port(factor: Factor, port: tuple, pre: int, size: int, where: str):
             inside.append(label)
         acc *= factor.sizes[label]
     if len(inside) > 1:  # the samples laid out over several dims (a grid of points): one label for them
-        factor = _join(factor, tuple(inside), where)
+        factor = join(factor, tuple(inside), where)
         return factor, len(factor.sizes) - 1
     if len(inside) != 1:
         raise BatchMixingError(f"{where}: the sample dim does not line up with the dims of this node")
     return factor, inside[0]
-
-
-def _join(factor: Factor, run: tuple, where: str) -> Factor:
-    """Replace the labels ``run`` by one new label wherever they appear, always together and in this order."""
-    sizes = list(factor.sizes)
-    new = len(sizes)
-    sizes.append(math.prod(factor.sizes[i] for i in run))
-
-    def sub(labels):
-        out, i = [], 0
-        while i < len(labels):
-            if labels[i] in run:
-                if tuple(labels[i:i + len(run)]) != run:
-                    raise BatchMixingError(
-                        f"{where}: the samples are laid out over several dims that this node does not keep "
-                        "together; per-sample derivatives need them kept together, in order"
-                    )
-                out.append(new)
-                i += len(run)
-            else:
-                out.append(labels[i])
-                i += 1
-        return tuple(out)
-
-    return relabel(factor, sub, sizes)
 
 
 def operand_views(factor: Factor, adopted: list, label) -> list:

@@ -13,6 +13,7 @@ the cache.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -153,7 +154,10 @@ def _run_in_chunks(request: Request, budget: float, whole):
     s = graph.values[0].numel
     itemsize = whole.itemsize
     wanted = request.wanted
-    result_bytes = sum(s * graph.values[i].numel ** k for i in wanted for k in range(1, order + 1)) * itemsize
+    # a diagonal's blocks hold the leaf's entries once (xa.diag)
+    shapes = {i: [(graph.values[i].numel,) * (1 if i in request.diagonal else k) for k in range(1, order + 1)]
+              for i in wanted}
+    result_bytes = sum(s * math.prod(shape) for i in wanted for shape in shapes[i]) * itemsize
 
     def need(rows):
         plan = planner.build(request.replace(direction="backward", rows=rows))
@@ -162,7 +166,7 @@ def _run_in_chunks(request: Request, budget: float, whole):
     plan, one_row = need(1)
     if one_row > budget:
         also = ""
-        if "forward" in whole.prices:
+        if "forward" in whole.prices and not request.diagonal:
             forward = planner.build(request.replace(direction="forward"))
             also = f"; the forward plan would need {size(forward.need_bytes())}"
         raise MemoryBudgetError(
@@ -180,7 +184,6 @@ def _run_in_chunks(request: Request, budget: float, whole):
         rows = max(1, rows // 2)
         plan, total = need(rows)
     dtype, device = graph.dtype, graph.device
-    shapes = {i: [(graph.values[i].numel,) * k for k in range(1, order + 1)] for i in wanted}
     chunks: dict = {i: [_Chunks(0, s) for _ in range(order)] for i in wanted}
     for r0 in range(0, s, rows):
         r1 = min(s, r0 + rows)

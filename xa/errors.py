@@ -155,3 +155,19 @@ class QueryError(XaError, ValueError):
             ...
         xa.errors.QueryError: partials: the multi-index (5,) names an entry outside the leaf's 2 entries ...
     """
+
+
+class SamplingError(XaError, ValueError):
+    """A randomized estimate (``samples=``) was asked with a bad argument: ``samples``, ``distribution``, ``generator``.
+
+    Also raised for a distribution that gives no unbiased estimate of what is asked (Rademacher
+    directions for the biharmonic).
+
+    Example:
+        >>> x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        >>> u = torch.tanh(x).sum(1, keepdim=True)
+        >>> xa.laplacian(u, x, batch_dim=0, samples=0)
+        Traceback (most recent call last):
+            ...
+        xa.errors.SamplingError: xa.laplacian: samples must be a positive int ... got 0
+    """

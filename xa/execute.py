@@ -97,14 +97,16 @@ def _run(plan, graph, rules, blocks, first, factors, seeds, slices, buffers) -> 
                 operands.append(operand)
             for n, ref in enumerate(term.operands):
                 if isinstance(ref[0], str):  # a constant: the leaf's identity jet read at a[pos], a query's values
-                    operands.append(jets.constant(ref, seeds, dtype, device).reshape(term.shapes[len(operands)]))
+                    size = None if plan.batch is None else plan.batch.size
+                    operand = jets.constant(ref, seeds, dtype, device, first, size)
+                    operands.append(operand.reshape(term.shapes[len(operands)]))
                     continue
                 slots, k = ref
                 operand = node[slots].operands[k][0].to(dtype)
                 if term.views is not None and term.views[n] is not None:
                     operand = _sample_view(operand, term.views[n], plan.batch, first)
                 shape = term.shapes[len(operands)]
-                if operand.dim() != len(shape):  # a label of size one left out (compile_term's unit_sums)
+                if operand.shape != shape:  # a label of size one left out (unit_sums), a label split (xa.backprop)
                     operand = operand.reshape(shape)
                 operands.append(operand)
             coef = node.coef(term)
@@ -220,10 +222,12 @@ def _sample_view(operand, view, batch, first) -> torch.Tensor:
     """
     shape, axes = view
     operand = operand.reshape(shape)
-    if batch.size != batch.total:
+    if batch is not None and batch.size != batch.total:
         for axis in axes:
-            if shape[axis] != batch.size:
-                operand = operand.narrow(axis, first, batch.size)
+            # all samples' (times the items of a jet kept per item, xa.sparsity): narrowed to the chunk's
+            if shape[axis] != batch.size and shape[axis] % batch.total == 0:
+                per = shape[axis] // batch.total
+                operand = operand.narrow(axis, first * per, batch.size * per)
     return operand
 
 

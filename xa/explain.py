@@ -18,7 +18,7 @@ from . import plan as planner
 from . import request as requests
 from .jets import count
 from .plan import Plan
-from .queries import Mixed
+from .queries import Mixed, Pure
 
 
 def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor] = None,
@@ -74,12 +74,20 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
     w(f"xa plan: order {plan.order}, source #0 of shape {list(graph.source_shape)}, {graph.dtype}, {graph.device}\n")
     if isinstance(query, Mixed):
         w(_mixed_line(request) + "\n")
+    elif isinstance(query, Pure):
+        w(_diagonal_line(request, plan) + "\n")
     elif query is not None:
         for line in _query_lines(request, plan):
             w(line + "\n")
     wanted = set(plan.results)
     batch = plan.batch
     folded = {graph.values[c].inputs[slot]: c for c, slots in plan.folds.items() for slot in slots}
+    tied = {}
+    if plan.direction == "forward":
+        for leaf, (items, rows_t) in plan.tied.items():
+            for line in _sparsity_lines(request, plan, leaf, items, rows_t):
+                w(line + "\n")
+            tied.update({i: leaf for i in items.tied})
     if batch is not None:
         w(f"per sample: the source's dim {batch.source_dim} is the sample index b, {batch.total} samples; every "
           f"block carries b once (never b x b), as its first dim (a jet: after its rows)\n")
@@ -92,6 +100,8 @@ def explain(source: torch.Tensor, order: int = 1, target: Optional[torch.Tensor]
         sample = ""
         if batch is not None:
             sample = "  " + batch.describe(graph, v.index)
+        if v.index in tied:
+            sample += f"  (items of leaf #{tied[v.index]} kept apart)"
         if v.index in folded:
             sample += f"  (folded: #{folded[v.index]} reads its input in place, no copy)"
         w(f"  #{v.index:<3} {kind} {name:<28} {str(list(v.shape)):<14} {('<- ' + ins) if ins else ''}{mark}"
@@ -126,7 +136,30 @@ def _query_lines(request, plan: Plan) -> list:
     return lines
 
 
+def _sparsity_lines(request, plan: Plan, leaf: int, items, rows_t) -> list:
+    """Block sparsity of a leaf's jets: its items, the values that keep them apart, the rows kept, the FLOPs saved."""
+    dense = planner.build(request.replace(sparse=False, direction="forward"))
+    n = items.numel * items.items
+    kept = "; ".join(f"order {k}: {count(rows_t.m, kind)} per item"
+                     + (f" summed into {rows_t.collapse}" if rows_t.collapse and k == rows_t.order else "")
+                     for k, kind in enumerate(rows_t.kinds, start=1))
+    return [f"block sparsity: leaf #{leaf} is {items.items} items of {items.numel} entries each"
+            f"{' per sample' if plan.batch is not None else ''} ({n} in all); {len(items.tied)} values keep its items "
+            f"apart (marked below), their jets kept per item over its own entries ({kept}), written into the "
+            "leaf's rows where a node mixes items",
+            f"FLOPs: this plan {plan.flops:.4g}; the dense plan (every row through every node) {dense.flops:.4g} "
+            f"({dense.flops / max(plan.flops, 1):.3g}x)"]
+
+
 def _mixed_line(request) -> str:
     asked = ", ".join("d^{} S / {}".format(len(k), " ".join(f"d#{u}" for u in k)) for k in request.mixed)
     return (f"query: mixed partials {asked}, answered by backprop; the joint blocks of leaves "
             f"{list(request.requested)} are kept (block (a, b) = d^2 S / d#a d#b)")
+
+
+def _diagonal_line(request, plan: Plan) -> str:
+    prices = ", ".join(f"{d} {f:.4g}" for d, f in sorted(plan.prices.items()))
+    how = ("jets of the rows (i,)*j" if plan.direction == "forward" else
+           "backprop with each leaf's positions tied (its blocks keep their diagonal only)")
+    return (f"query: diagonal d^{request.order} S / dL_i^{request.order} of leaves {list(request.requested)}, "
+            f"answered by {plan.direction} {how}; FLOPs {prices}")

@@ -263,3 +263,29 @@ def relabel(factor: Factor, sub, sizes: list) -> Factor:
         operands.append((tensor.reshape([sizes[i] for i in labels2]), labels2))
     return dataclasses.replace(factor, out=sub(factor.out), ins=tuple(sub(p) for p in factor.ins), sizes=tuple(sizes),
                    operands=tuple(operands))
+
+
+def join(factor: Factor, run: tuple, where: str) -> Factor:
+    """Replace the labels ``run`` by one new label wherever they appear, always together and in this order
+    (the samples of a per-sample plan laid out over several dims, :mod:`xa.batch`)."""
+    sizes = list(factor.sizes)
+    new = len(sizes)
+    sizes.append(math.prod(factor.sizes[i] for i in run))
+
+    def sub(labels):
+        out, i = [], 0
+        while i < len(labels):
+            if labels[i] in run:
+                if tuple(labels[i:i + len(run)]) != run:
+                    raise BatchMixingError(
+                        f"{where}: the samples are laid out over several dims that this node does not keep "
+                        "together; per-sample derivatives need them kept together, in order"
+                    )
+                out.append(new)
+                i += len(run)
+            else:
+                out.append(labels[i])
+                i += 1
+        return tuple(out)
+
+    return relabel(factor, sub, sizes)

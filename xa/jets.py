@@ -37,12 +37,15 @@ from itertools import combinations, combinations_with_replacement, product
 import numpy as np
 import torch
 
+from . import sparsity
 from .batch import BatchFactors, Batching, operand_views
 from .capture import Graph
 from .errors import QueryError
+from .sparsity import Items
 from .terms import PlanFactors, Step, TermLabels, compile_term, set_partitions
 
 IDENTITY = "identity"
+EMBED_LIMIT = 2**22  # entries of one embedding constant, at most (dense rows x tied rows x items)
 
 
 def jet_key(leaf: int, value: int, k: int) -> tuple:
@@ -88,6 +91,10 @@ class Rows:
     kinds: tuple
     seeded: bool = False
     collapse: int = 0
+    # the constant that collapses the top order: the query's weights ``(q, rows)``, or, for jets kept per
+    # item (xa.sparsity), its weights gathered per item and laid out over the samples and items ``(q, rows, T)``
+    weights: tuple = ("weights",)
+    per_sample: bool = False
 
     @property
     def order(self) -> int:
@@ -198,18 +205,77 @@ def seed(directions: torch.Tensor, m: int, k, pos: int) -> torch.Tensor:
     return directions.index_select(0, at)
 
 
-def constant(ref: tuple, seeds: dict | None, dtype, device) -> torch.Tensor:
-    """A plan's constant operand: a one-hot identity jet, seeded directions, or a query's weights."""
+def sample_seed(directions: torch.Tensor, m: int, k, pos: int, first: int = 0, size=None) -> torch.Tensor:
+    """``D[b, a[pos], i]`` over the rows ``a`` of kind ``k`` and the samples ``first .. first + size``:
+    the leaf's jet along each sample's own directions ``D`` of shape ``(B, m, n')``, laid out
+    ``(rows, b, i)`` like the jets.
+
+    Directions stored ``(m, B, n')`` (``D`` a transposed view of them, as :mod:`xa.sampling` draws
+    them) are the operand itself, with no copy, where the rows read every direction once, in order,
+    over all samples (order 1 of a directional query or an estimator).
+    """
+    directions = directions.transpose(0, 1)
+    if not (count(m, k) == m and _reads_in_order(m, k, (pos,), 1)):
+        directions = directions.index_select(0, index(m, k, (pos,), directions.device, lower=1))
+    if size is not None and size != directions.shape[1]:
+        directions = directions.narrow(1, first, size)
+    return directions
+
+
+def constant(ref: tuple, seeds: dict | None, dtype, device, first: int = 0, size=None) -> torch.Tensor:
+    """A plan's constant operand: a one-hot identity jet, seeded directions, or a query's weights.
+
+    Per-sample directions (``"sample_seed"``) are read at the samples ``first .. first + size`` of a chunk.
+    """
     if ref[0] == "onehot":
         return onehot(*ref[1:], dtype, device)
     if ref[0] == "seed":
         return seed(seeds["directions"].to(dtype), *ref[1:])
+    if ref[0] == "items":
+        return embedding(ref[1:], dtype, device)
+    if ref[0] == "item_weights":
+        return item_weights(ref[1:], seeds["weights"].to(dtype))
+    if ref[0] == "item_weights_joint":  # (q, rows, N) repeated for every sample: (q, rows, samples * N)
+        w = item_weights(ref[1:6], seeds["weights"].to(dtype))
+        return w[:, :, None, :].expand(w.shape[0], w.shape[1], ref[6], w.shape[2]).reshape(w.shape[0], w.shape[1], -1)
+    if ref[0] == "sample_seed":
+        return sample_seed(seeds["directions"].to(dtype), *ref[1:], first=first, size=size)
     return seeds["weights"].to(dtype)
 
 
+@lru_cache(maxsize=256)
+def _item_rows(items: Items, m: int, kind, mt: int, kind_t) -> tuple:
+    """Per dense row within one item: ``(dense position, tied position, item)``, as CPU index tensors."""
+    pos, entry, item = sparsity.within(items, _row_array(m, kind))
+    at = where(mt, kind_t)
+    tied = [at[tuple(r)] for r in entry.tolist()]
+    return (torch.from_numpy(pos), torch.tensor(tied, dtype=torch.long), torch.from_numpy(item))
+
+
+def embedding(spec: tuple, dtype, device) -> torch.Tensor:
+    """``E[r, t, m] = 1`` where dense row ``r`` is tied row ``t`` of item ``m`` (:mod:`xa.sparsity`)."""
+    key = ("items",) + spec + (dtype, str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is None:
+        items, m, kind, mt, kind_t = spec
+        pos, tied, item = _item_rows(*spec)
+        e = torch.zeros(count(m, kind), count(mt, kind_t), items.items, dtype=dtype, device="cpu")
+        e[pos, tied, item] = 1.0
+        hit = _ON_DEVICE[key] = e.to(device)
+    return hit
+
+
+def item_weights(spec: tuple, weights: torch.Tensor) -> torch.Tensor:
+    """``W[w, t, m]``: the query's weight ``w`` of the dense row that is tied row ``t`` of item ``m`` (0: none)."""
+    items, m, kind, mt, kind_t = spec
+    pos, tied, item = (i.to(weights.device) for i in _item_rows(*spec))
+    out = weights.new_zeros(count(mt, kind_t), items.items, weights.shape[0])
+    return out.index_put((tied, item), weights.index_select(1, pos).T).permute(2, 0, 1)
+
+
 def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: Batching | None = None,
-                  query=None) -> tuple:
-    """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand)``.
+                  query=None, sparse: bool = True) -> tuple:
+    """Steps computing the jets of each leaf in ``leaves``: ``(steps, block_shapes, results, expand, tied)``.
 
     ``expand[key]`` tells how to turn a result jet into xa's layout (:func:`expand`).
     With ``batch``, a batched value's jet is per sample, ``(M_k, samples, *v.shape')``
@@ -221,19 +287,26 @@ def build_forward(graph: Graph, order: int, rules: dict, leaves: tuple, batch: B
     seeded with directions, and the top order may be collapsed to weighted
     sums; the results are the source's jets of every order in that layout,
     unexpanded (:mod:`xa.queries` reads them).
+
+    With ``sparse``, a leaf whose items stay apart up to some node (:mod:`xa.sparsity`) has the jets of the
+    values before that node kept per item, over the item's own entries: ``tied[leaf]`` is then
+    ``(items, rows kept per item)``.
     """
-    steps, shapes, results, expansions = [], {}, {}, {}
+    steps, shapes, results, expansions, sparse_ = [], {}, {}, {}, {}
     for leaf in leaves:
         n = graph.values[leaf].numel if batch is None else batch.numel(graph, leaf)
         rows_ = full_rows(n, order) if query is None else query.rows(n)
-        steps.extend(_leaf_steps(graph, rows_, leaf, rules, shapes, batch))
+        tied = _tied(graph, rules, leaf, batch, rows_) if sparse else None
+        if tied is not None:
+            sparse_[leaf] = tied
+        steps.extend(_leaf_steps(graph, rows_, leaf, rules, shapes, batch, tied))
         results[leaf] = [jet_key(leaf, 0, k) for k in range(1, order + 1)]
         for key in results[leaf]:
             shapes.setdefault(key, _jet_shape(graph, batch, 0, rows_, key[3]))
             if query is None:
                 expansions[key] = (n, key[3])
     _retire_after_last_read(steps, {k for keys in results.values() for k in keys})
-    return steps, shapes, results, expansions
+    return steps, shapes, results, expansions, sparse_
 
 
 def expand(t: torch.Tensor, how: tuple) -> torch.Tensor:
@@ -254,15 +327,48 @@ def _jet_shape(graph, batch, v, rows_: Rows, k) -> tuple:
 
 def _depends_on(graph: Graph, leaf: int, dead=()) -> list:
     """Per value, whether it depends on ``leaf`` through values that are not ``dead`` (xa.batch)."""
-    reach = [False] * len(graph.values)
-    for i in reversed(graph.order):
-        reach[i] = i == leaf or (i not in dead and any(j is not None and reach[j] for j in graph.values[i].inputs))
-    return reach
+    return sparsity.depends_on(graph, leaf, dead)
 
 
-def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch) -> list:
+def _tied(graph: Graph, rules: dict, leaf: int, batch, rows_: Rows):
+    """``(items, tied rows)`` where the leaf's items stay apart through some nodes (:mod:`xa.sparsity`), or
+    ``None``: seeded directions span items; an order no row of which lies in one item."""
+    if rows_.seeded:
+        return None
+    items = sparsity.find(graph, rules, leaf, batch)
+    if items is None:
+        return None
+    wanted: dict = {}
+    for k, kind in enumerate(rows_.kinds, start=1):
+        if isinstance(kind, int):
+            wanted[k] = ALL
+            continue
+        _, entry, _ = sparsity.within(items, _row_array(rows_.m, kind))
+        wanted[k] = {tuple(r) for r in entry.tolist()}
+        if not wanted[k]:
+            return None
+    kinds = closure(items.numel, wanted)
+    embedded = zip(rows_.kinds[:-1], kinds[:-1]) if rows_.collapse else zip(rows_.kinds, kinds)
+    if any(count(rows_.m, kind) * count(items.numel, kt) * items.items > EMBED_LIMIT for kind, kt in embedded):
+        return None
+    if not rows_.collapse:
+        return items, Rows(items.numel, kinds)
+    # a collapsed top order is collapsed per item too, with the query's weights of each item's rows
+    weights = ("item_weights_joint", items, rows_.m, rows_.kinds[-1], items.numel, kinds[-1],
+               items.batch.size // items.items)
+    return items, Rows(items.numel, kinds, collapse=rows_.collapse, weights=weights)
+
+
+def tied_key(leaf: int, value: int, k: int) -> tuple:
+    """The block of a value's jet kept per item (:mod:`xa.sparsity`)."""
+    return ("tied", leaf, value, k)
+
+
+def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch, tied=None) -> list:
     reach = _depends_on(graph, leaf, () if batch is None else batch.dead)
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
+    items, rows_t = tied if tied is not None else (None, None)
+    kept = {leaf: {1: IDENTITY}}  # the same for the jets kept per item
     steps = []
     for y in reversed(graph.order):
         v = graph.values[y]
@@ -271,28 +377,79 @@ def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch) -> list:
         inputs = tuple(i if i is not None and reach[i] else None for i in v.inputs)
         slots = [s for s, i in enumerate(inputs) if i is not None]
         factor = PlanFactors(graph, y, graph.rule(y, rules), graph.ctx(y, planning=True), inputs)
-        sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
         step = Step(y, v.title)
-        jets[y] = {}
-        for k in range(1, rows_.order + 1):
-            target = jet_key(leaf, y, k)
-            for p in range(1, k + 1):
-                for part in set_partitions(tuple(range(k)), p):
-                    for choice in product(slots, repeat=p):
-                        if any(len(b) not in jets[inputs[a]] for b, a in zip(part, choice)):
-                            continue
-                        pairs = sorted(zip(choice, part), key=lambda t: t[0])
-                        f = factor(tuple(a for a, _ in pairs))
-                        if f is None:
-                            continue
-                        step.terms.append(_jet_term(rows_, k, f, pairs, inputs, jets, target, sampled))
-                        jets[y][k] = target
-            if target in jets[y].values():
-                shapes[target] = _jet_shape(graph, batch, y, rows_, k)
+        if items is not None and y in items.tied:
+            sampled = BatchFactors(graph, items.batch, y, inputs, factor)
+            _node_terms(step, graph, rows_t, leaf, y, factor, slots, inputs, kept, sampled, shapes, items.batch,
+                        tied_key)
+            if y == 0:  # the source itself keeps the items: its jets in the source's layout
+                _embed(step, graph, rows_, rows_t, items, leaf, y, kept, jets, shapes, batch)
+        else:
+            for x in dict.fromkeys(inputs):
+                if items is not None and x in items.tied and x not in jets:
+                    _embed(step, graph, rows_, rows_t, items, leaf, x, kept, jets, shapes, batch)
+            sampled = None if batch is None else BatchFactors(graph, batch, y, inputs, factor)
+            _node_terms(step, graph, rows_, leaf, y, factor, slots, inputs, jets, sampled, shapes, batch, jet_key)
         factor.finish(step)
         _share_gathers(step)
         steps.append(step)
     return steps
+
+
+def _node_terms(step, graph, rows_: Rows, leaf, y, factor, slots, inputs, jets, sampled, shapes, batch,
+                key) -> None:
+    """The Faa di Bruno terms of node ``y``'s jets of every order, appended to ``step``."""
+    jets[y] = {}
+    for k in range(1, rows_.order + 1):
+        target = key(leaf, y, k)
+        for p in range(1, k + 1):
+            for part in set_partitions(tuple(range(k)), p):
+                for choice in product(slots, repeat=p):
+                    if any(len(b) not in jets[inputs[a]] for b, a in zip(part, choice)):
+                        continue
+                    pairs = sorted(zip(choice, part), key=lambda t: t[0])
+                    f = factor(tuple(a for a, _ in pairs))
+                    if f is None:
+                        continue
+                    step.terms.append(_jet_term(rows_, k, f, pairs, inputs, jets, target, sampled))
+                    jets[y][k] = target
+        if target in jets[y].values():
+            shapes[target] = _jet_shape(graph, batch, y, rows_, k)
+
+
+def _embed(step, graph, rows_: Rows, rows_t: Rows, items: Items, leaf, x, kept, jets, shapes, batch) -> None:
+    """Terms writing value ``x``'s jets kept per item into its jets over the leaf's rows (a row across items: 0).
+
+    The kept jet ``(rows per item, samples * items, *rest)`` is read as ``(t, [b], m, i, j)``, ``x`` being
+    ``(i, [b], m, j)`` flattened, and written ``(r, [b], i, m, j)`` through a one-hot ``E[r, t, m]``; a
+    collapsed top order, collapsed per item with the query's weights of each item's rows, is only permuted.
+    """
+    jets[x] = {}
+    joint = items.batch.size
+    samples = joint // items.items
+    pre = items.batch.at[x]
+    post = graph.values[x].numel // (pre * items.batch.total)
+    for k, source in kept[x].items():
+        lab = TermLabels()
+        kind, kind_t = rows_.kinds[k - 1], rows_t.kinds[k - 1]
+        collapsed = rows_.collapse and k == rows_.order
+        t = lab.new(rows_t.collapse if collapsed else count(rows_t.m, kind_t))
+        b = lab.new(samples) if batch is not None else None
+        m, i, j = lab.new(items.items), lab.new(pre), lab.new(post)
+        lead = (b,) if b is not None else ()
+        target = jet_key(leaf, x, k)
+        if collapsed:  # collapsed per item already: a permutation
+            term = compile_term(lab, [(source, (t,) + lead + (m, i, j))], [], [], [t] + list(lead) + [i, m, j],
+                                target, unit_sums=True, keep=(t,))
+        else:
+            r = lab.new(count(rows_.m, kind))
+            ref = ("items", items, rows_.m, kind, rows_t.m, kind_t)
+            term = compile_term(lab, [(source, (t,) + lead + (m, i, j))], [(ref, (r, t, m))], [],
+                                [r] + list(lead) + [i, m, j], target, unit_sums=True, keep=(r,))
+        term.gathers = (None,)
+        step.terms.append(term)
+        jets[x][k] = target
+        shapes[target] = _jet_shape(graph, batch, x, rows_, k)
 
 
 def _share_gathers(step: Step) -> None:
@@ -332,6 +489,13 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         kept = tuple(shift[i] for i in port if pin is None or i != pin)
         key = jets[inputs[a]][len(block)]
         if key == IDENTITY:  # d leaf / d leaf, read at a[pos]: a one-hot (rows, n), or the seeded directions
+            if rows_.per_sample and sampled is not None:  # each sample's own directions: (rows, b, n')
+                if pin is None:
+                    raise QueryError("per-sample directions: the leaf does not carry the sample dim of batch_dim= "
+                                     "(it is shared by every sample, as a weight is); each sample's own directions "
+                                     "need a leaf with one slice per sample, such as the points")
+                constants.append((("sample_seed", m, kind, block[0]), (alpha, ps) + kept))
+                continue
             ref = ("seed", m, kind, block[0]) if rows_.seeded else ("onehot", m, kind, block[0])
             constants.append((ref, (alpha,) + kept))
             continue
@@ -346,7 +510,8 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         read_all = _reads_in_order(m, kind, tuple(block), lower)  # (a Laplacian's J_x[i] at (i, i)): no copy
         gathers.append(None if read_all else (0, count(m, lower), (m, kind, tuple(block), lower)))
     if q and (constants or any(g is not None or labels[0] == alpha for (_, labels), g in zip(sources, gathers))):
-        constants.append((("weights",), (omega, alpha)))  # sum the rows with the query's weights
+        # sum the rows with the query's weights (per sample and item where the jets are kept per item)
+        constants.append((rows_.weights, (omega, alpha) if len(rows_.weights) == 1 else (omega, alpha, ps)))
     head = [omega] if q else [alpha]
     out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
     # the rows' label stays, even of size one, where a gather reads along it; a collapsed target of one
@@ -381,7 +546,11 @@ class Ask:
     ``"diagonal"``, ``("rows", sorted multi-indices)``, ``("rank", offset, r)``
     (the diagonal rows of ``r`` seeded directions). ``identity``: the leaf's own
     entries are directions; ``extra``: how many seeded directions follow them.
-    ``collapse``: the top order is kept as that many weighted sums.
+    ``collapse``: the top order is kept as that many weighted sums. ``per_sample``: the
+    seeded directions are each sample's own (``(B, m, n')`` at execution). A pattern
+    ``("mixed", offset, r, k)`` asks the rows ``(o + j k, o + j k + 1, .., o + j k + k - 1)``
+    for ``j < r``: ``d^k S [d_(o + j k), .., d_(o + j k + k - 1)]``, mixed along ``k``
+    seeded directions each (an estimator's terms, :mod:`xa.sampling`).
     """
 
     name: str
@@ -389,6 +558,7 @@ class Ask:
     identity: bool = True
     extra: int = 0
     collapse: int = 0
+    per_sample: bool = False
 
     @property
     def order(self) -> int:
@@ -424,7 +594,10 @@ def _rows(ask: Ask, n: int) -> Rows:
                                          f"{n} entries (entries are 0..{n - 1} of the leaf flattened, one "
                                          "sample's with batch_dim)")
                 here |= set(pat[1])
+            elif pat[0] == "mixed":  # ("mixed", offset, r, k): k seeded directions per row
+                first = ni + pat[1]
+                here |= {tuple(range(first + j * k, first + (j + 1) * k)) for j in range(pat[2])}
             else:  # ("rank", offset, r)
                 here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
         wanted[k] = here
-    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse)
+    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse, per_sample=ask.per_sample)

@@ -57,6 +57,7 @@ class Plan:
     folds: dict = field(default_factory=dict)  # consumer -> {slot: permutation read through} (xa.fold)
     query: Any = None  # a query's structure (xa.jets.Ask): the rows it keeps per order
     mixed: tuple = ()  # joint blocks of leaves kept too (xa.mixed)
+    tied: dict = field(default_factory=dict)  # forward: leaf -> (its items, the rows kept per item) (xa.sparsity)
     # where a run without autograd keeps its large buffers (xa.arena), and the memory that holds them:
     # shared by the cached plan and its copies, so it lives as long as the plan stays in the cache
     layout: Any = None
@@ -176,8 +177,14 @@ def _operand(ref, shape) -> str:
         return f"the leaf's identity jet at position {ref[3]} of each row {list(shape)}"
     if ref[0] == "seed":
         return f"the query's directions at position {ref[3]} of each row {list(shape)}"
+    if ref[0] == "sample_seed":
+        return f"each sample's own directions at position {ref[3]} of each row {list(shape)}"
     if ref[0] == "weights":
         return f"the query's weights, summing the top order's rows {list(shape)}"
+    if ref[0] == "items":
+        return f"the one-hot placing each item's rows among the leaf's rows {list(shape)}"
+    if ref[0] in ("item_weights", "item_weights_joint"):
+        return f"the query's weights of each item's rows, summing the top order's rows {list(shape)}"
     slots, _ = ref
     return f"local factor of d^{len(slots)} y / d(input slots {list(slots)}) {list(shape)}"
 
@@ -186,6 +193,9 @@ def _block(key) -> str:
     if key and key[0] == "jet":
         _, leaf, value, k = key
         return f"jet(#{leaf}, #{value}, {k})"
+    if key and key[0] == "tied":
+        _, leaf, value, k = key
+        return f"jet per item(#{leaf}, #{value}, {k})"
     return f"block {key}"
 
 
@@ -231,7 +241,8 @@ def _build(request: Request) -> Plan:
     graph, rules, direction = request.graph, request.rules, request.direction
     requested, retained, mixed = request.requested, request.retained, request.mixed
     forward_ok = (request.rows is None and not retained and not mixed
-                  and all(graph.values[i].leaf is not None for i in requested))
+                  and all(graph.values[i].leaf is not None for i in requested)
+                  and (request.query is not None or not request.diagonal))  # a diagonal's forward is its query
     if direction == "forward" and not forward_ok:
         raise ValueError("direction='forward' computes partials of leaves only; partials of intermediate "
                          "tensors (target= or retain_partials) need direction='backward' or 'auto'")
@@ -247,14 +258,14 @@ def _build(request: Request) -> Plan:
                 batch = batch.chunk(request.samples, request.sliced)
         if direction in ("auto", "backward") and request.query is None:
             steps, shapes, results = build_backward(graph, request.order, rules, requested, retained, request.rows,
-                                                    batch, mixed)
+                                                    batch, mixed, request.diagonal)
             candidates["backward"] = Plan(request.order, steps, shapes, results, tuple(retained),
                                           direction="backward")
         if forward_ok and direction in ("auto", "forward"):
-            steps, shapes, results, expansions = build_forward(graph, request.order, rules, requested, batch,
-                                                               request.query)
+            steps, shapes, results, expansions, tied = build_forward(graph, request.order, rules, requested, batch,
+                                                                     request.query, request.sparse)
             candidates["forward"] = Plan(request.order, steps, shapes, results, (), direction="forward",
-                                         expand=expansions)
+                                         expand=expansions, tied=tied)
     prices = {d: p.flops for d, p in candidates.items()}
     plan = candidates[min(prices, key=lambda d: (prices[d], d != "backward"))]
     plan.prices = prices

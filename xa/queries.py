@@ -37,7 +37,8 @@ from . import checks
 from .errors import QueryError
 from .jets import Ask, Rows, count, index, multi_indices, rows_of, where
 
-__all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Diagonal", "RankOne", "Query"]
+__all__ = ["Laplacian", "Biharmonic", "Partials", "Operator", "Directional", "Mixed", "Pure", "Diagonal", "RankOne",
+           "Query"]
 
 # --------------------------------------------------------------------------- coefficients
 
@@ -348,6 +349,9 @@ class Partials(Query):
 class Directional(Query):
     """``d^k S [v, .., v]`` for k = 1..order and each direction ``v`` (the Taylor coefficients times ``k!``).
 
+    ``per_sample=True``: ``directions`` is ``(B, m, n)``, each sample's own ``m`` (a per-sample plan
+    seeds them with the sample label; :func:`xa.directional` sets it for such a tensor with ``batch_dim``).
+
     Example:
         >>> import io
         >>> x = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
@@ -359,27 +363,33 @@ class Directional(Query):
         [3.0, 5.0, 9.0]
     """
 
-    def __init__(self, wrt, directions: torch.Tensor, order: int):
+    def __init__(self, wrt, directions: torch.Tensor, order: int, per_sample: bool = False):
         if not isinstance(directions, torch.Tensor) or directions.dim() < 1:
             raise TypeError("directions must be a tensor: one direction, 1-d with the leaf's n entries (one "
-                            "sample's with batch_dim), or m of them, (m, n) or (m, *one sample's shape)")
+                            "sample's with batch_dim), or m of them, (m, n) or (m, *one sample's shape); with "
+                            "batch_dim, each sample's own: (B, m, n)")
         self.wrt, self.order = wrt, checks.order(order)
+        self.per_sample = per_sample  # directions (B, m, n'): each sample its own m (xa.directional decides)
         self.single = directions.dim() == 1
-        self.v = directions[None] if self.single else directions.reshape(directions.shape[0], -1)
+        if per_sample:
+            self.v = directions
+        else:
+            self.v = directions[None] if self.single else directions.reshape(directions.shape[0], -1)
 
     def ask(self) -> Ask:
-        m = self.v.shape[0]
-        return Ask("directional", tuple((("rank", 0, m),) for _ in range(self.order)), identity=False, extra=m)
+        m = self.v.shape[-2]
+        return Ask("directional", tuple((("rank", 0, m),) for _ in range(self.order)), identity=False, extra=m,
+                   per_sample=self.per_sample)
 
     def seeds(self, rows, n, dtype, device):
-        if self.v.shape[1] != n:
-            raise QueryError(f"directional: each direction has {self.v.shape[1]} entries, the leaf has {n} "
+        if self.v.shape[-1] != n:
+            raise QueryError(f"directional: each direction has {self.v.shape[-1]} entries, the leaf has {n} "
                              "(per sample with batch_dim)")
         return {"directions": self.v.to(dtype=dtype, device=device)}
 
     def answer(self, jets, rows, n, like, seeds):
         out = []
-        m = self.v.shape[0]
+        m = self.v.shape[-2]
         for t in jets:
             t = torch.stack([like(None if t is None else t[r]) for r in range(m)])
             out.append(t[0] if self.single else t)
@@ -414,3 +424,37 @@ class Mixed(Query):
     def keys(self, value: dict) -> list:
         """Each request's block: the sorted value indices of its leaves (``value``: leaf id -> index)."""
         return [tuple(sorted(value[id(w)] for w in r)) for r in self.requests]
+
+
+class Pure(Query):
+    """The pure partials ``d^k S / dx_i^k`` for every entry ``i`` of each leaf: the diagonal of the derivative.
+
+    Forward, the jets of the rows ``(i,)*j`` (``n`` rows per order, as a Laplacian's); backward,
+    backprop with each leaf's ``k`` positions tied, so that the terms that write its block compute
+    only the diagonal (:mod:`xa.diag`). ``wrt`` is a leaf or a sequence of leaves (one plan).
+
+    Example:
+        >>> import io
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> s = x[0] ** 3 * x[1] ** 2                       # d^2 s / dx_0^2 = 6 x_0 x_1^2, d^2 s / dx_1^2 = 2 x_0^3
+        >>> xa.explain(s, query=xa.queries.Pure(x, 2), file=io.StringIO()).order
+        2
+        >>> xa.diagonal(s, x, order=2).tolist()             # what xa.diagonal asks
+        [24.0, 2.0]
+    """
+
+    def __init__(self, wrt, order: int):
+        self.single = isinstance(wrt, torch.Tensor)
+        if not self.single and (not isinstance(wrt, Sequence) or not wrt
+                                or not all(isinstance(w, torch.Tensor) for w in wrt)):
+            got = type(wrt).__name__ if not isinstance(wrt, Sequence) or not wrt else \
+                next(type(w).__name__ for w in wrt if not isinstance(w, torch.Tensor))
+            raise TypeError(f"xa.diagonal: wrt must be a leaf tensor or a non-empty sequence of leaves, got {got}")
+        self.wrt = wrt
+        self.leaves = [wrt] if self.single else list({id(w): w for w in wrt}.values())
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise QueryError(f"xa.diagonal: order must be a positive int (the k of d^k S / dx_i^k), got {order!r}")
+        self.order = order
+
+    def ask(self) -> Ask:
+        return Ask("diagonal", ((),) * (self.order - 1) + (("diagonal",),))

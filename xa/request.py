@@ -18,11 +18,11 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import checks
+from . import checks, sparsity
 from .capture import Graph
 from .errors import TargetError
 from .jets import Ask
-from .queries import Mixed, Query
+from .queries import Mixed, Pure, Query
 from .resolve import resolve
 
 
@@ -35,10 +35,12 @@ class Request:
     whose pure partials are wanted), ``retained`` (intermediate values whose
     partials are kept), ``direction``, ``batch_dim`` (the sample dim planned with:
     ``None`` for one sample, which is planned as no batch), ``query`` (an
-    :class:`~xa.jets.Ask`), ``mixed`` (joint blocks: sorted value indices),
+    :class:`~xa.jets.Ask`), ``mixed`` (joint blocks: sorted value indices), ``diagonal`` (leaves whose
+    positions in every backward block are tied: only the diagonal ``d^k S / dL_i^k`` is kept, :mod:`xa.diag`),
     ``rows`` / ``samples`` (a chunk of source rows or of samples), ``sliced`` (the chunk's factors
     built from its slices of what torch saved, :func:`xa.batch.cut`) with ``provenance`` (which value
-    of the graph each saved tensor is, which decides how a node is cut).
+    of the graph each saved tensor is, which decides how a node is cut), ``sparse`` (forward jets may keep
+    a leaf's items apart, :mod:`xa.sparsity`; ``xa.sparsity.ENABLED`` when the request is made).
 
     Carried, not compared: ``graph``, ``rules``, ``caller`` (``"xa.laplacian"``, for
     messages), ``max_memory`` (the user's budget, ``None`` for the default),
@@ -55,10 +57,12 @@ class Request:
     batch_dim: Optional[int] = None
     query: Optional[Ask] = None
     mixed: tuple = ()
+    diagonal: tuple = ()
     rows: Optional[int] = None
     samples: Optional[int] = None
     sliced: bool = False
     provenance: tuple = ()
+    sparse: bool = True
     graph: Graph = field(default=None, compare=False, repr=False)
     rules: dict = field(default_factory=dict, compare=False, repr=False)
     caller: str = field(default="xa.backward", compare=False)
@@ -108,12 +112,14 @@ def _checked(source, direction, batch_dim, configurations, max_memory, create_gr
 
 
 def _make(graph: Graph, rules: dict, caller: str, how: _How, order: int, requested: tuple, retained: tuple = (),
-          direction: Optional[str] = None, query: Optional[Ask] = None, mixed: tuple = ()) -> Request:
+          direction: Optional[str] = None, query: Optional[Ask] = None, mixed: tuple = (),
+          diagonal: tuple = ()) -> Request:
     sample_dim = how.sample_dim
     # one sample: its derivatives are those of the whole graph (laid out (1, s, n, ...) by attach)
     planned = None if sample_dim is None or graph.source_shape[sample_dim] == 1 else sample_dim
     return Request(graph.signature(), tuple(sorted(rules.items(), key=lambda item: item[0])), order,
                    tuple(requested), tuple(retained), direction or how.direction, planned, query, tuple(mixed),
+                   diagonal=tuple(diagonal), sparse=sparsity.ENABLED,
                    graph=graph, rules=rules, caller=caller, max_memory=how.max_memory, record=how.record,
                    sample_dim=sample_dim)
 
@@ -171,7 +177,7 @@ def query(source: torch.Tensor, asked: Query, batch_dim=None, configurations=Non
     """The request of a query (:mod:`xa.queries`) w.r.t. one leaf, or of mixed partials across leaves."""
     if not isinstance(asked, Query):
         raise TypeError(f"query must be one of xa.queries' queries (Laplacian, Partials, Operator, Biharmonic, "
-                        f"Directional, Mixed), got {type(asked).__name__}")
+                        f"Directional, Mixed, Pure), got {type(asked).__name__}")
     how = _checked(source, direction, batch_dim, configurations, max_memory, create_graph)
     graph = Graph(source)
     rules = resolve(graph, how.overrides)
@@ -181,6 +187,10 @@ def query(source: torch.Tensor, asked: Query, batch_dim=None, configurations=Non
         leaves = tuple(sorted({i for key in keys for i in key}))
         return _make(graph, rules, caller, how, max(len(k) for k in keys), leaves, direction="backward",
                      mixed=tuple(sorted(set(keys))))
+    if isinstance(asked, Pure):  # the diagonal: jets of its rows, or backprop with each leaf's positions tied
+        caller = caller or "xa.diagonal"
+        leaves = tuple(sorted({_leaf(graph, w, caller) for w in asked.leaves}))
+        return _make(graph, rules, caller, how, asked.order, leaves, query=asked.ask(), diagonal=leaves)
     ask = asked.ask()
     caller = caller or "xa." + {"operator": "differential_operator"}.get(ask.name, ask.name)
     i = _leaf(graph, asked.wrt, caller)

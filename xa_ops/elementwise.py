@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from xa.errors import UnsupportedOperatorError
-from xa.factor import LabelMaker, normalize_dim
+from xa.factor import LabelMaker, normalize_dim, planned
 from xa.families import (
     elementwise,
     elementwise2,
@@ -157,7 +157,19 @@ def _softplus_unit(x):
 register("EluBackward0", elementwise(taylor(_elu)))  # elu and selu
 register("CeluBackward0", elementwise(taylor(_celu)))
 register("GeluBackward0", elementwise(taylor(_gelu)))
-register("SiluBackward0", elementwise(taylor(lambda ctx, x: x * torch.sigmoid(x))))
+def _silu(ctx, k):
+    """``d^k (x s(x)) = k s^(k-1) + x s^(k)``, ``s`` the sigmoid, its derivatives polynomials in ``s``."""
+
+    def build():
+        x = ctx.saved("self").to(ctx.dtype)
+        s = torch.sigmoid(x)
+        lower = s if k == 1 else _SIGMOID(_Result(s), k - 1)
+        return torch.addcmul(lower * k, x, _SIGMOID(_Result(s), k))
+
+    return planned(ctx, ctx.out_shape, build)
+
+
+register("SiluBackward0", elementwise(_silu))
 register("MishBackward0", elementwise(taylor(lambda ctx, x: x * torch.tanh(_softplus_unit(x)))))
 register("SoftplusBackward0", elementwise(taylor(_softplus)))
 register("LogSigmoidBackward0", elementwise(taylor(lambda ctx, x: -_softplus_unit(-x))))

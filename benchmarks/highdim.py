@@ -1,0 +1,306 @@
+"""One training step on a randomized Laplacian in high dimension: Poisson in d = 100, 1000, 10 000.
+
+Imported by ``run.py``, which runs these cases (x) alone:
+
+    python benchmarks/run.py --only highdim            # x100, x1000, x10000
+    python benchmarks/run.py --cases x100 --reps 2     # a quick check
+
+Each method does, in float64 on the CPU, one PINN training step on ``B = 100``
+points ``X`` of shape ``(B, d)``: zero the gradients, ``u = net(X)`` with a
+tanh MLP ``d-128-128-128-128-1`` (``nn.Linear``), estimate every point's
+Laplacian from ``S = 16`` random directions (Hutchinson: ``mean_s v_s^T H v_s``,
+Rademacher ``v_s``, each point its own), ``loss = mean((lap - f)^2)`` for a
+fixed ``f``, ``loss.backward()`` to the weights. The methods:
+
+- ``xa``: ``xa.laplacian(u, X, batch_dim=0, samples=16, generator=g)``: one
+  forward-jet plan seeded with every point's directions, the second order
+  collapsed (17 rows per node), under xa's default memory budget.
+- ``autograd``: nested ``torch.autograd.grad(..., create_graph=True)``: the
+  gradient of ``u.sum()`` w.r.t. ``X``, then ``S`` Hessian-vector products
+  (the gradient of ``sum(g * v_s)``), each contracted with ``v_s``. It draws
+  the same directions as xa (the documented draw, same seed), so its
+  parameter gradients are compared with xa's.
+- ``torch-jet`` (``jet-for-pytorch``): ``jet.laplacian(net, (x,),
+  randomization=("rademacher", 16))`` per point, ``vmap``-ed with
+  ``randomness="different"``, in a child process of its own interpreter (as
+  in ``train.py``). It draws its own directions, so its gradients are not
+  compared.
+
+Times are medians of up to ``--reps`` steps after one warm-up step, the
+methods in turn round after round (torch-jet's after them, in its child), and
+reported as ratios to xa's. Peak memory: each method's step after a warm-up
+in a fresh process. The table goes to ``results/highdim.md``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from batched import _points, tanh_mlp
+from train import JET_TIMEOUT_S, _mb, jet_python, rel_diff
+
+import xa
+
+METHODS = ("xa", "autograd", "torch-jet")
+S = 16
+SEED = 0
+GRAD_TOLERANCE = 1e-10
+
+
+@dataclass(frozen=True)
+class Spec:
+    title: str
+    d: int
+    B: int = 100
+    width: int = 128
+    depth: int = 4
+
+    @property
+    def widths(self) -> tuple:
+        return (self.d,) + (self.width,) * self.depth + (1,)
+
+
+CASES = {f"x{d}": Spec(f"(x) Poisson {d}-D, randomized Laplacian (S = {S}), tanh {d}-128-128-128-128-1, B = 100", d)
+         for d in (100, 1000, 10000)}
+
+
+def problem(key: str):
+    """``(spec, net, X, f)``: the case's network, points and target."""
+    spec = CASES[key]
+    X = _points(spec.B, spec.d)
+    return spec, tanh_mlp(list(spec.widths)), X, torch.sin(X.sum(1, keepdim=True))
+
+
+def directions(B: int, d: int) -> torch.Tensor:
+    """xa's draw for ``samples=S`` with ``torch.Generator().manual_seed(SEED)``: ``(B, S, d)`` Rademacher,
+    drawn ``(S, B, d)`` and transposed, as xa documents it."""
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, 2, (S, B, d), generator=g, dtype=torch.float64).mul_(2).sub_(1).transpose(0, 1)
+
+
+def _xa_estimate(net):
+    def estimate(X):
+        x = X.detach().requires_grad_(True)
+        return xa.laplacian(net(x), x, batch_dim=0, samples=S, generator=torch.Generator().manual_seed(SEED))
+
+    return estimate
+
+
+def _autograd_estimate(net):
+    def estimate(X):
+        x = X.detach().requires_grad_(True)
+        V = directions(*X.shape)
+        (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+        total = 0
+        for s in range(S):
+            (hv,) = torch.autograd.grad((g * V[:, s]).sum(), x, create_graph=True)
+            total = total + (hv * V[:, s]).sum(1, keepdim=True)
+        return total / S
+
+    return estimate
+
+
+ESTIMATES = {"xa": _xa_estimate, "autograd": _autograd_estimate}
+
+
+def way(key: str, method: str):
+    """One method's training step (not torch-jet's): a function returning the parameters' gradients."""
+    spec, net, X, f = problem(key)
+    estimate = ESTIMATES[method](net)
+    params = list(net.parameters())
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        loss = ((estimate(X) - f) ** 2).mean()
+        loss.backward()
+        return tuple(torch.zeros_like(p) if p.grad is None else p.grad for p in params)
+
+    return step
+
+
+# ------------------------------------------------------------------ torch-jet, in its own interpreter
+
+JET_CHILD = r'''
+import platform, statistics, sys, time
+from importlib.metadata import version
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+import jet
+
+data, out, mode, reps, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+d = torch.load(data)
+widths, X, f, samples = d["widths"], d["X"], d["f"], d["samples"]
+layers = []
+for i, (a, b) in enumerate(zip(widths, widths[1:])):
+    layers.append(nn.Linear(a, b, dtype=torch.float64))
+    if i < len(widths) - 2:
+        layers.append(nn.Tanh())
+net = nn.Sequential(*layers)
+net.load_state_dict(d["state"])
+torch.manual_seed(0)
+point = jet.laplacian(net, (X[0],), randomization=("rademacher", samples))
+residual = vmap(point, randomness="different")   # each point its own directions
+params = list(net.parameters())
+
+
+def step():
+    net.zero_grad(set_to_none=True)
+    loss = ((residual(X) - f) ** 2).mean()
+    loss.backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+
+def rss_kb(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+
+start = time.perf_counter()
+step()
+first = time.perf_counter() - start
+where = f"jet-for-pytorch {version('jet-for-pytorch')} (torch {torch.__version__}, Python {platform.python_version()})"
+result = {"version": where, "first": first, "time": None, "peak": None}
+if mode == "peak":
+    base = rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    step()
+    result["peak"] = (rss_kb("VmHWM") - base) / 1024
+else:
+    times = []
+    while not times or (len(times) < reps and sum(times) + times[0] < budget):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    result["time"] = statistics.median(times)
+torch.save(result, out)
+'''
+
+
+def run_jet(key: str, mode: str, reps: int, budget_s: float) -> dict:
+    """torch-jet's step in its interpreter: ``{"time" or "peak", "first", "version"}``, or ``{"error": why}``."""
+    python = jet_python()
+    if python is None or not python.exists():
+        return {"error": f"no torch-jet interpreter ({python or 'set XA_BENCH_JET_PYTHON'})"}
+    spec, net, X, f = problem(key)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = Path(tmp) / "data.pt", Path(tmp) / "out.pt"
+        torch.save({"widths": list(spec.widths), "state": net.state_dict(), "X": X, "f": f, "samples": S}, data)
+        cmd = [str(python), "-c", JET_CHILD, str(data), str(out), mode, str(reps), str(budget_s)]
+        try:
+            subprocess.run(cmd, check=True, timeout=JET_TIMEOUT_S, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"gave up after {JET_TIMEOUT_S:.0f} s"}
+        except (OSError, subprocess.CalledProcessError) as err:
+            lines = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
+            return {"error": "failed: " + (lines[-1] if lines else f"exit status {err.returncode}")}
+        return torch.load(out)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def run_case(key: str, reps: int, budget_s: float) -> dict:
+    """Time every method's step of one case; compare xa's gradients with autograd's (the same directions)."""
+    spec = CASES[key]
+    s = {"key": key, "title": spec.title, "times": {}, "first": {}, "diff": None, "jet_version": None}
+    grads, steps, times = {}, {}, {}
+    for method in ESTIMATES:
+        try:
+            step = way(key, method)
+            start = time.perf_counter()
+            grads[method] = step()  # the warm-up step (xa plans at its first call)
+            s["first"][method] = time.perf_counter() - start
+            steps[method], times[method] = step, []
+        except Exception as exc:  # reported in the table: the other methods still run
+            s["times"][method] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    spent = 0.0
+    for _ in range(reps):
+        for method, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[method].append(time.perf_counter() - start)
+        spent += sum(t[-1] for t in times.values())
+        if spent > budget_s * max(len(steps), 1):
+            break
+    for method, t in times.items():
+        s["times"][method] = statistics.median(t)
+    jet = run_jet(key, "time", reps, budget_s)
+    if "error" in jet:
+        s["times"]["torch-jet"] = "n/a: " + jet["error"]
+    else:
+        s["times"]["torch-jet"], s["first"]["torch-jet"] = jet["time"], jet["first"]
+        s["jet_version"] = jet["version"]
+    if "xa" in grads and "autograd" in grads:
+        s["diff"] = rel_diff(grads["xa"], grads["autograd"])
+    print(f"\n{spec.title}", flush=True)
+    for method, t in s["times"].items():
+        if isinstance(t, str):
+            print(f"  {method:<10} {t}", flush=True)
+            continue
+        print(f"  {method:<10} {t:9.4f} s per step  (warm-up step {s['first'][method]:.3f} s)", flush=True)
+    ratios = summary_ratios(s)
+    if ratios:
+        print("  xa is " + ", ".join(f"{r:.2f}x {name}" for name, r in ratios.items()), flush=True)
+    if s["diff"] is not None:
+        above = f", above {GRAD_TOLERANCE:.0e}" if s["diff"] > GRAD_TOLERANCE else ""
+        print(f"  xa's gradients differ from autograd's (the same directions) by {s['diff']:.1e}{above}", flush=True)
+    return s
+
+
+def summary_ratios(s) -> dict:
+    """``{method: xa's time / its time}`` for every other method that was timed."""
+    xa_t = s["times"].get("xa")
+    if not isinstance(xa_t, float):
+        return {}
+    return {m: xa_t / t for m, t in s["times"].items() if m != "xa" and isinstance(t, float)}
+
+
+def peaks(s, isolated) -> None:
+    """Peak memory of each method's step, each in a fresh process: ``s["peak"] = {method: MB or why not}``."""
+    print(f"\n{s['title']}: peak memory of one step after a warm-up, each method in a fresh process", flush=True)
+    s["peak"] = {}
+    for method in METHODS:
+        if method == "torch-jet":
+            jet = run_jet(s["key"], "peak", 1, float("inf"))
+            mb = "n/a" if "error" in jet else jet["peak"]
+        else:
+            t, mb, _ = isolated(s["key"], method)
+            mb = t if isinstance(t, str) else mb
+        s["peak"][method] = mb
+        print(f"  {method:<10} {_mb(mb)}", flush=True)
+
+
+def markdown(summaries) -> str:
+    lines = ["| case | xa | autograd (S HVPs) | torch-jet (randomized) | xa / autograd | xa / torch-jet "
+             "| grad rel. diff xa vs autograd | peak memory xa / autograd / torch-jet |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        times = s["times"]
+        cells = [f"{times[m] * 1000:.1f} ms" if isinstance(times.get(m), float) else "n/a" for m in METHODS]
+        ratios = summary_ratios(s)
+        cells += [f"**{ratios[m]:.2f}**" if m in ratios else "n/a" for m in ("autograd", "torch-jet")]
+        cells.append("" if s["diff"] is None else f"{s['diff']:.1e}")
+        cells.append(" / ".join(_mb(s["peak"].get(m)) for m in METHODS) if "peak" in s else "")
+        lines.append("| " + " | ".join([s["title"], *cells]) + " |")
+    notes = ["", "Time per training step (median); ratios below 1 mean xa is faster. torch-jet draws its own "
+             "directions (the same distribution and count), so only xa's and autograd's gradients are compared."]
+    versions = {s["jet_version"] for s in summaries if s["jet_version"]}
+    if versions:
+        notes.append(f"torch-jet: {', '.join(sorted(versions))}, `jet.laplacian(..., randomization=('rademacher', "
+                     f"{S}))`, vmap-ed with randomness='different'.")
+    failed = {s["key"]: s["times"]["torch-jet"] for s in summaries if isinstance(s["times"].get("torch-jet"), str)}
+    if failed:
+        notes.append("torch-jet " + "; ".join(f"({k}) {why}" for k, why in failed.items()) + ".")
+    return "\n".join(lines + notes) + "\n"
