@@ -1,6 +1,8 @@
 """Warm-call allocations: time, page faults and large CPU allocations of repeated xa calls.
 
-    python benchmarks/buffers.py [j|folx|both] [calls]
+    python benchmarks/buffers.py [j|folx|both] [calls]     # warm calls of any xa on the path
+    COMPARE=1 python benchmarks/buffers.py ...              # this xa with and without arenas, alternating
+    DENSE=1 ...                                             # block sparsity off (xa.sparsity.ENABLED)
 
 (j) ``xa.laplacian`` of a tanh MLP 3-64-64-64-64-1 at B = 4096; (folx) 10 x (Linear(100) + SiLU)
 per node of X (B, 100, 4), then Linear(1) and a sum over nodes, the Laplacian over each sample's
@@ -130,6 +132,9 @@ def measure(name, call, calls=4):
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "both"
     calls = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    if os.environ.get("DENSE"):  # block sparsity off (xa.sparsity): the per-node MLP's dense plan
+        import xa.sparsity
+        xa.sparsity.ENABLED = False
     how = compare if os.environ.get("COMPARE") else measure
     if which in ("j", "both"):
         how("j", case_j(), calls)
