@@ -208,6 +208,7 @@ class Arena:
 
     def __init__(self):
         self.storage: dict = {}  # device -> uint8 tensor
+        self.views: dict = {}  # (device, layout id, dtype) -> (layout, {name: flat view}), made once per storage
         self.lock = threading.Lock()
 
     @property
@@ -222,30 +223,40 @@ class Arena:
         held = self.storage.get(device)
         if held is None or held.numel() < lay.total:
             self.storage.pop(device, None)
+            self.views.clear()
             _make_room(self, lay.total, budget)
             held = self.storage[device] = torch.empty(lay.total, dtype=torch.uint8, device=device)
         _touch(self)
-        return Buffers(self, held, lay)
+        return Buffers(self, held, lay, device)
 
     def release(self) -> int:
         n = self.nbytes
         self.storage.clear()
+        self.views.clear()
         return n
 
 
 class Buffers:
     """One run's view of an arena: ``get(name, dtype)`` gives the buffer of ``name`` or None."""
 
-    def __init__(self, arena: Arena, storage: torch.Tensor, lay: Layout):
+    def __init__(self, arena: Arena, storage: torch.Tensor, lay: Layout, device):
         self.arena, self.storage, self.slots = arena, storage, lay.slots
+        self.layout, self.key, self.views = lay, (device, id(lay)), None
 
     def get(self, name, dtype) -> torch.Tensor | None:
         """The buffer ``name`` as a flat tensor of ``dtype``, or None (not in the arena)."""
-        hit = self.slots.get(name)
-        if hit is None:
+        if name not in self.slots:
             return None
-        offset, nbytes = hit
-        return self.storage[offset:offset + nbytes].view(dtype)
+        if self.views is None:  # the views are made once per storage, layout and dtype (a call walks them all)
+            held = self.arena.views.get(self.key + (dtype,))
+            if held is None or held[0] is not self.layout:
+                held = self.arena.views[self.key + (dtype,)] = (self.layout, {})
+            self.views = held[1]
+        hit = self.views.get(name)
+        if hit is None:
+            offset, nbytes = self.slots[name]
+            hit = self.views[name] = self.storage[offset:offset + nbytes].view(dtype)
+        return hit
 
     def done(self) -> None:
         self.arena.lock.release()
