@@ -3,6 +3,7 @@
     python benchmarks/buffers.py [j|folx|both] [calls]     # warm calls of any xa on the path
     COMPARE=1 python benchmarks/buffers.py ...              # this xa with and without arenas, alternating
     DENSE=1 ...                                             # block sparsity off (xa.sparsity.ENABLED)
+    RECORDED=1 ...                                          # autograd records (no arena applies)
 
 (j) ``xa.laplacian`` of a tanh MLP 3-64-64-64-64-1 at B = 4096; (folx) 10 x (Linear(100) + SiLU)
 per node of X (B, 100, 4), then Linear(1) and a sum over nodes, the Laplacian over each sample's
@@ -26,6 +27,7 @@ from batched import _points, tanh_mlp  # noqa: E402
 import xa  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+RECORDED = bool(os.environ.get("RECORDED"))  # RECORDED=1: the call records (results that can be trained on)
 
 
 def case_j():
@@ -35,7 +37,7 @@ def case_j():
     u = model(x)
 
     def call():
-        return xa.laplacian(u, x, batch_dim=0, create_graph=False)
+        return xa.laplacian(u, x, batch_dim=0, create_graph=RECORDED)
     return call
 
 
@@ -51,7 +53,7 @@ def case_folx(B=4):
     u = net(X).squeeze(-1).sum(-1)
 
     def call():
-        return xa.laplacian(u, X, batch_dim=0, create_graph=False)
+        return xa.laplacian(u, X, batch_dim=0, create_graph=RECORDED)
     return call
 
 

@@ -254,5 +254,6 @@ def test_a_chunked_call_reuses_one_arena_and_stays_under_max_memory():
     assert len(got["held"]) == 1, got  # every chunk, the last smaller one too, in one arena
     assert got["same"], got
     assert got["peak"] <= got["budget"], f"a warm chunked call grew the resident set by {got['peak'] / MB:.1f} MiB"
-    # the arena was resident between calls, and release_buffers gave it back to the system
-    assert got["released"] == got["held"][0] and got["freed"] >= 0.9 * got["released"], got
+    # the arena was resident between calls, and release_buffers gave it back to the system (most of it: a
+    # slot laid out for a product that a call skips, a coefficient of one, is never touched)
+    assert got["released"] == got["held"][0] and got["freed"] >= 0.5 * got["released"], got

@@ -158,9 +158,7 @@ class _Tensordot:
         x, y = self.lined(x, y)
         inner = math.prod(x.shape[x.dim() - len(dx):])
         shape = x.shape[:x.dim() - len(dx)] + y.shape[len(dy):]
-        x, y = [t if t.is_contiguous() else t.contiguous() if c is None else c.view(t.shape).copy_(t)
-                for t, c in zip((x, y), copies)]
-        a, b = x.reshape(-1, inner), y.reshape(inner, -1)
+        a, b = _matrix(x, (-1, inner), copies[0]), _matrix(y, (inner, -1), copies[1])
         if out is None:
             return torch.mm(a, b).reshape(shape)
         torch.mm(a, b, out=out.view(a.shape[0], b.shape[1]))
@@ -198,6 +196,14 @@ class _Tensordot:
                 return cls(([x.index(c) for c in shared], [y.index(c) for c in shared]),
                            ([x.index(c) for c in head], [y.index(c) for c in tail]), swap)
         return None
+
+
+def _matrix(t, shape, into=None):
+    """``t.reshape(shape)``: a view where its strides allow one, else a copy (into ``into`` where given)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.reshape(shape) if into is None else into.view(t.shape).copy_(t).view(shape)
 
 
 def _moves_nothing(t) -> bool:
