@@ -39,6 +39,7 @@ from .api import (  # noqa: E402
     mixed,
     partials,
 )
+from .arena import release_buffers  # noqa: E402
 from .errors import (  # noqa: E402
     BatchMixingError,
     GraphFreedError,
@@ -59,7 +60,7 @@ from .registry import register, supported  # noqa: E402
 
 __all__ = [
     "backward", "clear_partials", "explain", "laplacian", "biharmonic", "partials", "differential_operator",
-    "directional", "mixed", "diagonal",
+    "directional", "mixed", "diagonal", "release_buffers",
     "queries", "QueryError", "Superset", "Factor", "LabelMaker", "register", "supported",
     "XaError", "BatchMixingError", "UnsupportedOperatorError", "SourceError", "TargetError", "GraphFreedError",
     "GraphModifiedError", "MemoryBudgetError", "RuleError", "RegistryError",

@@ -76,14 +76,14 @@ def compute(request: Request, plan: planner.Plan, seeds: dict | None = None) -> 
     if budget is None or plan.need_bytes() <= budget:
         tile = _tile(plan, request.graph)
         if tile:
-            return _run_samples(request, plan, tile, True, seeds)
-        return (plan, *_run(request, plan, seeds))
+            return _run_samples(request, plan, tile, True, seeds, budget)
+        return (plan, *_run(request, plan, seeds, budget))
     if request.direction == "auto":
         for other in ("forward", "backward"):
             if other != plan.direction and other in plan.prices:
                 alternative = planner.build(request.replace(direction=other))
                 if alternative.need_bytes() <= budget:
-                    return (alternative, *_run(request, alternative))
+                    return (alternative, *_run(request, alternative, budget=budget))
     if request.batch_dim is not None:
         return _run_in_samples(request, budget, plan, seeds)
     if request.query is not None or request.mixed:
@@ -139,8 +139,8 @@ def _found(plan, blocks, keys) -> list:
     return out
 
 
-def _run(request: Request, plan, seeds=None) -> tuple:
-    blocks, kept = execute.run(plan, request.graph, request.rules, seeds=seeds)
+def _run(request: Request, plan, seeds=None, budget=None) -> tuple:
+    blocks, kept = execute.run(plan, request.graph, request.rules, seeds=seeds, budget=budget)
     results = {i: _found(plan, blocks, keys) for i, keys in plan.results.items()}
     return results, {i: kept.get(i) or results.get(i) for i in request.retained}
 
@@ -191,7 +191,7 @@ def _run_in_chunks(request: Request, budget: float, whole):
         init[:, r0:r1].diagonal().fill_(1.0)
         seed = init.reshape((rows,) + graph.source_shape)
         # the run pops the blocks it is given: each run (a checkpoint's again in the backward) gets its own dict
-        blocks, kept = _checkpointed(lambda seed=seed: execute.run(plan, graph, rules, {(0,): seed}))
+        blocks, kept = _checkpointed(lambda seed=seed: execute.run(plan, graph, rules, {(0,): seed}, budget=budget))
         for i in wanted:
             got = kept.get(i) or [blocks.get(key) for key in plan.results[i]]
             for k, t in enumerate(got):
@@ -310,7 +310,7 @@ def _run_in_samples(request: Request, budget: float, whole, seeds=None):
     while cost > budget and samples > 1:
         samples = max(1, samples // 2)
         plan, cost = need(samples)
-    return _run_samples(request, plan, samples, False, seeds)
+    return _run_samples(request, plan, samples, False, seeds, budget)
 
 
 def _sample_plan(request: Request, direction: str, samples: int, sliced: bool = False):
@@ -322,11 +322,12 @@ def _result_bytes(plan, wanted, total) -> int:
     return sum(plan.result_numel(key) for key in _keys(plan, wanted)) // plan.batch.size * total * plan.itemsize
 
 
-def _run_samples(request: Request, plan, samples, keep_factors, seeds=None):
+def _run_samples(request: Request, plan, samples, keep_factors, seeds=None, budget=None):
     """Run ``plan``'s request over chunks of ``samples`` samples and put the chunks' results together.
 
     ``keep_factors``: the rules' factors are made once and every chunk reads its samples
     of them (cache tiles); otherwise each chunk asks the rules again (a memory budget).
+    Every chunk, the last smaller one too, runs in the first chunk's plan's arena (:mod:`xa.arena`).
     """
     graph, rules, order = request.graph, request.rules, request.order
     total = plan.batch.total
@@ -345,10 +346,11 @@ def _run_samples(request: Request, plan, samples, keep_factors, seeds=None):
         if count != plan.batch.size:  # the last, smaller chunk
             plan = _sample_plan(request, plan.direction, count, sliced)
         if keep_factors:  # cache tiles: the whole plan fits, its tape included
-            blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds)
+            blocks, kept = execute.run(plan, graph, rules, first=first, factors=factors, seeds=seeds,
+                                       arena=main.arena, budget=budget)
         else:  # budget chunks: under autograd each chunk is run again in the backward, one at a time
-            blocks, kept = _checkpointed(lambda plan=plan, first=first: execute.run(plan, graph, rules, first=first,
-                                                                                    seeds=seeds, slices=slices))
+            blocks, kept = _checkpointed(lambda plan=plan, first=first: execute.run(
+                plan, graph, rules, first=first, seeds=seeds, slices=slices, arena=main.arena, budget=budget))
         for i in wanted:
             got = kept.get(i) or _found(plan, blocks, plan.results[i])
             for k, t in enumerate(got):

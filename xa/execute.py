@@ -22,7 +22,8 @@ from .terms import NodeFactors
 
 
 def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first: int = 0,
-        factors: dict | None = None, seeds: dict | None = None, slices=None) -> tuple[dict, dict]:
+        factors: dict | None = None, seeds: dict | None = None, slices=None, arena=None,
+        budget: float | None = None) -> tuple[dict, dict]:
     """Run ``plan`` from the initial ``blocks``; returns ``(blocks, retained)`` keyed like the plan's results.
 
     Under grad mode every operation is out of place, so torch's autograd records the derivatives as functions
@@ -33,12 +34,26 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
     ``seeds`` holds a query's values (directions, weights: :mod:`xa.queries`), read here, never planned on.
     A sliced chunk's plan builds factors from the chunk's slices of the saved tensors: ``slices``
     (:class:`Slices`) takes them, else they are narrowed.
+    Without autograd the plan's large blocks and temporaries are written into its arena (:mod:`xa.arena`),
+    or ``arena``'s (the chunks of one call share the first chunk's plan's), which ``budget`` makes room for.
     """
+    record = torch.is_grad_enabled()
+    buffers = None
+    if not record and plan.layout is not None:
+        buffers = (plan.arena if arena is None else arena).claim(plan.layout, graph.device, budget)
+    try:
+        return _run(plan, graph, rules, blocks, first, factors, seeds, slices, buffers)
+    finally:
+        if buffers is not None:
+            buffers.done()
+
+
+def _run(plan, graph, rules, blocks, first, factors, seeds, slices, buffers) -> tuple[dict, dict]:
     dtype, device = graph.dtype, graph.device
     record = torch.is_grad_enabled()
     blocks = {} if blocks is None else blocks
     retained: dict = {}
-    for number, step in enumerate(plan.steps):
+    for at, step in enumerate(plan.steps):
         if step.snapshot:
             kept = [blocks.get((step.value,) * k) for k in range(1, plan.order + 1)]
             if step.value == 0:  # the source's own first block: the identity, or this chunk's rows of it
@@ -52,7 +67,7 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
         if not step.terms:
             continue
         # every chunk's plan has the same steps in the same order, the same factors (all samples)
-        node = None if factors is None else factors.get(number)
+        node = None if factors is None else factors.get(at)
         if node is None:
             rule = graph.rule(step.value, rules)
             if step.value in plan.folds:  # it reads a permutation's input directly (xa.fold)
@@ -62,9 +77,9 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                                                               slices=slices)
             node = NodeFactors(step, rule, graph.ctx(step.value, planning=False), sliced)
             if factors is not None:
-                factors[number] = node
+                factors[at] = node
         gathered: dict = {}  # this step's reads at sub-multi-indices, shared by its terms (xa.jets)
-        for term in step.terms:
+        for m, term in enumerate(step.terms):
             operands = []
             for n, (key, view) in enumerate(term.sources):
                 gather = None if term.gathers is None else term.gathers[n]
@@ -76,7 +91,9 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 operand = gathered.get(number)
                 if operand is None:
                     source = blocks[key].reshape(view[:axis] + (before,) + view[axis + 1:])
-                    operand = gathered[number] = source.index_select(axis, jets.index(*spec[:3], device, spec[3]))
+                    into = _buffer(buffers, (at, None, ("gather", number)), dtype, view)
+                    operand = gathered[number] = torch.index_select(
+                        source, axis, jets.index(*spec[:3], device, spec[3]), **({} if into is None else {"out": into}))
                 operands.append(operand)
             for n, ref in enumerate(term.operands):
                 if isinstance(ref[0], str):  # a constant: the leaf's identity jet read at a[pos], a query's values
@@ -98,10 +115,21 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                 if record:
                     _record_product(term, coef, operands, blocks, plan)
                 else:
-                    _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device)
+                    _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device,
+                                       buffers, (at, m))
                 continue
             if term.expr is not None:
-                result = term.expr(*operands, backend="torch")
+                outs = copies = None
+                if not record:  # (every step that can writes into a buffer, new where the arena has none)
+                    outs = [None] * len(term.expr.steps)
+                if buffers is not None:
+                    steps = len(term.expr.steps)
+                    outs = [_buffer(buffers, (at, m, ("inter", i)), dtype) for i in range(steps - 1)]
+                    last = "block" if target is None and term.full else "result"
+                    outs.append(_buffer(buffers, (at, m, last), dtype))
+                    copies = [tuple(_buffer(buffers, (at, m, ("copy", i, j)), dtype) for j in (0, 1))
+                              for i in range(steps)]
+                result = term.expr(*operands, backend="torch", outs=outs, copies=copies)
             else:
                 result = torch.ones((), dtype=dtype, device=device)
             if record:
@@ -110,7 +138,7 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
             if target is None and term.full and term.expr is not None:
                 # The first contribution covers the whole block in its order: it becomes the
                 # block, unless it shares memory with an operand (a block read, a saved tensor).
-                if not term.alias and _shares_memory(result, operands):
+                if not term.alias and any(_overlap(result, op) for op in operands):
                     result = result.clone()
                 # kept in the layout the contraction gave (a matmul may give it transposed): a later
                 # term that adds into it makes it contiguous first (_view), a read reshapes it
@@ -119,7 +147,8 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
                     block.mul_(coef)
                 blocks[term.target] = block
                 continue
-            _view(term, blocks, plan, dtype, device).add_(result.reshape(term.result_shape), alpha=coef)
+            _view(term, blocks, plan, dtype, device, _buffer(buffers, (at, m, "block"), dtype)).add_(
+                result.reshape(term.result_shape), alpha=coef)
         for key in step.retire:
             blocks.pop(key, None)
     return blocks, retained
@@ -202,11 +231,12 @@ def _sample_view(operand, view, batch, first) -> torch.Tensor:
     return operand
 
 
-def _big_and_small(term, coef, operands) -> tuple:
+def _big_and_small(term, coef, operands, buffers=None, name=None) -> tuple:
     """A broadcast term's operands lined up on its output labels: ``(largest, product of the others or None,
     coef)``, the coefficient folded into the smallest operand where there is one (no pass over anything larger).
 
-    The small operands' product is the term's scratch (plan.peak counts it).
+    The small operands' product is the term's scratch (plan.peak counts it), in the arena's buffers
+    ``name + ("scaled",)`` and ``name + (("scratch", j),)`` where ``buffers`` has them.
     """
     parts = []
     for n, perm, shape in term.broadcast:  # smallest first
@@ -217,26 +247,41 @@ def _big_and_small(term, coef, operands) -> tuple:
     if parts:
         small = parts[0]
         if coef != 1.0:
-            small, coef = small * coef, 1.0
-        for p in parts[1:]:
-            small = small * p
+            into = _buffer(buffers, name + ("scaled",), small.dtype, small.shape) if buffers else None
+            small, coef = (small * coef if into is None else torch.mul(small, coef, out=into)), 1.0
+        for j, p in enumerate(parts[1:]):
+            into = None
+            if buffers is not None:
+                into = _buffer(buffers, name + (("scratch", j),), small.dtype, torch.broadcast_shapes(small.shape,
+                                                                                                       p.shape))
+            small = small * p if into is None else torch.mul(small, p, out=into)
     return big, small, coef
 
 
-def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device) -> None:
+def _buffer(buffers, name, dtype, shape=None) -> torch.Tensor | None:
+    """The arena's buffer ``name`` of this run (flat, or viewed as ``shape``), or None: allocate as usual."""
+    if buffers is None:
+        return None
+    hit = buffers.get(name, dtype)
+    return hit if hit is None or shape is None else hit.view(shape)
+
+
+def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device, buffers=None, name=None) -> None:
     """A term that sums no label: multiply the small operands, then one pass over the block.
 
     ``view += coef * big * small`` (``addcmul_``), or, for the first term of
     a block that it covers whole, ``block = big * (coef * small)`` written
     straight into fresh memory: the block is never zeroed nor copied.
     """
-    big, small, coef = _big_and_small(term, coef, operands)
+    big, small, coef = _big_and_small(term, coef, operands, buffers, name)
+    into = _buffer(buffers, None if name is None else name + ("block",), dtype)
     if target is None and term.full and term.alias and small is None:  # a relabelled block: no copy
         block = big.reshape(plan.block_shapes[term.target])
         blocks[term.target] = block.mul_(coef) if coef != 1.0 else block
         return
     if target is None and term.full:
-        block = torch.empty(plan.block_shapes[term.target], dtype=dtype, device=device)
+        shape = plan.block_shapes[term.target]
+        block = torch.empty(shape, dtype=dtype, device=device) if into is None else into.view(shape)
         view = block.view(term.view_sizes)
         if small is None:
             torch.mul(big, coef, out=view)
@@ -244,7 +289,7 @@ def _broadcast_product(term, coef, operands, target, blocks, plan, dtype, device
             torch.mul(big, small, out=view)
         blocks[term.target] = block
         return
-    view = _view(term, blocks, plan, dtype, device)
+    view = _view(term, blocks, plan, dtype, device, into)
     if small is None:
         view.add_(big, alpha=coef)
     else:
@@ -321,11 +366,13 @@ def _embed(values, term, shape) -> torch.Tensor:
     return torch.einsum(eq, values, *operands).reshape(shape)
 
 
-def _view(term, blocks, plan, dtype, device) -> torch.Tensor:
-    """The target block (zeros if this is its first term), contiguous, seen through the term's output labels."""
+def _view(term, blocks, plan, dtype, device, into=None) -> torch.Tensor:
+    """The target block (zeros if this is its first term; in ``into`` if given), contiguous, seen through the
+    term's output labels."""
     target = blocks.get(term.target)
     if target is None:
-        target = torch.zeros(plan.block_shapes[term.target], dtype=dtype, device=device)
+        shape = plan.block_shapes[term.target]
+        target = torch.zeros(shape, dtype=dtype, device=device) if into is None else into.view(shape).zero_()
         blocks[term.target] = target
     elif not target.is_contiguous():  # the first term's layout: the view's strides are row-major
         target = target.contiguous()
@@ -333,6 +380,19 @@ def _view(term, blocks, plan, dtype, device) -> torch.Tensor:
     return target.as_strided(term.view_sizes, term.view_strides)
 
 
-def _shares_memory(result: torch.Tensor, operands: list) -> bool:
-    ptr = result.untyped_storage().data_ptr()
-    return any(op.untyped_storage().data_ptr() == ptr for op in operands)
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory may overlap: the same storage and overlapping byte ranges (an arena holds
+    many buffers in one storage; two of them never overlap)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    return _start(a) < _start(b) + _extent(b) and _start(b) < _start(a) + _extent(a)
+
+
+def _start(t: torch.Tensor) -> int:
+    return t.data_ptr() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0 and n) * t.element_size()
+
+
+def _extent(t: torch.Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import arena
 from .backprop import build_backward
 from .batch import Batching, analyze
 from .capture import Graph
@@ -57,6 +58,10 @@ class Plan:
     query: Any = None  # a query's structure (xa.jets.Ask): the rows it keeps per order
     mixed: tuple = ()  # joint blocks of leaves kept too (xa.mixed)
     tied: dict = field(default_factory=dict)  # forward: leaf -> (its items, the rows kept per item) (xa.sparsity)
+    # where a run without autograd keeps its large buffers (xa.arena), and the memory that holds them:
+    # shared by the cached plan and its copies, so it lives as long as the plan stays in the cache
+    layout: Any = None
+    arena: Any = None
 
     @property
     def flops(self) -> int:
@@ -270,7 +275,10 @@ def _build(request: Request) -> Plan:
     plan.mixed = mixed
     plan.itemsize = torch.empty((), dtype=graph.dtype, device="meta").element_size()
     _mark_aliases(plan)
-    plan.peak_elements = peak(plan)
+    plan.layout = arena.layout(plan, sum(plan.result_numel(k) for k in plan.expand))
+    plan.arena = arena.Arena()
+    # an arena is held whole while the plan runs (and between its calls): its bytes and what else is alive
+    plan.peak_elements = max(peak(plan), plan.layout.peak) if plan.layout.slots else peak(plan)
     return plan
 
 

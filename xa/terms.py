@@ -125,7 +125,7 @@ def contraction(equation: str, shapes: tuple) -> tuple:
     if hit is None:
         path_searches += 1
         path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
-        hit = (info, _Path(oe.contract_expression(equation, *shapes, optimize=path)))
+        hit = (info, _Path(oe.contract_expression(equation, *shapes, optimize=path), equation, shapes))
         _PATHS[key] = hit
         if len(_PATHS) > _PATH_CACHE_SIZE:
             _PATHS.popitem(last=False)
@@ -133,25 +133,49 @@ def contraction(equation: str, shapes: tuple) -> tuple:
 
 
 class _Tensordot:
-    """A two-operand contraction whose output is one operand's free labels then the other's, each in order.
+    """A two-operand contraction whose output is one operand's free labels then the other's (each in any order).
 
-    ``torch.tensordot`` in that operand order gives it contiguous; opt_einsum
-    multiplies the operands the other way round and hands back a transposed
-    view (a linear layer's jet would come out ``(c, a, b)`` in memory, and
-    every later pass over it would stride).
+    Run as ``torch.tensordot`` does -- each operand permuted to ``(free, summed)`` and ``(summed, free)``
+    (a copy where that moves labels), one ``mm`` -- with each operand's free labels put in the output's
+    order first, so that the result is contiguous in it; opt_einsum multiplies the operands the other way
+    round and hands back a transposed view (a linear layer's jet would come out ``(c, a, b)`` in memory, and
+    every later pass over it would stride), and ``torch.einsum`` permutes its result. The ``mm`` can write
+    into a buffer (``out``), and the copies too (``copies``).
     """
 
-    def __init__(self, dims: tuple, swap: bool):
-        self.dims, self.swap = dims, swap
+    def __init__(self, dims: tuple, free: tuple, swap: bool):
+        self.dims, self.free, self.swap = dims, free, swap
 
-    def __call__(self, a, b, backend=None):
+    def __call__(self, a, b, backend=None, out=None, copies=(None, None)):
         x, y = (b, a) if self.swap else (a, b)
         dx, dy = self.dims
         if all(x.shape[d] == 1 for d in dx):  # sums only labels of size one (a jet's single row): a product
+            fx, fy = self.free
+            x, y = x.permute(fx + dx), y.permute(fy + dy)
             if dx:
-                x, y = x.squeeze(dx), y.squeeze(dy)
-            return x.reshape(x.shape + (1,) * y.dim()) * y
-        return torch.tensordot(x, y, dims=self.dims)
+                x, y = x.squeeze(tuple(range(len(fx), x.dim()))), y.squeeze(tuple(range(len(fy), y.dim())))
+            return torch.mul(x.reshape(x.shape + (1,) * y.dim()), y, out=out)
+        x, y = self.lined(x, y)
+        inner = math.prod(x.shape[x.dim() - len(dx):])
+        shape = x.shape[:x.dim() - len(dx)] + y.shape[len(dy):]
+        a, b = _matrix(x, (-1, inner), copies[0]), _matrix(y, (inner, -1), copies[1])
+        if out is None:
+            return torch.mm(a, b).reshape(shape)
+        torch.mm(a, b, out=out.view(a.shape[0], b.shape[1]))
+        return out
+
+    def lined(self, x, y) -> tuple:
+        """The operands (in call order after the swap) permuted to ``(free, summed)`` and ``(summed, free)``."""
+        (dx, dy), (fx, fy) = self.dims, self.free
+        return x.permute(fx + dx), y.permute(dy + fy)
+
+    def copies(self, a: tuple, b: tuple) -> tuple:
+        """Entries of each operand (shapes ``a``, ``b``) the call copies to line it up, 0 where a view does."""
+        x, y = (b, a) if self.swap else (a, b)
+        if all(x[d] == 1 for d in self.dims[0]):
+            return 0, 0
+        px, py = self.lined(torch.empty(x, device="meta"), torch.empty(y, device="meta"))
+        return tuple(0 if _moves_nothing(t) else t.numel() for t in (px, py))
 
     @classmethod
     def of(cls, equation: str):
@@ -166,11 +190,26 @@ class _Tensordot:
         free_a, free_b = [c for c in a if c not in b], [c for c in b if c not in a]
         if sorted(free_a + free_b) != sorted(out):
             return None
-        if list(out) == free_a + free_b:
-            return cls(([a.index(c) for c in shared], [b.index(c) for c in shared]), False)
-        if list(out) == free_b + free_a:
-            return cls(([b.index(c) for c in shared], [a.index(c) for c in shared]), True)
+        for x, y, swap in ((a, b, False), (b, a, True)):
+            head, tail = out[:len(x) - len(shared)], out[len(x) - len(shared):]
+            if set(head) == set(c for c in x if c not in y) and set(tail) == set(c for c in y if c not in x):
+                return cls(([x.index(c) for c in shared], [y.index(c) for c in shared]),
+                           ([x.index(c) for c in head], [y.index(c) for c in tail]), swap)
         return None
+
+
+def _matrix(t, shape, into=None):
+    """``t.reshape(shape)``: a view where its strides allow one, else a copy (into ``into`` where given)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.reshape(shape) if into is None else into.view(t.shape).copy_(t).view(shape)
+
+
+def _moves_nothing(t) -> bool:
+    """Whether a permuted view keeps the row-major order of its dims larger than one (a view, no copy)."""
+    kept = [st for n, st in zip(t.shape, t.stride()) if n > 1]
+    return all(a > b for a, b in zip(kept, kept[1:]))
 
 
 class _Broadcast:
@@ -184,9 +223,9 @@ class _Broadcast:
         perm = tuple(sorted(range(len(labels)), key=lambda d: out.index(labels[d])))
         return perm, tuple(c in labels for c in out)
 
-    def __call__(self, a, b, backend=None):
+    def __call__(self, a, b, backend=None, out=None):
         (pa, ka), (pb, kb) = self.views
-        return self._view(a, pa, ka) * self._view(b, pb, kb)
+        return torch.mul(self._view(a, pa, ka), self._view(b, pb, kb), out=out)
 
     @staticmethod
     def _view(t, perm, kept):
@@ -206,8 +245,22 @@ class _Diagonal:
     def __init__(self, reads: list, inner):
         self.reads, self.inner = reads, inner
 
-    def __call__(self, *operands, backend=None):
-        return self.inner(*[op if eq is None else torch.einsum(eq, op) for eq, op in zip(self.reads, operands)])
+    def __call__(self, *operands, backend=None, **out):
+        """``out`` (``out=``, ``copies=``) goes to the step without the diagonal (:class:`_Path`)."""
+        return self.inner(*[op if eq is None else torch.einsum(eq, op) for eq, op in zip(self.reads, operands)],
+                          **out)
+
+    def shapes(self, *shapes) -> list:
+        """The operands' shapes once their diagonals are read."""
+        out = []
+        for eq, shape in zip(self.reads, shapes):
+            if eq is None:
+                out.append(shape)
+                continue
+            src, dst = eq.split("->")
+            size = dict(zip(src, shape))
+            out.append(tuple(size[c] for c in dst))
+        return out
 
 
 def _step(equation: str):
@@ -235,15 +288,47 @@ class _Path:
     batches it through ``bmm`` (four times slower than ``*`` on a jet), and
     multiplies a linear layer's operands the other way round (a transposed
     result that every later pass strides over).
+
+    ``shapes[i]`` is the output shape of step ``i`` and ``writes[i]`` whether that step
+    can compute into a buffer it is given (``outs``: a tensor of that many entries, or
+    None, per step; :mod:`xa.arena` lays them out): a tensordot or a product can, a
+    generic ``torch.einsum`` cannot, and allocates its own.
     """
 
-    def __init__(self, expr):
-        self.steps = [(tuple(inds), _step(eq)) for inds, _, eq, *_ in expr.contraction_list]
+    def __init__(self, expr, equation: str, shapes: tuple):
+        sizes = {c: n for labels, shape in zip(equation.split("->")[0].split(","), shapes)
+                 for c, n in zip(labels, shape)}
+        self.steps, self.shapes, self.writes, self.copies = [], [], [], []
+        stack = list(shapes)
+        for inds, _, eq, *_ in expr.contraction_list:
+            step = _step(eq)
+            self.steps.append((tuple(inds), step))
+            self.shapes.append(tuple(sizes[c] for c in eq.split("->")[1]))
+            core = step.inner if isinstance(step, _Diagonal) else step
+            self.writes.append(isinstance(core, (_Tensordot, _Broadcast)))
+            ins = [stack.pop(x) for x in inds]
+            if core is not step:
+                ins = step.shapes(*ins)
+            self.copies.append(core.copies(*ins) if isinstance(core, _Tensordot) else (0, 0))
+            stack.append(self.shapes[-1])
 
-    def __call__(self, *operands, backend=None):
+    def __call__(self, *operands, backend=None, outs=None, copies=None):
+        """``outs[i]``: where step ``i`` writes its result; ``copies[i]``: where a tensordot lines its operands up.
+
+        Given ``outs`` (a run without autograd), a step that can write into a buffer always does, into a new
+        one where ``outs[i]`` is None: the same kernels on the same layouts, in an arena or not, so the same
+        numbers bit for bit.
+        """
         operands = list(operands)
-        for inds, step in self.steps:
-            operands.append(step(*[operands.pop(x) for x in inds]))
+        for n, (inds, step) in enumerate(self.steps):
+            out = None if outs is None else outs[n]
+            args = [operands.pop(x) for x in inds]
+            if out is None and outs is not None and self.writes[n]:
+                out = torch.empty(math.prod(self.shapes[n]), dtype=args[0].dtype, device=args[0].device)
+            kw = {} if out is None else {"out": out.view(self.shapes[n])}
+            if copies is not None and isinstance(step.inner if isinstance(step, _Diagonal) else step, _Tensordot):
+                kw["copies"] = copies[n]
+            operands.append(step(*args, **kw))
         return operands[0]
 
 
