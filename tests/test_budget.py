@@ -221,9 +221,8 @@ def test_a_chunk_builds_its_factors_from_its_slices():
     """A sliced chunk's plan asks each rule on the chunk's slices of what torch saved: its factors are the
     chunk's; a node that saved a tensor found nowhere in the graph (here a constant, which might carry the
     samples or not) takes all samples' factors, narrowed, counted whole. The numbers are the whole run's."""
-    from xa import execute
+    from xa import execute, request
     from xa import plan as planner
-    from xa import request
 
     x, W1, W2, c = _mlp_point_cloud()
     u = torch.tanh(torch.tanh(x @ W1.T) * c) @ W2.T  # (B, 1)

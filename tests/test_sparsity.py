@@ -18,10 +18,9 @@ from hypothesis import strategies as st
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 import xa
-from xa import execute
+from xa import execute, sparsity
 from xa import plan as planner
 from xa import request as requests
-from xa import sparsity
 
 D = torch.float64
 TOL = 1e-10

@@ -181,7 +181,7 @@ def layout(plan, expanded: int = 0) -> Layout:
             continue
         stop = last if stop is None else stop
         offset = 0
-        for o, size, s, e in sorted((p for p in placed if p[2] < stop and start < p[3]), key=lambda p: p[0]):
+        for o, size, _, _ in sorted((p for p in placed if p[2] < stop and start < p[3]), key=lambda p: p[0]):
             if offset + nbytes <= o:
                 break
             offset = max(offset, o + _aligned(size))

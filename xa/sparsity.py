@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import numpy as np
+
 from .batch import Batching, position, split_port
 from .capture import Graph
 from .errors import BatchMixingError
