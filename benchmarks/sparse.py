@@ -306,7 +306,7 @@ def _fmt(t) -> str:
 
 
 def _ratio(a, b) -> str:
-    return "" if isinstance(a, str) or isinstance(b, str) else f"{a / b:.2f}"
+    return "" if isinstance(a, str) or isinstance(b, str) else f"{a / b:.3g}"
 
 
 def markdown(summaries) -> str:
