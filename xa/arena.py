@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .factor import broadcast_shapes
+
 MIN_BYTES = 128 * 2**10  # smaller buffers come from the allocator (glibc serves them from its heap)
 ALIGN = 4096
 HELD = 4  # plans holding an arena at once
@@ -121,7 +123,7 @@ def layout(plan, expanded: int = 0) -> Layout:
                     product = make((n, m, "scaled"), math.prod(small[0]))
                     at = small[0]
                     for j, part in enumerate(small[1:]):
-                        at = torch.broadcast_shapes(at, part)
+                        at = broadcast_shapes(at, part)
                         was, product = product, make((n, m, ("scratch", j)), math.prod(at))
                         end(was)
                 if first and term.full and term.alias and len(term.broadcast) == 1:

@@ -17,6 +17,7 @@ import torch
 
 from . import fold, jets
 from .capture import Graph
+from .factor import broadcast_shapes
 from .plan import Plan
 from .terms import NodeFactors
 
@@ -252,8 +253,7 @@ def _big_and_small(term, coef, operands, buffers=None, name=None) -> tuple:
         for j, p in enumerate(parts[1:]):
             into = None
             if buffers is not None:
-                into = _buffer(buffers, name + (("scratch", j),), small.dtype, torch.broadcast_shapes(small.shape,
-                                                                                                       p.shape))
+                into = _buffer(buffers, name + (("scratch", j),), small.dtype, broadcast_shapes(small.shape, p.shape))
             small = small * p if into is None else torch.mul(small, p, out=into)
     return big, small, coef
 
