@@ -204,6 +204,15 @@ def _check_randomized(scope):
     assert field[0].weight.grad is not None and field[0].weight.grad.abs().max() > 0
 
 
+def _check_buffers(scope):
+    """Warm calls: the same Laplacians as torch.func, none overwritten by a later call; the arena was released."""
+    net, pts, laps = scope["net"], scope["pts"], scope["laps"]
+    want = vmap(lambda p: hessian(lambda z: net(z[None])[0, 0])(p).trace())(pts.detach())
+    for lap in laps:
+        _same(lap.flatten(), want)
+    assert scope["released"] > 0 and xa.release_buffers() == 0
+
+
 # (names a block defines, its check): a block may match several
 CHECKS = [
     (("x", "W", "y"), _check_network),
@@ -217,6 +226,7 @@ CHECKS = [
     (("plan", "sup", "lap_plan"), _check_explain),
     (("diag_hessian", "diag_summed", "u_iiii"), _check_diagonal),
     (("kinetic", "sparse_plan"), _check_block_sparsity),
+    (("laps", "released"), _check_buffers),
     (("lap_est", "lap_exact"), _check_randomized),
 ]
 
