@@ -207,17 +207,21 @@ def max_error(got, ref) -> float:
     return max((g - r).abs().max().item() for g, r in zip(got, ref))
 
 
-def measure(fn, reps: int, budget_s: float):
+def measure(fn, reps: int, budget_s: float, first_alone: bool = False):
     """``(median seconds, first call's seconds, result)``: one warm-up call, then up to ``reps`` timed.
 
     As run.py's ``measure``, but at least one call after the warm-up is always
     timed (xa's first call at a new shape plans, which can take longer than
     the budget's half after which run.py keeps the warm-up alone), and no
-    peak memory.
+    peak memory. ``first_alone``: where the first call alone took more than half
+    the budget it is the only sample (a call with nothing to warm up, such as
+    torch.func's ``vmap`` of ``hessian``, too slow to repeat).
     """
     start = time.perf_counter()
     result = fn()
     first = time.perf_counter() - start
+    if first_alone and first > budget_s / 2:  # (a call with nothing to warm up, too slow to repeat)
+        return first, first, result
     times = []
     while not times or (len(times) < reps and sum(times) + times[0] < budget_s):
         start = time.perf_counter()

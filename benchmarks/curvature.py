@@ -36,6 +36,7 @@ import time
 
 import torch
 import torch.nn as nn
+from batched import tanh_mlp
 
 import xa
 
@@ -44,14 +45,7 @@ WIDTHS = (784, 128, 64, 10)
 
 
 def classifier(widths=WIDTHS, seed: int = 0) -> nn.Sequential:
-    layers = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i, (a, b) in enumerate(zip(widths, widths[1:])):
-            layers.append(nn.Linear(a, b, dtype=DT))
-            if i < len(widths) - 2:
-                layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
+    return tanh_mlp(widths, seed)
 
 
 def data(B: int, widths=WIDTHS, seed: int = 1) -> tuple:

@@ -35,15 +35,12 @@ in a fresh process. The table goes to ``results/highdim.md``.
 from __future__ import annotations
 
 import statistics
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from batched import _points, tanh_mlp
-from train import JET_TIMEOUT_S, _mb, jet_python, rel_diff
+from train import JET_HEAD, JET_TAIL, _mb, call_jet, rel_diff
 
 import xa
 
@@ -126,86 +123,19 @@ def way(key: str, method: str):
 
 # ------------------------------------------------------------------ torch-jet, in its own interpreter
 
-JET_CHILD = r'''
-import platform, statistics, sys, time
-from importlib.metadata import version
-
-import torch
-from torch import nn
-from torch.func import vmap
-
-import jet
-
-data, out, mode, reps, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-d = torch.load(data)
-widths, X, f, samples = d["widths"], d["X"], d["f"], d["samples"]
-layers = []
-for i, (a, b) in enumerate(zip(widths, widths[1:])):
-    layers.append(nn.Linear(a, b, dtype=torch.float64))
-    if i < len(widths) - 2:
-        layers.append(nn.Tanh())
-net = nn.Sequential(*layers)
-net.load_state_dict(d["state"])
+# torch-jet's randomized Laplacian between train.py's head (arguments, data, the network) and tail (the timed step)
+JET_CHILD = JET_HEAD + r'''samples = d["samples"]
 torch.manual_seed(0)
 point = jet.laplacian(net, (X[0],), randomization=("rademacher", samples))
 residual = vmap(point, randomness="different")   # each point its own directions
-params = list(net.parameters())
-
-
-def step():
-    net.zero_grad(set_to_none=True)
-    loss = ((residual(X) - f) ** 2).mean()
-    loss.backward()
-    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-
-
-def rss_kb(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-
-
-start = time.perf_counter()
-step()
-first = time.perf_counter() - start
-where = f"jet-for-pytorch {version('jet-for-pytorch')} (torch {torch.__version__}, Python {platform.python_version()})"
-result = {"version": where, "first": first, "time": None, "peak": None}
-if mode == "peak":
-    base = rss_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    step()
-    result["peak"] = (rss_kb("VmHWM") - base) / 1024
-else:
-    times = []
-    while not times or (len(times) < reps and sum(times) + times[0] < budget):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    result["time"] = statistics.median(times)
-torch.save(result, out)
-'''
+''' + JET_TAIL
 
 
 def run_jet(key: str, mode: str, reps: int, budget_s: float) -> dict:
     """torch-jet's step in its interpreter: ``{"time" or "peak", "first", "version"}``, or ``{"error": why}``."""
-    python = jet_python()
-    if python is None or not python.exists():
-        return {"error": f"no torch-jet interpreter ({python or 'set XA_BENCH_JET_PYTHON'})"}
     spec, net, X, f = problem(key)
-    with tempfile.TemporaryDirectory() as tmp:
-        data, out = Path(tmp) / "data.pt", Path(tmp) / "out.pt"
-        torch.save({"widths": list(spec.widths), "state": net.state_dict(), "X": X, "f": f, "samples": S}, data)
-        cmd = [str(python), "-c", JET_CHILD, str(data), str(out), mode, str(reps), str(budget_s)]
-        try:
-            subprocess.run(cmd, check=True, timeout=JET_TIMEOUT_S, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            return {"error": f"gave up after {JET_TIMEOUT_S:.0f} s"}
-        except (OSError, subprocess.CalledProcessError) as err:
-            lines = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
-            return {"error": "failed: " + (lines[-1] if lines else f"exit status {err.returncode}")}
-        return torch.load(out)
+    return call_jet(JET_CHILD, {"widths": list(spec.widths), "state": net.state_dict(), "X": X, "f": f, "samples": S},
+                    mode, reps, budget_s)
 
 
 # ------------------------------------------------------------------ measuring

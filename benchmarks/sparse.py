@@ -57,11 +57,9 @@ from __future__ import annotations
 
 import importlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from batched import measure
 from torch import nn
 from torch.func import hessian, vmap
 
@@ -211,23 +210,6 @@ def run_folx(params, mix: int, Xs: dict, reps: int, budget_s: float) -> dict:
 # ------------------------------------------------------------------ measuring
 
 
-def measure(fn, reps: int, budget_s: float):
-    """``(median seconds, first call's seconds, result)``: a first call, then up to ``reps`` timed while their
-    sum stays under ``budget_s``; where the first call alone took more than half the budget it is the only
-    sample (torch.func's ``vmap`` of ``hessian`` has nothing to warm up)."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    if first > budget_s / 2:
-        return first, first, result
-    times = []
-    while not times or (len(times) < reps and sum(times) + times[0] < budget_s):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first, result
-
-
 def _failed(exc: Exception) -> str:
     return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -256,7 +238,7 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
             ways["xa dense"] = _xa(net, X, dense)
         for method, fn in ways.items():
             try:
-                row["times"][method], row["first"][method], got = measure(fn, reps, budget_s)
+                row["times"][method], row["first"][method], got = measure(fn, reps, budget_s, first_alone=True)
                 values[method, B] = got.detach().numpy()
             except Exception as exc:  # reported in the table, not raised: the other methods still run
                 row["times"][method] = _failed(exc)

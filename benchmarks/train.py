@@ -243,8 +243,10 @@ def rel_diff(got, ref) -> float:
 
 # ------------------------------------------------------------------ torch-jet, in its own interpreter
 
-# Self-contained: torch-jet's interpreter has neither xa nor this repository on its path.
-JET_CHILD = r'''
+# Self-contained: torch-jet's interpreter has neither xa nor this repository on its path. The head reads the
+# arguments, the points, the targets and the network; a case's own lines make ``residual`` from ``net``; the
+# tail times (or measures the peak of) a training step on it and saves the result.
+JET_HEAD = r'''
 import platform, statistics, sys, time
 from importlib.metadata import version
 
@@ -256,7 +258,7 @@ import jet
 
 data, out, mode, reps, budget = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 d = torch.load(data)
-widths, X, f, op = d["widths"], d["X"], d["f"], d["op"]
+widths, X, f = d["widths"], d["X"], d["f"]
 layers = []
 for i, (a, b) in enumerate(zip(widths, widths[1:])):
     layers.append(nn.Linear(a, b, dtype=torch.float64))
@@ -264,30 +266,9 @@ for i, (a, b) in enumerate(zip(widths, widths[1:])):
         layers.append(nn.Tanh())
 net = nn.Sequential(*layers)
 net.load_state_dict(d["state"])
-z0 = X[0]
-e_t, e_x = torch.eye(X.shape[1], dtype=X.dtype)[:2]
+'''
 
-if op == "laplacian":
-    point = jet.laplacian(net, (z0,))
-elif op == "biharmonic":
-    point = jet.bilaplacian(net, (z0,))
-else:
-    taylor = jet.jet(net, (z0,))
-
-    def point(z):
-        zero = torch.zeros_like(z)
-        u, u_t = taylor((z, e_t))
-        if op == "heat":
-            _, _, u_xx = taylor((z, e_x, zero))
-            return u_t - 0.1 * u_xx
-        _, u_x, _, u_xxx = taylor((z, e_x, zero, zero))
-        return u_t + 6 * u * u_x + u_xxx
-
-point, _ = jet.capture_graph(point, (z0,))
-jet.common_subexpression_elimination(point.graph)
-point.recompile()
-residual = vmap(point)
-params = list(net.parameters())
+JET_TAIL = r'''params = list(net.parameters())
 
 
 def step():
@@ -326,6 +307,32 @@ else:
 torch.save(result, out)
 '''
 
+JET_CHILD = JET_HEAD + r'''op = d["op"]
+z0 = X[0]
+e_t, e_x = torch.eye(X.shape[1], dtype=X.dtype)[:2]
+
+if op == "laplacian":
+    point = jet.laplacian(net, (z0,))
+elif op == "biharmonic":
+    point = jet.bilaplacian(net, (z0,))
+else:
+    taylor = jet.jet(net, (z0,))
+
+    def point(z):
+        zero = torch.zeros_like(z)
+        u, u_t = taylor((z, e_t))
+        if op == "heat":
+            _, _, u_xx = taylor((z, e_x, zero))
+            return u_t - 0.1 * u_xx
+        _, u_x, _, u_xxx = taylor((z, e_x, zero, zero))
+        return u_t + 6 * u * u_x + u_xxx
+
+point, _ = jet.capture_graph(point, (z0,))
+jet.common_subexpression_elimination(point.graph)
+point.recompile()
+residual = vmap(point)
+''' + JET_TAIL
+
 
 def jet_python() -> Path | None:
     """torch-jet's interpreter: ``XA_BENCH_JET_PYTHON``, else ``.venv-jet`` in the repository or beside it."""
@@ -341,14 +348,20 @@ def run_jet(key: str, mode: str, reps: int, budget_s: float) -> dict:
     """torch-jet's step of a case in its interpreter: ``{"time" or "peak", "first", "grads", "version"}``,
     or ``{"error": why}``. ``mode`` is ``"time"`` or ``"peak"``; the child inherits this process's malloc
     settings, so its peak is taken as run.py's children take theirs."""
+    spec, net, X, f = problem(key)
+    return call_jet(JET_CHILD, {"widths": list(spec.widths), "state": net.state_dict(), "X": X, "f": f, "op": spec.op},
+                    mode, reps, budget_s)
+
+
+def call_jet(child: str, data: dict, mode: str, reps: int, budget_s: float) -> dict:
+    """Run ``child`` (:data:`JET_HEAD`, a case's lines, :data:`JET_TAIL`) on ``data`` in torch-jet's interpreter."""
     python = jet_python()
     if python is None or not python.exists():
         return {"error": f"no torch-jet interpreter ({python or 'set XA_BENCH_JET_PYTHON'})"}
-    spec, net, X, f = problem(key)
     with tempfile.TemporaryDirectory() as tmp:
-        data, out = Path(tmp) / "data.pt", Path(tmp) / "out.pt"
-        torch.save({"widths": list(spec.widths), "state": net.state_dict(), "X": X, "f": f, "op": spec.op}, data)
-        cmd = [str(python), "-c", JET_CHILD, str(data), str(out), mode, str(reps), str(budget_s)]
+        path, out = Path(tmp) / "data.pt", Path(tmp) / "out.pt"
+        torch.save(data, path)
+        cmd = [str(python), "-c", child, str(path), str(out), mode, str(reps), str(budget_s)]
         try:
             subprocess.run(cmd, check=True, timeout=JET_TIMEOUT_S, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
