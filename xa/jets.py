@@ -334,11 +334,6 @@ def _jet_shape(graph, batch, v, rows_: Rows, k) -> tuple:
     return head + lead + batch.shape(graph, v)
 
 
-def _depends_on(graph: Graph, leaf: int, dead=()) -> list:
-    """Per value, whether it depends on ``leaf`` through values that are not ``dead`` (xa.batch)."""
-    return sparsity.depends_on(graph, leaf, dead)
-
-
 def _tied(graph: Graph, rules: dict, leaf: int, batch, rows_: Rows):
     """``(items, tied rows)`` where the leaf's items stay apart through some nodes (:mod:`xa.sparsity`), or
     ``None``: seeded directions span items; an order no row of which lies in one item."""
@@ -374,7 +369,7 @@ def tied_key(leaf: int, value: int, k: int) -> tuple:
 
 
 def _leaf_steps(graph, rows_: Rows, leaf, rules, shapes, batch, tied=None) -> list:
-    reach = _depends_on(graph, leaf, () if batch is None else batch.dead)
+    reach = sparsity.depends_on(graph, leaf, () if batch is None else batch.dead)
     jets = {leaf: {1: IDENTITY}}  # value -> {order k: block key or IDENTITY}
     items, rows_t = tied if tied is not None else (None, None)
     kept = {leaf: {1: IDENTITY}}  # the same for the jets kept per item

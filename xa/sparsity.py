@@ -94,13 +94,14 @@ def find(graph: Graph, rules: dict, leaf: int, batch: Batching | None) -> Items 
         runs = [(s, hi) for hi in range(s + 2, len(shape) + 1)]
         samples, size = batch.total, batch.size
     reach = depends_on(graph, leaf, () if batch is None else batch.dead)
+    asked: dict = {}  # (node, slot) -> its first-order factor, asked once for every run of dims tried
     best = None
     for lo, hi in runs:
         joint = math.prod(shape[lo:hi])
         items = joint // samples
         if items <= 1 or (lo, hi) == (0, len(shape)) and batch is None:
             continue
-        at = _region(graph, rules, leaf, math.prod(shape[:lo]), joint, batch, reach)
+        at = _region(graph, rules, leaf, math.prod(shape[:lo]), joint, batch, reach, asked)
         if at is None or len(at) <= 1:
             continue
         score = (len(at), items)
@@ -117,14 +118,14 @@ def find(graph: Graph, rules: dict, leaf: int, batch: Batching | None) -> Items 
     return Items(tied, frozenset(i for i in at if i != leaf), items, pre, post)
 
 
-def _region(graph: Graph, rules: dict, leaf: int, pre: int, joint: int, batch, reach) -> dict | None:
+def _region(graph: Graph, rules: dict, leaf: int, pre: int, joint: int, batch, reach, asked: dict) -> dict | None:
     """Each value that keeps the leaf's items tied -> where their joint digit is, from the leaf up."""
     at = {leaf: pre}
     for y in reversed(graph.order):
         v = graph.values[y]
         if v.leaf is not None or not reach[y]:
             continue
-        found = _carried(graph, rules, y, at, joint, reach)
+        found = _carried(graph, rules, y, at, joint, reach, asked)
         if found is None:
             continue
         if batch is not None and batch.at[y] != found:
@@ -133,23 +134,22 @@ def _region(graph: Graph, rules: dict, leaf: int, pre: int, joint: int, batch, r
     return at
 
 
-def _carried(graph: Graph, rules: dict, y: int, at: dict, joint: int, reach) -> int | None:
+def _carried(graph: Graph, rules: dict, y: int, at: dict, joint: int, reach, asked: dict) -> int | None:
     """Where node ``y``'s output carries the items its inputs carry, or ``None`` (it mixes them)."""
     v = graph.values[y]
+    slots = [t for t, x in enumerate(v.inputs) if x is not None and reach[x]]
+    if any(v.inputs[t] not in at for t in slots):
+        return None
     here = f"{v.title} at {v.where(graph)}"
-    rule = graph.rule(y, rules)
-    ctx = graph.ctx(y, planning=True)
     found = None
-    for t, x in enumerate(v.inputs):
-        if x is None or not reach[x]:
+    for t in slots:
+        if (y, t) not in asked:
+            asked[y, t] = graph.rule(y, rules)(graph.ctx(y, planning=True), (t,))
+        f = asked[y, t]
+        if f is None:
             continue
-        if x not in at:
-            return None
         try:
-            f = rule(ctx, (t,))
-            if f is None:
-                continue
-            f, q = split_port(f, ("ins", 0), at[x], joint, here)
+            f, q = split_port(f, ("ins", 0), at[v.inputs[t]], joint, here)
             if f.ins[0].count(q) != 1 or f.out.count(q) != 1:  # mixed away, or a diagonal (dense: kept simple)
                 return None
             e = position(f.out, f.sizes, q)
