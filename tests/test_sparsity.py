@@ -194,18 +194,19 @@ def test_a_weight_leaf_has_items_too():
 
 @pytest.mark.parametrize("mix", [None, 1])
 def test_training_through_the_sparse_plan(mix, dense):
-    """A PINN-like loss of the Laplacian: its gradient w.r.t. the weights equals the dense plan's and torch's."""
+    """A PINN-like loss, the Laplacian's residual beside an ordinary data term: its gradient w.r.t. the weights
+    equals the dense plan's and torch's, and the Laplacian's term changes it."""
     f, params = per_item_net(mix=mix, seed=5, requires_grad=True)
     X = torch.randn(3, 4, 2, dtype=D, requires_grad=True)
-    target = torch.randn(3, dtype=D)
+    target, data = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
 
-    def loss_of(lap):
-        return ((lap - target) ** 2).mean()
+    def loss_of(lap, u):
+        return ((lap - target) ** 2).mean() + ((u - data) ** 2).mean()
 
     u = f(X)
-    g = torch.autograd.grad(loss_of(xa.laplacian(u, X, batch_dim=0, direction="forward")), params)
+    g = torch.autograd.grad(loss_of(xa.laplacian(u, X, batch_dim=0, direction="forward"), u), params)
     u = f(X)
-    g_dense = dense(lambda: torch.autograd.grad(loss_of(xa.laplacian(u, X, batch_dim=0, direction="forward")),
+    g_dense = dense(lambda: torch.autograd.grad(loss_of(xa.laplacian(u, X, batch_dim=0, direction="forward"), u),
                                                 params))
     # torch: the same loss by nested autograd
     Xd = X.detach().requires_grad_(True)
@@ -215,8 +216,10 @@ def test_training_through_the_sparse_plan(mix, dense):
     flat = grad.reshape(3, -1)
     for i in range(flat.shape[1]):
         lap = lap + torch.autograd.grad(flat[:, i].sum(), Xd, create_graph=True)[0].reshape(3, -1)[:, i]
-    g_ref = torch.autograd.grad(loss_of(lap), params)
-    assert any(t.abs().max() > 1e-6 for t in g_ref)  # the term contributes
+    g_ref = torch.autograd.grad(loss_of(lap, out), params, retain_graph=True)
+    g_data = torch.autograd.grad(((out - data) ** 2).mean(), params, allow_unused=True)
+    # the Laplacian's term contributes: without it the gradient is another
+    assert max((r - (torch.zeros_like(r) if d is None else d)).abs().max().item() for r, d in zip(g_ref, g_data)) > 1e-6
     for a, b, c in zip(g, g_dense, g_ref):
         close(a, b, "vs dense")
         close(a, c, "vs torch")
