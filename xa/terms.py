@@ -234,6 +234,47 @@ class _Broadcast:
         return t.reshape([next(sizes) if k else 1 for k in kept])
 
 
+class _SmallSum:
+    """A product of two operands summing labels both have, with a label of both kept, no larger than an operand.
+
+    ``torch.einsum('rx,rx->x')`` (the sum of a jet's squared rows, over each entry ``x``) runs as a
+    batched matmul of ``(1, r) @ (r, 1)`` per entry, many times slower than the broadcast product with the
+    summed labels leading (into ``copies[0]`` where given) and one ``sum`` over them.
+    """
+
+    def __init__(self, a: str, b: str, out: str, sizes: dict):
+        summed = "".join(c for c in dict.fromkeys(a + b) if c not in out)
+        self.views = [_Broadcast._align(labels, summed + out) for labels in (a, b)]
+        self.dims = tuple(range(len(summed)))
+        self.product = tuple(sizes[c] for c in summed + out)
+
+    @classmethod
+    def of(cls, equation: str, sizes: dict):
+        inputs, out = equation.split("->")
+        parts = inputs.split(",")
+        if len(parts) != 2 or any(len(set(t)) != len(t) for t in (*parts, out)):
+            return None
+        a, b = parts
+        summed = [c for c in dict.fromkeys(a + b) if c not in out]
+        if not summed or not set(out) <= set(a) | set(b) or not any(c in a and c in b for c in out):
+            return None
+        if any(c not in a or c not in b for c in summed):
+            return None
+        if math.prod(sizes[c] for c in summed + list(out)) > max(math.prod(sizes[c] for c in t) for t in (a, b)):
+            return None  # a product larger than either operand: more memory than the batched matmul needs
+        return cls(a, b, out, sizes)
+
+    def __call__(self, a, b, backend=None, out=None, copies=(None, None)):
+        (pa, ka), (pb, kb) = self.views
+        into = None if copies[0] is None else copies[0].view(self.product)
+        product = torch.mul(_Broadcast._view(a, pa, ka), _Broadcast._view(b, pb, kb), out=into)
+        return torch.sum(product, dim=self.dims, out=out)
+
+    def copies(self, a: tuple, b: tuple) -> tuple:
+        """Entries of the product summed (the step's scratch), as a tensordot's copies."""
+        return math.prod(self.product), 0
+
+
 class _Diagonal:
     """A step that reads an operand on a diagonal (a repeated label): the diagonal's view, then the step without it.
 
@@ -263,14 +304,14 @@ class _Diagonal:
         return out
 
 
-def _step(equation: str):
-    """One pairwise step of a path, as the fastest torch call that computes it."""
+def _step(equation: str, sizes: dict):
+    """One pairwise step of a path, as the fastest torch call that computes it (``sizes``: each label's)."""
     inputs, out = equation.split("->")
     parts = inputs.split(",")
     if len(parts) == 2 and len(set(out)) == len(out) and any(len(set(p)) != len(p) for p in parts):
         once = ["".join(dict.fromkeys(p)) for p in parts]  # each operand's diagonal: a view
         return _Diagonal([None if a == p else f"{p}->{a}" for p, a in zip(parts, once)],
-                         _step(f"{once[0]},{once[1]}->{out}"))
+                         _step(f"{once[0]},{once[1]}->{out}", sizes))
     if len(parts) == 2:
         tensordot = _Tensordot.of(equation)
         if tensordot is not None:
@@ -278,6 +319,9 @@ def _step(equation: str):
         a, b = parts
         if all(len(set(t)) == len(t) for t in (a, b, out)) and set(a) | set(b) == set(out):
             return _Broadcast(a, b, out)
+        small = _SmallSum.of(equation, sizes)
+        if small is not None:
+            return small
     return lambda *operands: torch.einsum(equation, *operands)
 
 
@@ -301,15 +345,15 @@ class _Path:
         self.steps, self.shapes, self.writes, self.copies = [], [], [], []
         stack = list(shapes)
         for inds, _, eq, *_ in expr.contraction_list:
-            step = _step(eq)
+            step = _step(eq, sizes)
             self.steps.append((tuple(inds), step))
             self.shapes.append(tuple(sizes[c] for c in eq.split("->")[1]))
             core = step.inner if isinstance(step, _Diagonal) else step
-            self.writes.append(isinstance(core, (_Tensordot, _Broadcast)))
+            self.writes.append(isinstance(core, (_Tensordot, _Broadcast, _SmallSum)))
             ins = [stack.pop(x) for x in inds]
             if core is not step:
                 ins = step.shapes(*ins)
-            self.copies.append(core.copies(*ins) if isinstance(core, _Tensordot) else (0, 0))
+            self.copies.append(core.copies(*ins) if isinstance(core, (_Tensordot, _SmallSum)) else (0, 0))
             stack.append(self.shapes[-1])
 
     def __call__(self, *operands, backend=None, outs=None, copies=None):
@@ -326,7 +370,8 @@ class _Path:
             if out is None and outs is not None and self.writes[n]:
                 out = torch.empty(math.prod(self.shapes[n]), dtype=args[0].dtype, device=args[0].device)
             kw = {} if out is None else {"out": out.view(self.shapes[n])}
-            if copies is not None and isinstance(step.inner if isinstance(step, _Diagonal) else step, _Tensordot):
+            if copies is not None and isinstance(step.inner if isinstance(step, _Diagonal) else step,
+                                                 (_Tensordot, _SmallSum)):
                 kw["copies"] = copies[n]
             operands.append(step(*args, **kw))
         return operands[0]
