@@ -102,7 +102,7 @@ def test_laplacian_of_an_affine_source_is_zero_and_chunks_agree():
     calls = []
     real = execute.run
     with patch.object(execute, "run", lambda *a, **k: calls.append(a[0].batch.size) or real(*a, **k)):
-        chunked = xa.laplacian(u, x, batch_dim=0, max_memory=0.7 * peak, direction="forward")
+        chunked = xa.laplacian(u, x, batch_dim=0, max_memory=0.8 * peak, direction="forward")
     assert len(calls) > 1 and max(calls) < 6  # it did run in chunks of samples
     close(chunked, whole, "chunks")
 
@@ -155,3 +155,39 @@ def test_explain_mixed(capsys):
     assert plan.direction == "backward" and any(isinstance(k, tuple) and k[0] == "mixed" for k in plan.results)
     with pytest.raises(TypeError, match="query"):
         xa.explain(S, query="laplacian")
+
+
+@pytest.mark.parametrize("batch_dim", [None, 0])
+def test_the_laplacian_sums_its_rows_with_no_weights_and_other_diagonals_read_theirs(batch_dim):
+    """Every weight of a Laplacian is one by structure: its plan sums the second-order rows and reads no weights
+    operand. ``Diagonal(2.0)`` and ``Diagonal(tensor(1.0))`` are values: planned apart, with their weights."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    net = pinn([3, 8, 8, 1], act=nn.SiLU).to(DEVICE)
+    u = net(x)
+    if batch_dim is None:
+        want = trace_of_hessians(net, x)
+    else:
+        want = vmap(lambda z: torch.func.hessian(lambda p: net(p[None])[0, 0])(z).trace())(x.detach())[:, None]
+    lap = xa.queries.Laplacian(x)
+    text = io.StringIO()
+    xa.explain(u, query=lap, batch_dim=batch_dim, direction="forward", file=text)
+    assert "the query's weights" not in text.getvalue()
+    close(xa.laplacian(u, x, batch_dim=batch_dim, direction="forward"), want, "laplacian")
+    for c, scale in ((2.0, 2.0), (torch.tensor(1.0, dtype=torch.float64), 1.0), (-0.5, -0.5)):
+        op = xa.queries.Operator(x, {2: xa.queries.Diagonal(c)})
+        text = io.StringIO()
+        xa.explain(u, query=op, batch_dim=batch_dim, direction="forward", file=text)
+        assert "the query's weights" in text.getvalue(), c
+        got = xa.differential_operator(u, x, {2: xa.queries.Diagonal(c)}, batch_dim=batch_dim, direction="forward")
+        close(got, scale * want, f"Diagonal({c})")
+    # trained on: the Laplacian's gradient w.r.t. the weights, against nested autograd
+    loss = (xa.laplacian(u, x, batch_dim=batch_dim, direction="forward") ** 2).sum()
+    params = list(net.parameters())[:-1]  # (the Laplacian does not depend on the last bias)
+    mine = torch.autograd.grad(loss, params)
+    (g,) = torch.autograd.grad(net(x).sum(), x, create_graph=True)
+    ref_lap = sum(torch.autograd.grad(g[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(3))
+    theirs = torch.autograd.grad((ref_lap[:, None] ** 2).sum(), params)
+    for a, b in zip(mine, theirs):
+        close(a, b, "gradient")
+    assert all(a.abs().max() > 0 for a in mine)

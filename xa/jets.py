@@ -92,8 +92,9 @@ class Rows:
     seeded: bool = False
     collapse: int = 0
     # the constant that collapses the top order: the query's weights ``(q, rows)``, or, for jets kept per
-    # item (xa.sparsity), its weights gathered per item and laid out over the samples and items ``(q, rows, T)``
-    weights: tuple = ("weights",)
+    # item (xa.sparsity), its weights gathered per item and laid out over the samples and items ``(q, rows, T)``;
+    # None where they are all ones by structure (a Laplacian's, q = 1): the rows are summed, no weights read
+    weights: tuple | None = ("weights",)
     per_sample: bool = False
 
     @property
@@ -358,8 +359,8 @@ def _tied(graph: Graph, rules: dict, leaf: int, batch, rows_: Rows):
     if not rows_.collapse:
         return items, Rows(items.numel, kinds)
     # a collapsed top order is collapsed per item too, with the query's weights of each item's rows
-    weights = ("item_weights_joint", items, rows_.m, rows_.kinds[-1], items.numel, kinds[-1],
-               items.batch.size // items.items)
+    weights = None if rows_.weights is None else (
+        "item_weights_joint", items, rows_.m, rows_.kinds[-1], items.numel, kinds[-1], items.batch.size // items.items)
     return items, Rows(items.numel, kinds, collapse=rows_.collapse, weights=weights)
 
 
@@ -513,10 +514,12 @@ def _jet_term(rows_: Rows, k, f, pairs, inputs, jets, target, sampled):
         sources.append((key, (alpha,) + lead + kept))
         read_all = _reads_in_order(m, kind, tuple(block), lower)  # (a Laplacian's J_x[i] at (i, i)): no copy
         gathers.append(None if read_all else (0, count(m, lower), (m, kind, tuple(block), lower)))
-    if q and (constants or any(g is not None or labels[0] == alpha for (_, labels), g in zip(sources, gathers))):
-        # sum the rows with the query's weights (per sample and item where the jets are kept per item)
-        constants.append((rows_.weights, (omega, alpha) if len(rows_.weights) == 1 else (omega, alpha, ps)))
     head = [omega] if q else [alpha]
+    if q and (constants or any(g is not None or labels[0] == alpha for (_, labels), g in zip(sources, gathers))):
+        if rows_.weights is None:  # every weight one: the rows are summed (the target's one row is left out)
+            head = []
+        else:  # sum the rows with the query's weights (per sample and item where the jets are kept per item)
+            constants.append((rows_.weights, (omega, alpha) if len(rows_.weights) == 1 else (omega, alpha, ps)))
     out = head + ([ps] if ps is not None else []) + [shift[i] for i in f.out if shift[i] != ps]
     # the rows' label stays, even of size one, where a gather reads along it; a collapsed target of one
     # row (u_xx alone at the top order) sums it with its weight: then a broadcast product, not a matmul
@@ -550,7 +553,8 @@ class Ask:
     ``"diagonal"``, ``("rows", sorted multi-indices)``, ``("rank", offset, r)``
     (the diagonal rows of ``r`` seeded directions). ``identity``: the leaf's own
     entries are directions; ``extra``: how many seeded directions follow them.
-    ``collapse``: the top order is kept as that many weighted sums. ``per_sample``: the
+    ``collapse``: the top order is kept as that many weighted sums; ``unit``: one sum, every weight one
+    (the Laplacian's: the rows are summed, no weights read). ``per_sample``: the
     seeded directions are each sample's own (``(B, m, n')`` at execution). A pattern
     ``("mixed", offset, r, k)`` asks the rows ``(o + j k, o + j k + 1, .., o + j k + k - 1)``
     for ``j < r``: ``d^k S [d_(o + j k), .., d_(o + j k + k - 1)]``, mixed along ``k``
@@ -563,6 +567,7 @@ class Ask:
     extra: int = 0
     collapse: int = 0
     per_sample: bool = False
+    unit: bool = False
 
     @property
     def order(self) -> int:
@@ -604,4 +609,5 @@ def _rows(ask: Ask, n: int) -> Rows:
             else:  # ("rank", offset, r)
                 here |= {(ni + pat[1] + j,) * k for j in range(pat[2])}
         wanted[k] = here
-    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse, per_sample=ask.per_sample)
+    return Rows(m, closure(m, wanted), seeded=ask.extra > 0, collapse=ask.collapse, per_sample=ask.per_sample,
+                weights=None if ask.unit and ask.collapse == 1 else ("weights",))

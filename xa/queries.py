@@ -238,7 +238,9 @@ class Operator(Query):
     def ask(self) -> Ask:
         top = max(self.coefficients)
         wanted = tuple((self.patterns[k],) if k in self.patterns else () for k in range(1, top + 1))
-        return Ask(self.name, wanted, self.identity, self.extra, collapse=1)
+        c = self.coefficients[top]
+        unit = isinstance(c, Diagonal) and type(c.c) in (int, float) and c.c == 1  # (a Laplacian's)
+        return Ask(self.name, wanted, self.identity, self.extra, collapse=1, unit=unit)
 
     def seeds(self, rows, n, dtype, device) -> dict:
         """Every order's weights (``"orders"``, summed at the end), the top order's as ``"weights"``."""
