@@ -97,6 +97,7 @@ class NodeCtx:
         # the leaf tensor feeding each input slot, or None (the generic fallback reads a leaf's point there)
         self.leaves = tuple(None if i is None else graph.values[i].leaf for i in value.inputs)
         self.output = value.output  # which of the node's outputs this value is
+        self._memo: dict = {}
 
     def saved(self, name: str) -> Any:
         """The saved attribute ``_saved_<name>`` (tensor, number, tuple or None).
@@ -128,6 +129,13 @@ class NodeCtx:
             # promotion: b ** -1 of one would be float32 (x / math.sqrt(6) off by 1e-8 in float64)
             value = value.clone()
         return value
+
+    def memo(self, key, build) -> Any:
+        """``build()``, computed once per node and call and shared by the rule's calls for each slot tuple
+        (a value several orders are written in: SiLU's sigmoid). ``key`` names it within the node."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def has(self, name: str) -> bool:
         return self._saved.get(name) is not None

@@ -158,13 +158,21 @@ register("EluBackward0", elementwise(taylor(_elu)))  # elu and selu
 register("CeluBackward0", elementwise(taylor(_celu)))
 register("GeluBackward0", elementwise(taylor(_gelu)))
 def _silu(ctx, k):
-    """``d^k (x s(x)) = k s^(k-1) + x s^(k)``, ``s`` the sigmoid, its derivatives polynomials in ``s``."""
+    """``d^k (x s(x)) = k s^(k-1) + x s^(k)``, ``s`` the sigmoid, its derivatives polynomials in ``s``:
+    ``s' = t = s - s^2``, ``s'' = t - 2 t s``. ``s`` and ``t`` are computed once per node for every order."""
+
+    def sigmoid_and_slope(x):
+        s = torch.sigmoid(x)
+        return s, torch.addcmul(s, s, s, value=-1)
 
     def build():
         x = ctx.saved("self").to(ctx.dtype)
-        s = torch.sigmoid(x)
-        lower = s if k == 1 else _SIGMOID(_Result(s), k - 1)
-        return torch.addcmul(lower * k, x, _SIGMOID(_Result(s), k))
+        s, t = ctx.memo("sigmoid", lambda: sigmoid_and_slope(x))
+        if k == 1:
+            return torch.addcmul(s, x, t)
+        if k == 2:
+            return torch.addcmul(t * 2, x, torch.addcmul(t, t, s, value=-2))
+        return torch.addcmul(_SIGMOID(_Result(s), k - 1) * k, x, _SIGMOID(_Result(s), k))
 
     return planned(ctx, ctx.out_shape, build)
 
