@@ -36,6 +36,14 @@ def _folx(B=8, d=200, width=128, layers=3, seed=0):
     return net, X, net(X).squeeze(-1)
 
 
+def _pinn(B=4096, act=nn.Tanh, seed=0):
+    """A PINN 3-64-64-1 on B points: each layer's derivative factors are B x 64 numbers, 2 MB at B = 4096."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 64, dtype=D), act(), nn.Linear(64, 64, dtype=D), act(), nn.Linear(64, 1, dtype=D))
+    X = torch.randn(B, 3, dtype=D, requires_grad=True)
+    return net, X, net(X).squeeze(-1)
+
+
 def _lap(u, X, **kw):
     return xa.laplacian(u, X, batch_dim=0, create_graph=False, **kw)
 
@@ -257,3 +265,47 @@ def test_a_chunked_call_reuses_one_arena_and_stays_under_max_memory():
     # the arena was resident between calls, and release_buffers gave it back to the system (most of it: a
     # slot laid out for a product that a call skips, a coefficient of one, is never touched)
     assert got["released"] == got["held"][0] and got["freed"] >= 0.5 * got["released"], got
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.SiLU])
+def test_the_rules_factors_are_written_into_the_arena(act):
+    """tanh's and SiLU's derivative factors (2 MB each here) go into the plan's own memory (``ctx.out``): a warm
+    call allocates nothing over 1 MB, and its values are those of a run without the arena, bit for bit, in
+    cache tiles of samples (the factors kept across them) and whole."""
+    net, X, u = _pinn(act=act)
+    plain_runs = []
+    for enabled in (False, True):
+        xa.arena.ENABLED = enabled
+        plain_runs.append(_lap(u, X))
+    assert _factor_bytes() >= 4 * 4096 * 64 * 8  # two layers' first and second derivatives (in a tile's arena)
+    assert _allocations(lambda: _lap(u, X)) == []
+    warm = _lap(u, X)
+    assert torch.equal(plain_runs[0], plain_runs[1]) and torch.equal(plain_runs[0], warm)
+    # the reference: torch.func's Laplacian of the same network
+    from torch.func import hessian, vmap
+    ref = vmap(lambda p: hessian(lambda q: net(q[None])[0, 0])(p).trace())(X.detach())
+    torch.testing.assert_close(warm, ref, rtol=1e-10, atol=1e-10)
+    # the factors of a call are not handed out: the next call, on other points, leaves the results as they were
+    kept = warm.clone()
+    net2, X2, u2 = _pinn(act=act, seed=1)
+    other = _lap(u2, X2)
+    assert torch.equal(warm, kept) and not torch.equal(warm, other)
+    assert xa.release_buffers() >= 4 * 4096 * 64 * 8 and _factor_bytes() == 0
+
+
+def test_factors_stay_in_the_arena_only_where_the_budget_has_room():
+    """Under a max_memory with no room beside the run's own need, the factors come from the allocator as before
+    (a call run whole: 512 points, factors of 256 kB)."""
+    net, X, u = _pinn(B=512)
+    plan = xa.explain(u, query=xa.queries.Laplacian(X), batch_dim=0, file=io.StringIO())
+    with torch.no_grad():
+        need = plan.need_bytes()
+    tight = _lap(u, X, max_memory=need + 64 * 2**10)
+    assert _factor_bytes() == 0
+    roomy = _lap(u, X)
+    assert _factor_bytes() > 0 and torch.equal(tight, roomy)
+
+
+def _factor_bytes() -> int:
+    """Bytes of the rules' factors the arenas of all plans hold (a tiled call's are its tiles' plan's)."""
+    return sum(a.factor_bytes for a in (r() for r in list(xa.arena._HELD.values())) if a is not None)

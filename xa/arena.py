@@ -12,10 +12,15 @@ for one.
 
 Never in the arena: what is handed to the user (results, retained partials,
 and any block a result is a relabelling of: a later call must not overwrite
-them), what the rules build (factors: values of the call), and everything of
-a run that autograd records (any tensor may be saved for the backward, and
-torch's ``out=`` operations are not recorded). A plan's arena serves one run
-at a time; a second, concurrent one allocates as before.
+them), and everything of a run that autograd records (any tensor may be
+saved for the backward, and torch's ``out=`` operations are not recorded).
+What the rules build (factors: values of the call) lives beside the layout:
+a rule that writes a factor into ``ctx.out(key, shape)`` gets memory of the
+arena's own for that node and key (:class:`xa.factor.FactorMemory`), made at the first
+call and written again at every later one, where the run's budget has room
+for it to stay between calls; it is never shared with anything else, so
+factors kept across cache tiles stay whole. A plan's arena serves one run at
+a time; a second, concurrent one allocates as before.
 
 Arenas are held by their plans, so they die with them (the plan cache keeps
 256); at most :data:`HELD` plans hold one at a time (the least recently used
@@ -27,13 +32,14 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import partial
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from .factor import broadcast_shapes
+from .factor import FactorMemory, broadcast_shapes
 
 MIN_BYTES = 128 * 2**10  # smaller buffers come from the allocator (glibc serves them from its heap)
 ALIGN = 4096
@@ -211,14 +217,27 @@ class Arena:
     def __init__(self):
         self.storage: dict = {}  # device -> uint8 tensor
         self.views: dict = {}  # (device, layout id, dtype) -> (layout, {name: flat view}), made once per storage
+        self.factors = FactorMemory()  # the rules' factors (ctx.out)
         self.lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
+        return self.layout_bytes + self.factor_bytes
+
+    @property
+    def layout_bytes(self) -> int:
         return sum(t.numel() for t in self.storage.values())
 
-    def claim(self, lay: Layout, device, budget=None) -> "Buffers | None":
-        """The plan's buffers for one run, or None (the arena is in use, or the layout is empty)."""
+    @property
+    def factor_bytes(self) -> int:
+        return self.factors.nbytes
+
+    def claim(self, lay: Layout, device, budget=None, spare=None) -> "Buffers | None":
+        """The plan's buffers for one run, or None (the arena is in use, or the layout is empty).
+
+        ``spare``: bytes the run's budget leaves beside what the run needs (None: no budget); the rules'
+        factors stay in the arena between calls only within it.
+        """
         if not ENABLED or not lay.slots or not self.lock.acquire(blocking=False):
             return None
         device = torch.device(device)
@@ -229,21 +248,27 @@ class Arena:
             _make_room(self, lay.total, budget)
             held = self.storage[device] = torch.empty(lay.total, dtype=torch.uint8, device=device)
         _touch(self)
-        return Buffers(self, held, lay, device)
+        return Buffers(self, held, lay, device, spare)
 
     def release(self) -> int:
         n = self.nbytes
         self.storage.clear()
         self.views.clear()
+        self.factors.clear()
         return n
 
 
 class Buffers:
     """One run's view of an arena: ``get(name, dtype)`` gives the buffer of ``name`` or None."""
 
-    def __init__(self, arena: Arena, storage: torch.Tensor, lay: Layout, device):
+    def __init__(self, arena: Arena, storage: torch.Tensor, lay: Layout, device, spare=None):
         self.arena, self.storage, self.slots = arena, storage, lay.slots
         self.layout, self.key, self.views = lay, (device, id(lay)), None
+        self.spare = spare
+
+    def factors(self, step: int, part: str):
+        """``ctx.out``'s source for the rule of step ``step`` (``part``: all samples, or a chunk's slices)."""
+        return partial(self.arena.factors.get, self.key[0], step, part, self.spare)
 
     def get(self, name, dtype) -> torch.Tensor | None:
         """The buffer ``name`` as a flat tensor of ``dtype``, or None (not in the arena)."""

@@ -98,6 +98,7 @@ class NodeCtx:
         self.leaves = tuple(None if i is None else graph.values[i].leaf for i in value.inputs)
         self.output = value.output  # which of the node's outputs this value is
         self._memo: dict = {}
+        self.outs = None  # where ctx.out finds memory: set by xa.execute for a run with an arena
 
     def saved(self, name: str) -> Any:
         """The saved attribute ``_saved_<name>`` (tensor, number, tuple or None).
@@ -136,6 +137,17 @@ class NodeCtx:
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+    def out(self, key, shape, dtype=None) -> torch.Tensor | None:
+        """Memory for the rule to write a factor into (``out=``), or None: let torch allocate it.
+
+        While a cached plan runs without autograd, the plan's own memory for this node and ``key`` (hashable:
+        the order, a name), the same at every call, so a warm call makes no large factor anew; while
+        planning, where autograd records, and for a factor under 128 kB, None.
+        """
+        if self.outs is None:
+            return None
+        return self.outs(key, tuple(shape), self.dtype if dtype is None else dtype)
 
     def has(self, name: str) -> bool:
         return self._saved.get(name) is not None

@@ -41,7 +41,8 @@ def run(plan: Plan, graph: Graph, rules: dict, blocks: dict | None = None, first
     record = torch.is_grad_enabled()
     buffers = None
     if not record and plan.layout is not None:
-        buffers = (plan.arena if arena is None else arena).claim(plan.layout, graph.device, budget)
+        spare = None if budget is None else budget - plan.need_bytes()
+        buffers = (plan.arena if arena is None else arena).claim(plan.layout, graph.device, budget, spare)
     try:
         return _run(plan, graph, rules, blocks, first, factors, seeds, slices, buffers)
     finally:
@@ -76,7 +77,12 @@ def _run(plan, graph, rules, blocks, first, factors, seeds, slices, buffers) -> 
             # in a sliced chunk of samples, the factors the plan built from slices are built from this chunk's
             sliced = None if step.cut is None else graph.ctx(step.value, planning=False, cut=step.cut, first=first,
                                                               slices=slices)
-            node = NodeFactors(step, rule, graph.ctx(step.value, planning=False), sliced)
+            whole = graph.ctx(step.value, planning=False)
+            if buffers is not None:  # the rules' factors written into the arena's memory (ctx.out)
+                for ctx, part in ((whole, "whole"), (sliced, "sliced")):
+                    if ctx is not None:
+                        ctx.outs = buffers.factors(at, part)
+            node = NodeFactors(step, rule, whole, sliced)
             if factors is not None:
                 factors[at] = node
         gathered: dict = {}  # this step's reads at sub-multi-indices, shared by its terms (xa.jets)

@@ -101,6 +101,42 @@ class LabelMaker:
         )
 
 
+class FactorMemory:
+    """Memory of a plan's own for the factors its rules write through ``ctx.out`` (held by its arena, :mod:`xa.arena`).
+
+    One flat tensor per (device, step, part, key, dtype), made at the first call that asks for it and handed to
+    every later one: never shared between two factors, so factors kept across the cache tiles of a call stay
+    whole. ``part`` tells a rule's view of all samples (``"whole"``) from a chunk's slices (``"sliced"``).
+    """
+
+    MIN_BYTES = 128 * 2**10  # a smaller factor comes from the allocator (glibc serves it from its heap)
+
+    def __init__(self):
+        self.held: dict = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.held.values())
+
+    def get(self, device, step: int, part: str, spare, key, shape, dtype) -> torch.Tensor | None:
+        """The factor's memory viewed as ``shape``, or None: under :attr:`MIN_BYTES`, or more than the ``spare``
+        bytes the call's budget leaves beside what it needs would be held (``spare`` None: no budget)."""
+        n = math.prod(shape)
+        if n * dtype.itemsize < self.MIN_BYTES:
+            return None
+        name = (device, step, part, key, dtype)
+        held = self.held.get(name)
+        if held is None or held.numel() < n:
+            grow = n * dtype.itemsize - (0 if held is None else held.numel() * held.element_size())
+            if spare is not None and self.nbytes + grow > spare:
+                return None
+            held = self.held[name] = torch.empty(n, dtype=dtype, device=device)
+        return held[:n].view(shape)
+
+    def clear(self) -> None:
+        self.held.clear()
+
+
 def broadcast_shapes(*shapes) -> tuple:
     """The shape torch broadcasts ``shapes`` to (``torch.broadcast_shapes`` imports sympy on first use)."""
     ndim = max((len(s) for s in shapes), default=0)

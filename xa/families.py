@@ -96,7 +96,9 @@ def polynomial_in_result(g: tuple) -> Callable:
         # Horner's scheme, skipping zero coefficients (1 - y^2: two passes); in place on one fresh tensor,
         # or out of place where autograd records (in place, it would copy each value it overwrites)
         inplace = not (torch.is_grad_enabled() and y.requires_grad)
-        acc = y * coeffs[-1]
+        # (into the plan's own memory for this order where the run has it: ctx.out)
+        out = ctx.out(("poly", k), y.shape, y.dtype) if inplace and hasattr(ctx, "out") else None
+        acc = torch.mul(y, coeffs[-1], out=out)
         for c in reversed(coeffs[1:-1]):
             if c:
                 acc = acc.add_(c) if inplace else acc + c

@@ -161,17 +161,21 @@ def _silu(ctx, k):
     """``d^k (x s(x)) = k s^(k-1) + x s^(k)``, ``s`` the sigmoid, its derivatives polynomials in ``s``:
     ``s' = t = s - s^2``, ``s'' = t - 2 t s``. ``s`` and ``t`` are computed once per node for every order."""
 
+    def out(key, x):  # the plan's own memory for this factor where the run has it (ctx.out), else None
+        return ctx.out(("silu", key), x.shape, x.dtype)
+
     def sigmoid_and_slope(x):
-        s = torch.sigmoid(x)
-        return s, torch.addcmul(s, s, s, value=-1)
+        s = torch.sigmoid(x, out=out("s", x))
+        return s, torch.addcmul(s, s, s, value=-1, out=out("t", x))
 
     def build():
         x = ctx.saved("self").to(ctx.dtype)
         s, t = ctx.memo("sigmoid", lambda: sigmoid_and_slope(x))
         if k == 1:
-            return torch.addcmul(s, x, t)
+            return torch.addcmul(s, x, t, out=out(1, x))
         if k == 2:
-            return torch.addcmul(t * 2, x, torch.addcmul(t, t, s, value=-2))
+            return torch.addcmul(torch.mul(t, 2, out=out("2t", x)), x,
+                                 torch.addcmul(t, t, s, value=-2, out=out("t - 2ts", x)), out=out(2, x))
         return torch.addcmul(_SIGMOID(_Result(s), k - 1) * k, x, _SIGMOID(_Result(s), k))
 
     return planned(ctx, ctx.out_shape, build)
