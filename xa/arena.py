@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import math
 import threading
-from functools import partial
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
