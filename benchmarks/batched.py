@@ -230,6 +230,40 @@ def measure(fn, reps: int, budget_s: float, first_alone: bool = False):
     return statistics.median(times), first, result
 
 
+def in_turn(makers: dict, reps: int, budget_s: float, s: dict, failed: str = "failed") -> dict:
+    """Time several methods in turn; returns ``{name: what its warm-up call returned}``.
+
+    ``makers[name]()`` gives the method's call. Each is made and called once (the warm-up, its seconds in
+    ``s["first"]``), then all are called in turn, round after round, up to ``reps`` rounds while their
+    time stays under ``budget_s`` each: a machine that slows down or speeds up during the case weighs on
+    every method alike, and the ratios of the medians (``s["times"]``) stay put. A method that fails is
+    reported in ``s["times"]`` as ``"<failed>: <error>"``, not raised: the others still run.
+    """
+    results, calls = {}, {}
+    for name, make in makers.items():
+        try:
+            call = make()
+            start = time.perf_counter()
+            results[name] = call()  # the warm-up (xa plans at its first call)
+            s["first"][name] = time.perf_counter() - start
+            calls[name] = call
+        except Exception as exc:
+            s["times"][name] = f"{failed}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    times = {name: [] for name in calls}
+    spent = 0.0
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+        spent += sum(t[-1] for t in times.values())
+        if spent > budget_s * max(len(calls), 1):
+            break
+    for name, t in times.items():
+        s["times"][name] = statistics.median(t)
+    return results
+
+
 def run_case(key: str, reps: int, budget_s: float, case: Case | None = None) -> dict:
     """Measure xa and every torch.func way of one case; print them; return the summary.
 

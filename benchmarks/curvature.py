@@ -31,12 +31,10 @@ parameters. Without BackPACK installed the case says so and times xa alone.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
 import torch
 import torch.nn as nn
-from batched import tanh_mlp
+from batched import in_turn, tanh_mlp
 
 import xa
 
@@ -100,28 +98,9 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
     """
     title, ways = CASES[key]()
     s = {"key": key, "title": title, "times": {}, "first": {}, "err": None}
-    runs, results = {}, {}
-    for name, make in ways.items():
-        try:
-            run = make() if name != "xa" else make
-            start = time.perf_counter()
-            results[name] = run()
-            s["first"][name] = time.perf_counter() - start
-            runs[name] = run
-        except Exception as exc:  # BackPACK missing or failing: reported, the other still runs
-            s["times"][name] = f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    times = {name: [] for name in runs}
-    spent = 0.0
-    for _ in range(reps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-        spent += sum(t[-1] for t in times.values())
-        if spent > budget_s * max(len(runs), 1):
-            break
-    for name, t in times.items():
-        s["times"][name] = statistics.median(t)
+    # xa's way is its call; BackPACK's is made first (extending the model), failing where it is missing
+    makers = {name: (lambda make=make: make) if name == "xa" else make for name, make in ways.items()}
+    results = in_turn(makers, reps, budget_s, s, failed="n/a")
     if len(results) == 2:
         got, ref = results.values()
         s["err"] = max((g - r).abs().max().item() for g, r in zip(got, ref))

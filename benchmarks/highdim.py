@@ -34,12 +34,10 @@ in a fresh process. The table goes to ``results/highdim.md``.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
-from batched import _points, tanh_mlp
+from batched import _points, in_turn, tanh_mlp
 from train import JET_HEAD, JET_TAIL, _mb, call_jet, rel_diff
 
 import xa
@@ -145,27 +143,7 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
     """Time every method's step of one case; compare xa's gradients with autograd's (the same directions)."""
     spec = CASES[key]
     s = {"key": key, "title": spec.title, "times": {}, "first": {}, "diff": None, "jet_version": None}
-    grads, steps, times = {}, {}, {}
-    for method in ESTIMATES:
-        try:
-            step = way(key, method)
-            start = time.perf_counter()
-            grads[method] = step()  # the warm-up step (xa plans at its first call)
-            s["first"][method] = time.perf_counter() - start
-            steps[method], times[method] = step, []
-        except Exception as exc:  # reported in the table: the other methods still run
-            s["times"][method] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    spent = 0.0
-    for _ in range(reps):
-        for method, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[method].append(time.perf_counter() - start)
-        spent += sum(t[-1] for t in times.values())
-        if spent > budget_s * max(len(steps), 1):
-            break
-    for method, t in times.items():
-        s["times"][method] = statistics.median(t)
+    grads = in_turn({method: lambda method=method: way(key, method) for method in ESTIMATES}, reps, budget_s, s)
     jet = run_jet(key, "time", reps, budget_s)
     if "error" in jet:
         s["times"]["torch-jet"] = "n/a: " + jet["error"]

@@ -60,15 +60,13 @@ tensors, of ``max|g - g_autograd| / max|g_autograd|``. The table goes to
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from batched import _points, tanh_mlp
+from batched import _points, in_turn, tanh_mlp
 from torch.func import functional_call, hessian, jacfwd, jacrev, vmap
 
 import xa
@@ -384,29 +382,7 @@ def run_case(key: str, reps: int, budget_s: float) -> dict:
     spec = CASES[key]
     s = {"key": key, "title": spec.title, "op": spec.op, "times": {}, "first": {}, "diffs": {},
          "jet_version": None}
-    grads, steps, times = {}, {}, {}
-    for method in RESIDUALS:
-        try:
-            step = way(key, method)
-            start = time.perf_counter()
-            grads[method] = step()  # the warm-up step (xa plans at its first call)
-            s["first"][method] = time.perf_counter() - start
-            steps[method], times[method] = step, []
-        except Exception as exc:  # reported in the table, not raised: the other methods still run
-            s["times"][method] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    # the methods' steps in turn, round after round: a machine that slows down or speeds up during the
-    # case weighs on every method alike, and the ratios of the medians stay put
-    spent = 0.0
-    for _ in range(reps):
-        for method, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[method].append(time.perf_counter() - start)
-        spent += sum(t[-1] for t in times.values())
-        if spent > budget_s * max(len(steps), 1):
-            break
-    for method, t in times.items():
-        s["times"][method] = statistics.median(t)
+    grads = in_turn({method: lambda method=method: way(key, method) for method in RESIDUALS}, reps, budget_s, s)
     jet = run_jet(key, "time", reps, budget_s)
     if "error" in jet:
         s["times"]["torch-jet"] = "n/a: " + jet["error"]
