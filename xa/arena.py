@@ -41,7 +41,7 @@ import torch
 
 from .factor import FactorMemory, broadcast_shapes
 
-MIN_BYTES = 128 * 2**10  # smaller buffers come from the allocator (glibc serves them from its heap)
+MIN_BYTES = FactorMemory.MIN_BYTES  # smaller buffers come from the allocator (glibc serves them from its heap)
 ALIGN = 4096
 HELD = 4  # plans holding an arena at once
 ENABLED = True  # False: every run allocates as it goes (the tests compare the two)
