@@ -33,6 +33,7 @@ torch's default initialisation; their parameters are frozen
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -228,6 +229,18 @@ def measure(fn, reps: int, budget_s: float, first_alone: bool = False):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), first, result
+
+
+def peer_python(variable: str, venv: str) -> Path | None:
+    """A peer's interpreter: the environment variable ``variable``, else ``.<venv>`` in the repository or
+    ``<venv>`` beside it (``venv-folx``, ``venv-jet``), else None."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable])
+    root = Path(__file__).resolve().parent.parent
+    for place in (root / f".{venv}", root.parent / venv):
+        if (place / "bin" / "python").exists():
+            return place / "bin" / "python"
+    return None
 
 
 def in_turn(makers: dict, reps: int, budget_s: float, s: dict, failed: str = "failed") -> dict:

@@ -56,7 +56,6 @@ torch.func failed): the largest absolute difference. The table goes to
 from __future__ import annotations
 
 import importlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from batched import measure
+from batched import measure, peer_python
 from torch import nn
 from torch.func import hessian, vmap
 
@@ -173,12 +172,7 @@ def _func(net, X):
 
 def folx_python() -> Path | None:
     """folx's interpreter: ``XA_FOLX_PYTHON``, else ``.venv-folx`` in the repository or ``venv-folx`` beside it."""
-    if os.environ.get("XA_FOLX_PYTHON"):
-        return Path(os.environ["XA_FOLX_PYTHON"])
-    for venv in (HERE.parent / ".venv-folx", HERE.parent.parent / "venv-folx"):
-        if (venv / "bin" / "python").exists():
-            return venv / "bin" / "python"
-    return None
+    return peer_python("XA_FOLX_PYTHON", "venv-folx")
 
 
 def run_folx(params, mix: int, Xs: dict, reps: int, budget_s: float) -> dict:

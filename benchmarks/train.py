@@ -59,14 +59,13 @@ tensors, of ``max|g - g_autograd| / max|g_autograd|``. The table goes to
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from batched import _points, in_turn, tanh_mlp
+from batched import _points, in_turn, peer_python, tanh_mlp
 from torch.func import functional_call, hessian, jacfwd, jacrev, vmap
 
 import xa
@@ -334,12 +333,7 @@ residual = vmap(point)
 
 def jet_python() -> Path | None:
     """torch-jet's interpreter: ``XA_BENCH_JET_PYTHON``, else ``.venv-jet`` in the repository or beside it."""
-    if os.environ.get("XA_BENCH_JET_PYTHON"):
-        return Path(os.environ["XA_BENCH_JET_PYTHON"])
-    for venv in (HERE.parent / ".venv-jet", HERE.parent.parent / "venv-jet"):
-        if (venv / "bin" / "python").exists():
-            return venv / "bin" / "python"
-    return None
+    return peer_python("XA_BENCH_JET_PYTHON", "venv-jet")
 
 
 def run_jet(key: str, mode: str, reps: int, budget_s: float) -> dict:
